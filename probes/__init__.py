@@ -1,0 +1,1 @@
+"""Every source of signals about the node: NVML, vLLM, host, GCE metadata."""

@@ -1,0 +1,125 @@
+"""The one Probe protocol and the shared runner that gives every probe its
+interval, deadline, backoff, error counting and staleness."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from probes.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+
+class ProbeError(Exception):
+    """A probe could not produce a reading; the message says why (shown in /status).
+
+    `code` is a short machine-readable kind (refused, timeout, http_503, garbage,
+    too_large, ...) that policies can act on without parsing the message.
+    """
+
+    def __init__(self, message: str, code: str = "error") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Probe(Protocol):
+    """A source of one snapshot key, polled on an interval.
+
+    `sample()` returns the new reading (stored whole under `name`) or raises;
+    it must not block the loop (blocking work goes to a thread with a deadline).
+    """
+
+    name: str
+    interval_s: float
+    timeout_s: float
+
+    async def sample(self) -> Any: ...
+
+
+def backoff_s(failures: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter in [base, min(cap, base * 2**n)]."""
+    if failures <= 0:
+        return base_s
+    top = min(cap_s, base_s * (2 ** min(failures, 16)))
+    return (rng or random).uniform(base_s, max(base_s, top))
+
+
+class ProbeRunner:
+    """Polls one probe forever; a failing sample is logged, counted, backed off and
+    marked stale, and never ends the loop (only cancellation does)."""
+
+    def __init__(
+        self,
+        probe: Probe,
+        snapshot: Snapshot,
+        errors: Counter[str],
+        *,
+        stale_after_s: float | None = None,
+        backoff_cap_s: float = 30.0,
+        on_sample: Callable[[Any | None, str | None], None] | None = None,
+    ) -> None:
+        self.probe = probe
+        self._snapshot = snapshot
+        self._errors = errors
+        self._stale_after_s = stale_after_s or max(3 * probe.interval_s, probe.timeout_s + probe.interval_s)
+        self._backoff_cap_s = max(backoff_cap_s, probe.interval_s)
+        self._on_sample = on_sample
+        self.consecutive_failures = 0
+        self._wake = asyncio.Event()
+
+    def poll_now(self) -> None:
+        """Cut the current wait short (e.g. the drain wants a fresh in-flight count)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self.run_once()
+            delay = backoff_s(self.consecutive_failures, self.probe.interval_s, self._backoff_cap_s)
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    async def run_once(self) -> bool:
+        name = self.probe.name
+        try:
+            async with asyncio.timeout(self.probe.timeout_s):
+                value = await self.probe.sample()
+        except Exception as exc:  # noqa: BLE001 - any probe failure is data, not a crash
+            reason = _describe(exc, self.probe.timeout_s)
+            code = exc.code if isinstance(exc, ProbeError) else "timeout" if isinstance(exc, TimeoutError) else "error"
+            self.consecutive_failures += 1
+            self._errors[name] += 1
+            self._snapshot.fail(name, reason, self._stale_after_s, code=code)
+            level = logging.WARNING if self.consecutive_failures in (1, 10) or self.consecutive_failures % 100 == 0 else logging.DEBUG
+            log.log(level, "probe failed", extra={"probe": name, "error": reason, "failures": self.consecutive_failures})
+            self._notify(None, reason)
+            return False
+        if self.consecutive_failures:
+            log.info("probe recovered", extra={"probe": name, "failures": self.consecutive_failures})
+        self.consecutive_failures = 0
+        self._snapshot.put(name, value, self._stale_after_s)
+        self._notify(value, None)
+        return True
+
+    def _notify(self, value: Any | None, error: str | None) -> None:
+        if self._on_sample is None:
+            return
+        try:
+            self._on_sample(value, error)
+        except Exception:
+            log.exception("probe listener failed", extra={"probe": self.probe.name})
+
+
+def _describe(exc: BaseException, timeout_s: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"timed out after {timeout_s:g}s"
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, ProbeError) else f"{type(exc).__name__}: {text}"

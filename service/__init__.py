@@ -1,0 +1,1 @@
+"""The aiohttp HTTP service: health, readiness, status, metrics and admin endpoints."""
