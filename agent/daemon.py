@@ -1,0 +1,336 @@
+"""The daemon, phase by phase: serve -> startup -> main loop -> shutdown.
+
+Read top to bottom, this file is the life of the process:
+  1. startup: restore a persisted drain, start the HTTP service, start the
+     probes and watchers under the supervisor, enter WARMING;
+  2. main loop: until a stop signal has come AND the node is TERMINATED, ping
+     the systemd watchdog and ask for stop time while a drain runs;
+  3. shutdown, under one deadline: flush the final report, stop the tasks,
+     close the HTTP service last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections import Counter
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from agent import __version__
+from agent.config import AgentConfig
+from agent.drain import DrainController
+from agent.logs import lifecycle_context
+from agent.readiness import ReadinessPolicy
+from agent.status import describe_all, jsonable
+from agent.supervisor import Supervisor
+from agent.systemd import SystemdNotifier
+from probes.base import ProbeRunner
+from probes.inference import InferenceHealthProbe
+from probes.snapshot import Snapshot
+from probes.vllm_metrics import VllmMetricsProbe
+from service.app import build_app
+from service.auth import AdminAuth
+from service.metrics import AgentCollector
+from state_machine import DrainReason, Lifecycle, Source, State, Transition
+from state_machine.persist import DrainStore, StateFileError
+
+log = logging.getLogger(__name__)
+
+_TICK_S = 1.0
+_SHUTDOWN_BUDGET_S = 10.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start (port taken, state dir unusable); the message says why."""
+
+
+class Daemon:
+    def __init__(self, cfg: AgentConfig, *, environ: dict[str, str] | None = None) -> None:
+        self.cfg = cfg
+        self.environ = dict(os.environ if environ is None else environ)
+        self.started_mono = time.monotonic()
+        self.snapshot = Snapshot()
+        self.lifecycle = Lifecycle()
+        self.probe_errors: Counter[str] = Counter()
+        self.notifier = SystemdNotifier(self.environ)
+        self.store = DrainStore(cfg.service.state_dir)
+        self.drainer = DrainController(self.lifecycle, self.snapshot, cfg.drain, refresh=self._refresh_in_flight)
+        self.readiness = ReadinessPolicy(self.lifecycle, cfg.inference.ready_after, cfg.inference.lost_after)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(AgentCollector(self))
+        self.signals_received = 0
+        self.persist_error: str | None = None
+        self.bound_port: int | None = None
+        self._stop_requested = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._persist_lock = asyncio.Lock()
+        self._runners: dict[str, ProbeRunner] = {}
+        self._supervisor: Supervisor | None = None
+        self._http: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.lifecycle.subscribe(self._on_transition)
+        lifecycle_context.provider = lambda: {"state": self.lifecycle.state.value, "reason": self.lifecycle.reason}
+
+    # --- the life of the process ----------------------------------------------
+    async def serve(self) -> None:
+        await self.start_http()
+        try:
+            async with Supervisor() as supervisor:
+                self._supervisor = supervisor
+                await self.startup(supervisor)
+                await self.main_loop()
+                await self.shutdown()
+        finally:
+            await self.stop_http()
+
+    async def startup(self, supervisor: Supervisor) -> None:
+        saved = await self._restore_drain()
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.inference.timeout_s),
+            connector=aiohttp.TCPConnector(limit=8, force_close=False),
+        )
+        self._start_probes(supervisor)
+        supervisor.add("drain", self.drainer.run, critical=True)
+        supervisor.add("persist", self._persist_loop)
+        if saved is None:
+            self.lifecycle.start_warming()
+        self.notifier.ready(self._systemd_status())
+        log.info("agent started", extra={"version": __version__, "port": self.bound_port, "pid": os.getpid()})
+
+    async def main_loop(self) -> None:
+        interval = min(_TICK_S, self.notifier.watchdog_interval_s or _TICK_S)
+        while not (self._stop_requested.is_set() and self.lifecycle.state is State.TERMINATED):
+            self._changed.clear()
+            try:
+                async with asyncio.timeout(interval):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+            self.notifier.watchdog()
+            drain = self.lifecycle.drain
+            if self.lifecycle.state is State.DRAINING and drain is not None and self._stop_requested.is_set():
+                # Ask systemd for the time the drain still needs, plus the shutdown.
+                self.notifier.extend_timeout(max(0.0, drain.deadline_mono - time.monotonic()) + _SHUTDOWN_BUDGET_S + 5)
+
+    async def shutdown(self) -> None:
+        # One deadline for every step. 1. the final report, 2. the tasks (leaving the
+        # supervisor block), 3. the HTTP service (serve()'s finally).
+        report = self.drainer.report
+        log.info(
+            "agent stopping",
+            extra={"termination_report": None if report is None else report.as_dict(), "signals": self.signals_received},
+        )
+        if self._session is not None:
+            await self._session.close()
+
+    # --- signals ---------------------------------------------------------------
+    def install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.on_stop_signal, sig.name)
+
+    def on_stop_signal(self, name: str = "SIGTERM") -> None:
+        """First signal starts the drain; the second skips the waiting. No I/O here."""
+        self.signals_received += 1
+        self._stop_requested.set()
+        self._changed.set()
+        if self.signals_received == 1:
+            log.info("stop signal received; draining", extra={"signal": name})
+            self.lifecycle.begin_drain(
+                DrainReason.SIGNAL, Source.SIGNAL, deadline_s=self.cfg.drain.timeout_s, detail=name
+            )
+            self.notifier.stopping(self._systemd_status())
+        else:
+            log.warning("second stop signal: skipping the wait", extra={"signal": name})
+            self.drainer.skip_waiting()
+
+    # --- HTTP --------------------------------------------------------------------
+    async def start_http(self) -> None:
+        app = build_app(self, AdminAuth(self.cfg.service.admin_token_file))
+        self._http = web.AppRunner(
+            app, handle_signals=False, access_log=None, shutdown_timeout=self.cfg.service.shutdown_timeout_s
+        )
+        await self._http.setup()
+        site = web.TCPSite(self._http, self.cfg.service.host, self.cfg.service.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._http.cleanup()
+            raise StartupError(
+                f"cannot listen on {self.cfg.service.host}:{self.cfg.service.port} (service.port): {exc.strerror}"
+            ) from None
+        server = site._server  # noqa: SLF001 - the only way to learn an ephemeral port
+        sockets = getattr(server, "sockets", None) or []
+        self.bound_port = sockets[0].getsockname()[1] if sockets else self.cfg.service.port
+
+    async def stop_http(self) -> None:
+        if self._http is not None:
+            await self._http.cleanup()
+            self._http = None
+
+    # --- what the service asks -------------------------------------------------------
+    def broken(self) -> list[str]:
+        return [] if self._supervisor is None else self._supervisor.broken()
+
+    async def admin_drain(self, reason: str) -> bool:
+        started = self.lifecycle.begin_drain(
+            DrainReason.ADMIN, Source.ADMIN_API, deadline_s=self.cfg.drain.timeout_s, detail=reason
+        )
+        await self._persist_drain()
+        return started
+
+    async def admin_resume(self) -> None:
+        self.lifecycle.resume(Source.ADMIN_API)
+        await self._persist_drain()
+        self.readiness.successes = 0
+
+    async def wait_drained(self, timeout_s: float) -> bool:
+        """True once the drain finished (admin drained or TERMINATED) within `timeout_s`."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    drain = self.lifecycle.drain
+                    if self.lifecycle.state is State.TERMINATED:
+                        return True
+                    if self.lifecycle.state is not State.DRAINING or drain is None:
+                        return False
+                    if drain.drained:
+                        return True
+                    self.drainer.drained.clear()
+                    await self.drainer.drained.wait()
+        except TimeoutError:
+            return False
+
+    def status(self) -> dict[str, Any]:
+        lifecycle = self.lifecycle
+        drain = lifecycle.drain
+        return {
+            "state": lifecycle.state.value,
+            "since": _iso(lifecycle.since_wall),
+            "seconds_in_state": round(lifecycle.seconds_in_state(), 3),
+            "reason": lifecycle.reason,
+            "ready": lifecycle.is_ready,
+            "history": [t.as_dict() for t in list(lifecycle.history)[-50:]],
+            "drain": None
+            if drain is None
+            else {
+                "reason": drain.reason.value,
+                "source": drain.source.value,
+                "detail": drain.detail,
+                "started_at": _iso(drain.started_at_wall),
+                "deadline_in_s": round(max(0.0, drain.deadline_mono - time.monotonic()), 3),
+                "terminal": drain.terminal,
+                "drained": drain.drained,
+                "progress": self.drainer.progress_dict(),
+            },
+            "termination_report": None if self.drainer.report is None else self.drainer.report.as_dict(),
+            "readings": describe_all(self.snapshot),
+            "probe_errors": dict(self.probe_errors),
+            "readiness": {
+                "consecutive_successes": self.readiness.successes,
+                "consecutive_failures": self.readiness.failures,
+                "ready_after": self.cfg.inference.ready_after,
+                "lost_after": self.cfg.inference.lost_after,
+            },
+            "tasks": {} if self._supervisor is None else self._supervisor.describe(),
+            "state_file": {"path": str(self.store.path), "error": self.persist_error},
+            "systemd": {"notify": self.notifier.enabled, "watchdog_interval_s": self.notifier.watchdog_interval_s},
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started_mono, 3),
+        }
+
+    # --- internals ---------------------------------------------------------------------
+    def _start_probes(self, supervisor: Supervisor) -> None:
+        inference = self.cfg.inference
+        assert self._session is not None
+        health = InferenceHealthProbe(
+            inference.base_url,
+            self._session,
+            interval_s=inference.poll_interval_s,
+            timeout_s=inference.timeout_s,
+            check_models=inference.check_models,
+        )
+        vllm = VllmMetricsProbe(
+            inference.base_url,
+            self._session,
+            interval_s=inference.poll_interval_s,
+            timeout_s=inference.timeout_s,
+            max_bytes=inference.metrics_max_bytes,
+            slo_ttft_ms=self.cfg.slo.ttft_ms,
+            slo_tpot_ms=self.cfg.slo.tpot_ms,
+        )
+        self._add_probe(supervisor, health, on_sample=self.readiness.on_health, critical=True)
+        self._add_probe(supervisor, vllm)
+
+    def _add_probe(self, supervisor: Supervisor, probe: Any, *, on_sample: Any = None, critical: bool = False) -> None:
+        runner = ProbeRunner(probe, self.snapshot, self.probe_errors, on_sample=on_sample)
+        self._runners[probe.name] = runner
+        supervisor.add(f"probe.{probe.name}", runner.run, critical=critical)
+
+    def _refresh_in_flight(self) -> None:
+        runner = self._runners.get("vllm")
+        if runner is not None:
+            runner.poll_now()
+
+    def _on_transition(self, transition: Transition) -> None:
+        self._changed.set()
+        self.notifier.status(self._systemd_status())
+
+    def _systemd_status(self) -> str:
+        return f"{self.lifecycle.state.value}: {self.lifecycle.reason}"
+
+    async def _restore_drain(self) -> Any:
+        try:
+            saved = await asyncio.to_thread(self.store.load)
+        except StateFileError as exc:
+            # A corrupt record must not keep a healthy node out of service, nor be lost.
+            log.error("state file unusable; starting without it", extra={"error": str(exc)})
+            return None
+        if saved is None:
+            return None
+        log.warning("restoring a persisted drain", extra={"reason": saved.reason.value, "detail": saved.detail})
+        self.lifecycle.begin_drain(
+            saved.reason,
+            Source.STATE_FILE,
+            deadline_s=self.cfg.drain.timeout_s,
+            detail=saved.detail or f"restored {saved.reason.value} drain",
+        )
+        return saved
+
+    async def _persist_loop(self) -> None:
+        """Keeps the state file in step with the lifecycle (terminal drains are
+        persisted here; admin calls also persist before they answer)."""
+        changed = asyncio.Event()
+        self.lifecycle.subscribe(lambda _t: changed.set())
+        while True:
+            await changed.wait()
+            changed.clear()
+            await self._persist_drain()
+
+    async def _persist_drain(self) -> bool:
+        """Write the drain the next start must restore (admin, or terminal this boot);
+        a signal or idle drain leaves the record alone, so an admin drain survives a
+        restart that a SIGTERM caused. A failing disk is reported, never fatal."""
+        async with self._persist_lock:
+            drain = self.lifecycle.drain
+            try:
+                if drain is None:
+                    await asyncio.to_thread(self.store.clear)
+                elif self.store.persists(drain.reason):
+                    await asyncio.to_thread(self.store.save, drain.reason, drain.detail, drain.started_at_wall)
+            except OSError as exc:
+                self.persist_error = f"{self.store.path}: {exc.strerror or exc}"
+                log.error("cannot persist the drain state", extra={"error": self.persist_error})
+                return False
+            self.persist_error = None
+            return True
+
+def _iso(wall: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))

@@ -1,0 +1,212 @@
+"""The drain: readiness is already 503 when it starts; this task waits out the
+propagation delay, then until nothing is in flight for the settle time or the
+deadline passes, records completed vs aborted, and ends the drain.
+
+It observes the lifecycle and never runs inside a transition callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from agent.config import DrainConfig
+from probes.snapshot import Snapshot
+from state_machine import Drain, DrainReason, Lifecycle, State
+
+log = logging.getLogger(__name__)
+
+_TICK_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class DrainReport:
+    """What a finished drain did; the termination report is built from it."""
+
+    reason: str
+    detail: str
+    started_at_wall: float
+    finished_at_wall: float
+    drain_s: float
+    in_flight_at_notice: float | None
+    completed: float
+    aborted: float
+    outcome: str  # emptied, deadline, forced
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class DrainProgress:
+    phase: str  # propagation, waiting, drained, done
+    reason: str
+    in_flight_at_notice: float | None
+    in_flight_now: float | None
+    in_flight_known: bool
+    empty_for_s: float
+    deadline_in_s: float
+    completed: float
+    aborted: float
+
+
+class InFlightView:
+    """In-flight requests as the drain must see them: a fresh count from vLLM's
+    metrics, or zero when vLLM refuses connections; unknown otherwise (a hung or
+    garbage-answering vLLM is never taken as empty)."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+
+    def since(self, t0: float) -> float | None:
+        reading = self._snapshot.get("vllm")
+        if reading is None:
+            return None
+        if reading.failed_with("refused") and reading.failed_at is not None and reading.failed_at >= t0:
+            return 0.0
+        if reading.taken_at is None or reading.taken_at < t0 or reading.is_stale(self._snapshot.now()):
+            return None
+        return float(reading.value.in_flight)
+
+    def counters(self) -> tuple[float, float] | None:
+        value = self._snapshot.value("vllm", fresh=False)
+        if value is None:
+            return None
+        return float(value.requests_completed_total), float(value.requests_aborted_total)
+
+
+class DrainController:
+    """One long-lived task; `run()` reacts to every drain the lifecycle starts."""
+
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        snapshot: Snapshot,
+        cfg: DrainConfig,
+        *,
+        refresh: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._lifecycle = lifecycle
+        self._cfg = cfg
+        self._in_flight = InFlightView(snapshot)
+        self._refresh = refresh
+        self._clock = clock
+        self._wall = wall
+        self._changed = asyncio.Event()
+        self.force = asyncio.Event()
+        self.progress: DrainProgress | None = None
+        self.report: DrainReport | None = None
+        self.drained = asyncio.Event()  # set whenever a drain finished (admin drained or terminal)
+        lifecycle.subscribe(lambda _t: self._changed.set())
+
+    def skip_waiting(self) -> None:
+        """Second signal: stop waiting for propagation and in-flight work."""
+        self.force.set()
+        self._changed.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            drain = self._lifecycle.drain
+            if self._lifecycle.state is State.DRAINING and drain is not None and not drain.drained:
+                await self._drain_once()
+
+    async def _drain_once(self) -> None:
+        first = self._lifecycle.drain
+        assert first is not None
+        notice = self._in_flight.since(first.started_at_mono - 5.0)
+        baseline = self._in_flight.counters()
+        self._refresh()
+        empty_since: float | None = None
+        last_known: float | None = notice
+        outcome = "emptied"
+        while True:
+            drain = self._lifecycle.drain
+            if self._lifecycle.state is not State.DRAINING or drain is None:
+                self.progress = None
+                return  # resumed
+            now = self._clock()
+            in_propagation = now < drain.started_at_mono + self._cfg.propagation_delay_s
+            count = None if in_propagation else self._in_flight.since(drain.started_at_mono + self._cfg.propagation_delay_s)
+            if count is not None:
+                last_known = count
+            empty_since = (empty_since or now) if count == 0 else None
+            completed, aborted = _deltas(baseline, self._in_flight.counters())
+            self.progress = DrainProgress(
+                phase="propagation" if in_propagation else "waiting",
+                reason=drain.reason.value,
+                in_flight_at_notice=notice,
+                in_flight_now=count,
+                in_flight_known=count is not None,
+                empty_for_s=0.0 if empty_since is None else now - empty_since,
+                deadline_in_s=max(0.0, drain.deadline_mono - now),
+                completed=completed,
+                aborted=aborted,
+            )
+            if self.force.is_set():
+                outcome = "forced"
+                break
+            if empty_since is not None and now - empty_since >= self._cfg.settle_s:
+                break
+            if now >= drain.deadline_mono and drain.terminal:
+                outcome = "deadline"
+                break
+            self._changed.clear()
+            try:
+                async with asyncio.timeout(_TICK_S):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+        self._finish(drain, outcome, notice, last_known, baseline)
+
+    def _finish(
+        self,
+        drain: Drain,
+        outcome: str,
+        notice: float | None,
+        last_known: float | None,
+        baseline: tuple[float, float] | None,
+    ) -> None:
+        completed, aborted = _deltas(baseline, self._in_flight.counters())
+        if outcome != "emptied":
+            aborted += last_known or 0.0
+        now_wall = self._wall()
+        self.report = DrainReport(
+            reason=drain.reason.value,
+            detail=drain.detail,
+            started_at_wall=drain.started_at_wall,
+            finished_at_wall=now_wall,
+            drain_s=round(now_wall - drain.started_at_wall, 3),
+            in_flight_at_notice=notice,
+            completed=completed,
+            aborted=aborted,
+            outcome=outcome,
+        )
+        log.info("drain finished", extra={"drain": self.report.as_dict()})
+        if self.progress is not None:
+            self.progress.phase = "drained" if drain.reason is DrainReason.ADMIN else "done"
+        if drain.terminal:
+            self._lifecycle.terminate(f"{outcome}: completed {completed:g}, aborted {aborted:g}")
+        else:
+            self._lifecycle.mark_drained()
+        self.drained.set()
+
+    def progress_dict(self) -> dict[str, Any] | None:
+        return None if self.progress is None else asdict(self.progress)
+
+
+def _deltas(baseline: tuple[float, float] | None, now: tuple[float, float] | None) -> tuple[float, float]:
+    """Completed and aborted since the drain began; a counter that went backwards
+    (vLLM restarted) counts from zero."""
+    if baseline is None or now is None:
+        return 0.0, 0.0
+    completed = now[0] - baseline[0] if now[0] >= baseline[0] else now[0]
+    aborted = now[1] - baseline[1] if now[1] >= baseline[1] else now[1]
+    return completed, aborted

@@ -1,0 +1,101 @@
+"""Inference server health: vLLM `/health` (and `/v1/models`), the signal for WARMING <-> READY.
+
+An unhealthy server is a normal reading here (ok=False with a code), not a probe
+error: the readiness policy counts consecutive results, and a down vLLM must not
+slow the polling down through backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+# Enough for an OpenAI model list; a bigger answer is not vLLM.
+_MAX_MODELS_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReading:
+    ok: bool
+    code: str  # ok, refused, timeout, http_<n>, connection, garbage, no_models
+    detail: str
+    latency_ms: float
+    models: tuple[str, ...] = ()
+
+
+class InferenceHealthProbe:
+    """Probe "inference": one `/health` call (plus `/v1/models` when asked) per interval."""
+
+    name = "inference"
+
+    def __init__(
+        self,
+        base_url: str,
+        session: aiohttp.ClientSession,
+        *,
+        interval_s: float = 1.0,
+        timeout_s: float = 3.0,
+        check_models: bool = True,
+    ) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._session = session
+        self.interval_s = interval_s
+        # The runner's deadline sits above ours so a slow vLLM yields a reading, not an error.
+        self.timeout_s = timeout_s * 2 + 1
+        self._call_timeout_s = timeout_s
+        self._check_models = check_models
+
+    async def sample(self) -> HealthReading:
+        started = time.perf_counter()
+        code, detail, models = await self._check()
+        return HealthReading(
+            ok=code == "ok",
+            code=code,
+            detail=detail,
+            latency_ms=round((time.perf_counter() - started) * 1000, 3),
+            models=models,
+        )
+
+    async def _check(self) -> tuple[str, str, tuple[str, ...]]:
+        code, detail, _ = await self._get("/health")
+        if code != "ok" or not self._check_models:
+            return code, detail, ()
+        code, detail, body = await self._get("/v1/models")
+        if code != "ok":
+            return code, f"/v1/models: {detail}", ()
+        models = _model_ids(body)
+        if models is None:
+            return "garbage", "/v1/models: not an OpenAI model list", ()
+        if not models:
+            return "no_models", "/v1/models lists no model", ()
+        return "ok", "healthy", models
+
+    async def _get(self, path: str) -> tuple[str, str, bytes]:
+        url = self._base_url + path
+        try:
+            async with asyncio.timeout(self._call_timeout_s):
+                async with self._session.get(url, allow_redirects=False) as resp:
+                    body = await resp.content.read(_MAX_MODELS_BYTES)
+                    if resp.status != 200:
+                        return f"http_{resp.status}", f"{path} answered {resp.status}", b""
+                    return "ok", "healthy", body
+        except TimeoutError:
+            return "timeout", f"{path} did not answer within {self._call_timeout_s:g}s", b""
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, ConnectionRefusedError):
+                return "refused", f"{path}: connection refused (not listening: loading or stopped)", b""
+            return "connection", f"{path}: {exc}", b""
+        except aiohttp.ClientError as exc:
+            return "connection", f"{path}: {type(exc).__name__}: {exc}", b""
+
+
+def _model_ids(body: bytes) -> tuple[str, ...] | None:
+    try:
+        data = json.loads(body)
+        return tuple(str(item["id"]) for item in data["data"])
+    except (ValueError, KeyError, TypeError):
+        return None
