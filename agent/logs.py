@@ -84,6 +84,8 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream: Any = None
     root.setLevel(level)
     # aiohttp's access log would print every /readyz probe; keep it for debugging only.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # transitions logs every callback at INFO; our Lifecycle logs the transition itself.
+    logging.getLogger("transitions").setLevel(logging.WARNING)
 
 
 def _rfc3339(created: float) -> str:

@@ -1,0 +1,138 @@
+"""Test harness: a real `gpu-node-agent run` subprocess, its JSON log lines, and
+polling helpers that wait on a condition with a deadline (never a bare sleep)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def until(condition: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.02, what: str = "") -> Any:
+    """Poll `condition` (sync or async) until it returns something truthy."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if isinstance(value, Awaitable):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what or condition}")
+        await asyncio.sleep(interval_s)
+
+
+class AgentProcess:
+    """`python -m agent run` with a config file and env; parses its stdout JSON logs."""
+
+    def __init__(self, tmp_path: Path, settings: dict[str, str], *, config_text: str = "", extra_env: dict[str, str] | None = None) -> None:
+        self.tmp_path = tmp_path
+        self.config_path = tmp_path / "agent.toml"
+        self.config_path.write_text(config_text)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_AGENT_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+        self.env.update(
+            {
+                "GPU_AGENT_SERVICE__HOST": "127.0.0.1",
+                "GPU_AGENT_SERVICE__PORT": "0",
+                "GPU_AGENT_SERVICE__STATE_DIR": str(tmp_path / "state"),
+                "GPU_AGENT_EXPORT__ENABLED": "false",
+                "GPU_AGENT_PREEMPTION__ENABLED": "false",
+                "GPU_AGENT_GPU__ENABLED": "false",
+                "GPU_AGENT_INFERENCE__POLL_INTERVAL_S": "0.1",
+                "GPU_AGENT_INFERENCE__TIMEOUT_S": "0.5",
+                "GPU_AGENT_DRAIN__PROPAGATION_DELAY_S": "0.3",
+                "GPU_AGENT_DRAIN__SETTLE_S": "0.3",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        self.env.update(settings)
+        self.env.update(extra_env or {})
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self.proc: subprocess.Popen[str] | None = None
+        self.port: int | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> AgentProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
+            cwd=REPO,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._lock:
+                self.raw.append(line)
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                self.lines.append(entry)
+                if entry.get("message") == "agent started":
+                    self.port = entry["port"]
+
+    async def started(self, timeout_s: float = 15.0) -> AgentProcess:
+        await until(lambda: self.port is not None or (self.proc and self.proc.poll() is not None), timeout_s, what="agent start")
+        if self.port is None:
+            raise AssertionError(f"agent exited early ({self.proc.returncode}):\n{self.output()}")
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        with self._lock:
+            return "".join(self.raw)
+
+    def logs(self, message: str | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            return [e for e in self.lines if message is None or e.get("message") == message]
+
+    def send(self, sig: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def exited(self, timeout_s: float = 20.0) -> int:
+        assert self.proc is not None
+        await until(lambda: self.proc.poll() is not None, timeout_s, what="agent exit")
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+async def get_json(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with session.get(url) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def post_json(session: aiohttp.ClientSession, url: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async with session.post(url, json=body, headers=headers) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def state_of(session: aiohttp.ClientSession, agent: AgentProcess) -> str:
+    _, body = await get_json(session, f"{agent.url}/status")
+    return body["state"]

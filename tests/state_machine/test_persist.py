@@ -1,0 +1,50 @@
+"""The persisted drain: atomic, admin across restarts, terminal only within one boot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from state_machine.persist import DrainStore, StateFileError
+from state_machine.states import DrainReason
+
+
+def test_admin_drain_survives_a_restart_and_a_reboot(tmp_path: Path) -> None:
+    DrainStore(tmp_path, boot_id="boot-1").save(DrainReason.ADMIN, "maintenance window", 1.5)
+    saved = DrainStore(tmp_path, boot_id="boot-2").load()
+    assert saved is not None and saved.reason is DrainReason.ADMIN and saved.detail == "maintenance window"
+
+
+def test_preemption_is_honoured_in_the_same_boot_only(tmp_path: Path) -> None:
+    DrainStore(tmp_path, boot_id="boot-1").save(DrainReason.PREEMPTION, "TRUE", 2.0)
+    assert DrainStore(tmp_path, boot_id="boot-1").load().reason is DrainReason.PREEMPTION
+    assert DrainStore(tmp_path, boot_id="boot-2").load() is None
+
+
+def test_clear_removes_the_record_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    store = DrainStore(tmp_path / "nested", boot_id="b")
+    store.save(DrainReason.ADMIN, "x", 1.0)
+    store.save(DrainReason.ADMIN, "y", 2.0)
+    assert json.loads(store.path.read_text())["detail"] == "y"
+    store.clear()
+    store.clear()  # idempotent
+    assert store.load() is None
+    assert list((tmp_path / "nested").iterdir()) == []
+
+
+@pytest.mark.parametrize("content", ["{", "[]", '{"reason": "bogus", "started_at_wall": 1}', '{"reason": "admin"}'])
+def test_corrupt_state_file_is_a_clear_error(tmp_path: Path, content: str) -> None:
+    store = DrainStore(tmp_path, boot_id="b")
+    store.path.write_text(content)
+    with pytest.raises(StateFileError, match="drain.json"):
+        store.load()
+    assert store.path.read_text() == content  # nothing lost
+
+
+def test_signal_and_idle_drains_are_not_persisted() -> None:
+    assert not DrainStore.persists(DrainReason.SIGNAL)
+    assert not DrainStore.persists(DrainReason.IDLE)
+    assert DrainStore.persists(DrainReason.ADMIN)
+    assert DrainStore.persists(DrainReason.PREEMPTION)
