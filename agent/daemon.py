@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from agent import __version__
 from agent.config import AgentConfig
 from agent.drain import DrainController
+from agent.idle import IdleWatchdog
 from agent.logs import lifecycle_context
 from agent.readiness import ReadinessPolicy
 from agent.status import describe_all, jsonable
@@ -62,6 +63,7 @@ class Daemon:
         self.notifier = SystemdNotifier(self.environ)
         self.store = DrainStore(cfg.service.state_dir)
         self.drainer = DrainController(self.lifecycle, self.snapshot, cfg.drain, refresh=self._refresh_in_flight)
+        self.idle = IdleWatchdog(self.lifecycle, self.snapshot, cfg.idle, cfg.drain)
         self.readiness = ReadinessPolicy(self.lifecycle, cfg.inference.ready_after, cfg.inference.lost_after)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(AgentCollector(self))
@@ -99,6 +101,7 @@ class Daemon:
         self._start_probes(supervisor)
         supervisor.add("drain", self.drainer.run, critical=True)
         supervisor.add("persist", self._persist_loop)
+        supervisor.add("idle", self.idle.run)
         if saved is None:
             self.lifecycle.start_warming()
         self.notifier.ready(self._systemd_status())
@@ -237,6 +240,12 @@ class Daemon:
                 "consecutive_failures": self.readiness.failures,
                 "ready_after": self.cfg.inference.ready_after,
                 "lost_after": self.cfg.inference.lost_after,
+            },
+            "idle": {
+                "after_s": self.cfg.idle.after_s,
+                "idle_for_s": None if self.idle.idle_since is None else round(time.monotonic() - self.idle.idle_since, 3),
+                "action": self.cfg.idle.action,
+                "action_result": self.idle.action_result,
             },
             "tasks": {} if self._supervisor is None else self._supervisor.describe(),
             "state_file": {"path": str(self.store.path), "error": self.persist_error},

@@ -1,0 +1,86 @@
+"""SIGTERM -> first 503 from /readyz, over N trials of a real `gpu-node-agent run`.
+
+    python -m bench.bench_sigterm [--trials 50]
+
+A poller sends back-to-back /readyz requests on one keep-alive connection; the
+reaction time is from os.kill() to the first 503 it receives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+from agent.sim.vllm import FakeVllm
+from bench.common import AgentProcess, fmt_ms, machine_header, percentile, until
+
+
+async def one_trial(vllm_url: str, tmp: Path) -> float:
+    agent = AgentProcess(tmp, {"GPU_AGENT_INFERENCE__BASE_URL": vllm_url}).start()
+    try:
+        await agent.started()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+            url = f"{agent.url}/readyz"
+
+            async def status() -> int:
+                async with session.get(url) as resp:
+                    await resp.read()
+                    return resp.status
+
+            await until(lambda: _is(status, 200), 20, 0.05, "READY")
+            sent = time.perf_counter()
+            agent.send(signal.SIGTERM)
+            while await status() != 503:
+                if time.perf_counter() - sent > 5:
+                    raise AssertionError("no 503 within 5 s of SIGTERM")
+            return time.perf_counter() - sent
+    finally:
+        agent.kill()
+
+
+async def _is(status, expected: int) -> bool:
+    return await status() == expected
+
+
+async def run(trials: int) -> list[float]:
+    vllm = FakeVllm()
+    await vllm.start()
+    reactions = []
+    try:
+        for i in range(trials):
+            with tempfile.TemporaryDirectory() as tmp:
+                reactions.append(await one_trial(vllm.url, Path(tmp)))
+    finally:
+        await vllm.stop()
+    return reactions
+
+
+def report(reactions: list[float]) -> str:
+    return "\n".join(
+        [
+            f"### SIGTERM -> first 503 on /readyz ({len(reactions)} trials)",
+            "",
+            f"`python -m bench.bench_sigterm --trials {len(reactions)}` — {machine_header()}",
+            "",
+            "| p50 | p99 | max | target |",
+            "|---|---|---|---|",
+            f"| {fmt_ms(percentile(reactions, 0.5))} | **{fmt_ms(percentile(reactions, 0.99))}** | {fmt_ms(max(reactions))} | p99 <= 20 ms |",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--trials", type=int, default=50)
+    args = parser.parse_args()
+    print(report(asyncio.run(run(args.trials))))
+
+
+if __name__ == "__main__":
+    main()
