@@ -72,6 +72,7 @@ class Daemon:
         self.bound_port: int | None = None
         self._stop_requested = asyncio.Event()
         self._changed = asyncio.Event()
+        self._transitioned = asyncio.Event()
         self._persist_lock = asyncio.Lock()
         self._runners: dict[str, ProbeRunner] = {}
         self._supervisor: Supervisor | None = None
@@ -205,8 +206,8 @@ class Daemon:
                         return False
                     if drain.drained:
                         return True
-                    self.drainer.drained.clear()
-                    await self.drainer.drained.wait()
+                    self._transitioned.clear()
+                    await self._transitioned.wait()
         except TimeoutError:
             return False
 
@@ -290,6 +291,7 @@ class Daemon:
 
     def _on_transition(self, transition: Transition) -> None:
         self._changed.set()
+        self._transitioned.set()
         self.notifier.status(self._systemd_status())
 
     def _systemd_status(self) -> str:

@@ -102,7 +102,6 @@ class DrainController:
         self.force = asyncio.Event()
         self.progress: DrainProgress | None = None
         self.report: DrainReport | None = None
-        self.drained = asyncio.Event()  # set whenever a drain finished (admin drained or terminal)
         lifecycle.subscribe(lambda _t: self._changed.set())
 
     def skip_waiting(self) -> None:
@@ -196,7 +195,6 @@ class DrainController:
             self._lifecycle.terminate(f"{outcome}: completed {completed:g}, aborted {aborted:g}")
         else:
             self._lifecycle.mark_drained()
-        self.drained.set()
 
     def progress_dict(self) -> dict[str, Any] | None:
         return None if self.progress is None else asdict(self.progress)
