@@ -3,6 +3,7 @@ STOPPING and EXTEND_TIMEOUT_USEC arrive on $NOTIFY_SOCKET."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 from pathlib import Path
@@ -23,12 +24,16 @@ async def test_notify_protocol_over_a_real_datagram_socket(tmp_path: Path) -> No
     sock.setblocking(False)
     messages: list[str] = []
 
-    def drain_socket() -> list[str]:
+    async def read_forever() -> None:
+        # Read as systemd does, promptly: the kernel queues only ~10 datagrams.
+        loop = asyncio.get_running_loop()
         while True:
-            try:
-                messages.append(sock.recv(4096).decode())
-            except BlockingIOError:
-                return messages
+            messages.append((await loop.sock_recv(sock, 4096)).decode())
+
+    def drain_socket() -> list[str]:
+        return messages
+
+    reader = asyncio.create_task(read_forever())
 
     # Nothing listens on the vLLM port: the node stays WARMING, and the drain ends at
     # once because a refusing vLLM has nothing in flight.
@@ -43,8 +48,9 @@ async def test_notify_protocol_over_a_real_datagram_socket(tmp_path: Path) -> No
         await until(lambda: sum(m == "WATCHDOG=1" for m in drain_socket()) >= 3, 5, what="watchdog pings")
         agent.send(signal.SIGTERM)
         assert await agent.exited() == 0
-        drain_socket()
+        await asyncio.sleep(0.1)
     finally:
+        reader.cancel()
         agent.kill()
         sock.close()
     ready = next(m for m in messages if m.startswith("READY=1"))
