@@ -102,6 +102,7 @@ class DrainController:
         self.force = asyncio.Event()
         self.progress: DrainProgress | None = None
         self.report: DrainReport | None = None
+        self._origin: tuple[float, float | None, tuple[float, float] | None] | None = None
         lifecycle.subscribe(lambda _t: self._changed.set())
 
     def skip_waiting(self) -> None:
@@ -120,8 +121,11 @@ class DrainController:
     async def _drain_once(self) -> None:
         first = self._lifecycle.drain
         assert first is not None
-        notice = self._in_flight.since(first.started_at_mono - 5.0)
-        baseline = self._in_flight.counters()
+        if self._origin is None or self._origin[0] != first.started_at_mono:
+            # A drain taken over after it emptied (admin drained, then SIGTERM) keeps the
+            # notice and baseline of its start, so the report covers the whole drain.
+            self._origin = (first.started_at_mono, self._in_flight.since(first.started_at_mono - 5.0), self._in_flight.counters())
+        _, notice, baseline = self._origin
         self._refresh()
         empty_since: float | None = None
         last_known: float | None = notice

@@ -21,13 +21,15 @@ from state_machine.states import DRAIN_PRIORITY, TERMINAL_REASONS, DrainReason, 
 
 log = logging.getLogger(__name__)
 
-# (trigger, sources, dest). DRAINING -> DRAINING is the "escalate" of a running drain.
+# (trigger, sources, dest). DRAINING -> DRAINING records a drain taken over by a
+# higher-priority reason ("escalate") and an admin drain that emptied the node ("drained").
 _TABLE: list[dict[str, Any]] = [
     {"trigger": "warm", "source": [State.INIT], "dest": State.WARMING},
     {"trigger": "ready", "source": [State.WARMING], "dest": State.READY},
     {"trigger": "lost", "source": [State.READY], "dest": State.WARMING},
     {"trigger": "drain", "source": [State.INIT, State.WARMING, State.READY], "dest": State.DRAINING},
     {"trigger": "escalate", "source": [State.DRAINING], "dest": State.DRAINING},
+    {"trigger": "drained", "source": [State.DRAINING], "dest": State.DRAINING},
     {"trigger": "resume", "source": [State.DRAINING], "dest": State.WARMING},
     {"trigger": "terminate", "source": [State.DRAINING], "dest": State.TERMINATED},
 ]
@@ -207,9 +209,7 @@ class Lifecycle:
         if self._model.state is not State.DRAINING or self.drain is None or self.drain.drained:
             return False
         self.drain = replace(self.drain, drained=True)
-        self._reason = f"{self.drain.reason.value}_drained"
-        self._notify_record(self.history[-1] if self.history else None)
-        return True
+        return self._fire("drained", f"{self.drain.reason.value}_drained", Source.DRAIN, "nothing in flight")
 
     def resume(self, source: Source = Source.ADMIN_API) -> None:
         """End an admin drain (DRAINING -> WARMING). Raises ResumeRefused otherwise."""
@@ -251,11 +251,6 @@ class Lifecycle:
             to_state.value,
             extra={"state": to_state.value, "reason": reason, "source": source.value, "detail": detail},
         )
-        self._notify_record(record)
-
-    def _notify_record(self, record: Transition | None) -> None:
-        if record is None:
-            return
         for listener in self._listeners:
             try:
                 listener(record)
