@@ -45,6 +45,9 @@ class InferenceConfig(_Section):
     metrics_max_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     pid_file: Path | None = None
     process_name: str = "vllm"
+    # vLLM exposes no KV-cache bytes gauge: give the capacity, or the per-token size, to get GB.
+    kv_cache_capacity_bytes: float | None = Field(None, gt=0)
+    kv_cache_bytes_per_token: float | None = Field(None, gt=0)
 
     @field_validator("base_url")
     @classmethod
@@ -102,6 +105,7 @@ class IdleConfig(_Section):
 class SloConfig(_Section):
     ttft_ms: float = Field(2000.0, gt=0)
     tpot_ms: float = Field(100.0, gt=0)
+    window_s: float = Field(60.0, ge=5, le=3600)  # sliding window for rates, quantiles and goodput
 
 
 class GpuConfig(_Section):

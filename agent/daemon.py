@@ -275,6 +275,9 @@ class Daemon:
             max_bytes=inference.metrics_max_bytes,
             slo_ttft_ms=self.cfg.slo.ttft_ms,
             slo_tpot_ms=self.cfg.slo.tpot_ms,
+            window_s=self.cfg.slo.window_s,
+            kv_cache_capacity_bytes=inference.kv_cache_capacity_bytes,
+            kv_cache_bytes_per_token=inference.kv_cache_bytes_per_token,
         )
         self._add_probe(supervisor, health, on_sample=self.readiness.on_health, critical=True)
         self._add_probe(supervisor, vllm)

@@ -138,8 +138,10 @@ async def test_admin_drain_from_loopback_and_resume(tmp_path, vllm, http, agents
     assert status == 200 and body["drained"] and body["started"] is False
     assert body["drain"]["detail"] == "kernel upgrade"
     status, body = await post_json(http, f"{agent.url}/resume")
-    assert status == 200 and body["state"] == "WARMING"
+    assert status == 200 and body["state"] in ("WARMING", "READY")  # a healthy vLLM may re-ready at once
     await wait_state(http, agent, "READY")
+    _, full = await get_json(http, f"{agent.url}/status")
+    assert [t["reason"] for t in full["history"]][-4:] == ["admin", "admin_drained", "resumed", "inference_healthy"]
 
 
 async def test_admin_calls_with_a_token_file(tmp_path, vllm, http, agents) -> None:

@@ -1,0 +1,133 @@
+"""Cost of one vLLM scrape on the agent's side: our parser next to prometheus_client's
+on the same 4-engine exposition, and our whole per-scrape path (parse + summarize +
+window + derive), measured side by side in one process.
+
+    python -m bench.bench_vllm_parse [--repetitions 7] [--scrapes 200] [--engines 4]
+
+The exposition has every family a vLLM 0.12 V1 server serves per engine (names,
+labels and bucket boundaries from vllm/v1/metrics/loggers.py), rendered by
+prometheus_client like vLLM does, with traffic from the FakeVllm simulation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.sim.vllm import E2E_BUCKETS, FakeVllm, TrafficPattern
+from bench.common import machine_header
+from probes.prom_text import PromParser
+from probes.vllm_metrics import VllmWindow, summarize
+
+# The families FakeVllm does not serve but a real V1 server does, one child per engine.
+_EXTRA_HISTOGRAMS = {
+    "vllm:iteration_tokens_total": [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384],
+    "vllm:request_prompt_tokens": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
+    "vllm:request_generation_tokens": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
+    "vllm:request_max_num_generation_tokens": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
+    "vllm:request_params_n": [1, 2, 5, 10, 20],
+    "vllm:request_params_max_tokens": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
+    "vllm:request_queue_time_seconds": list(E2E_BUCKETS),
+    "vllm:request_inference_time_seconds": list(E2E_BUCKETS),
+    "vllm:request_prefill_time_seconds": list(E2E_BUCKETS),
+    "vllm:request_decode_time_seconds": list(E2E_BUCKETS),
+}
+_EXTRA_COUNTERS = ["vllm:num_preemptions", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:external_prefix_cache_queries", "vllm:external_prefix_cache_hits", "vllm:mm_cache_queries", "vllm:mm_cache_hits"]
+
+
+def exposition(engines: int, steps: int) -> tuple[FakeVllm, Callable[[], str]]:
+    """A simulated node and a function rendering its full /metrics text."""
+    fake = FakeVllm(engines=engines, traffic=TrafficPattern(seed=1))
+    extra = CollectorRegistry()
+    labels = ["model_name", "engine"]
+    hists = [Histogram(name, "h", labels, buckets=buckets, registry=extra) for name, buckets in _EXTRA_HISTOGRAMS.items()]
+    counters = [Counter(name, "c", labels, registry=extra) for name in _EXTRA_COUNTERS]
+    rng = random.Random(2)
+
+    def render() -> str:
+        for e in range(engines):
+            for h in hists:
+                h.labels(fake.model, str(e)).observe(rng.expovariate(1 / 50))
+            for c in counters:
+                c.labels(fake.model, str(e)).inc(rng.randint(0, 20))
+        return (fake.render_metrics() + generate_latest(extra)).decode()
+
+    for _ in range(steps):
+        fake.simulate_step(1.0)
+    return fake, render
+
+
+def per_scrape_s(fn: Callable[[int], object], scrapes: int) -> float:
+    started = time.perf_counter()
+    for i in range(scrapes):
+        fn(i)
+    return (time.perf_counter() - started) / scrapes
+
+
+def measure(engines: int, scrapes: int, repetitions: int) -> tuple[dict[str, list[float]], int, int]:
+    fake, render = exposition(engines, 90)
+    texts = []
+    for _ in range(8):  # a few successive scrapes: same series, moving values, like a live server
+        fake.simulate_step(1.0)
+        texts.append(render())
+    warm = PromParser()
+    window = VllmWindow(60)
+    clock = [0.0]
+
+    def ours_full(i: int) -> None:
+        clock[0] += 1.0
+        window.add(clock[0], summarize(warm.parse(texts[i % len(texts)]).samples))
+        window.derive(2.0, 0.1)
+
+    contenders: dict[str, Callable[[int], object]] = {
+        "prometheus_client parse": lambda i: list(text_string_to_metric_families(texts[i % len(texts)])),
+        "ours parse (cold cache)": lambda i: PromParser().parse(texts[i % len(texts)]),
+        "ours parse (warm cache)": lambda i: warm.parse(texts[i % len(texts)]),
+        "ours parse + summarize + window + derive": ours_full,
+    }
+    results: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repetitions):
+        for name, fn in contenders.items():  # interleaved, so drift hits every contender alike
+            results[name].append(per_scrape_s(fn, scrapes))
+    return results, len(texts[0]), texts[0].count("\n")
+
+
+def report(results: dict[str, list[float]], size: int, lines: int, args: argparse.Namespace) -> str:
+    base = results["prometheus_client parse"]
+    rows = [
+        f"| {name} | {statistics.median(times) * 1e3:.2f} ms | {statistics.median([b / t for b, t in zip(base, times)]):.1f}× | {statistics.median(times) * 100:.2f} % |"
+        for name, times in results.items()
+    ]
+    return "\n".join(
+        [
+            f"### vLLM /metrics: parse and derive, {args.engines} engines ({lines} lines, {size / 1024:.0f} KiB)",
+            "",
+            f"`python -m bench.bench_vllm_parse --repetitions {args.repetitions} --scrapes {args.scrapes} --engines {args.engines}` — {machine_header()}",
+            "",
+            f"Median of {args.repetitions} repetitions of {args.scrapes} scrapes each; speed-up is the median of per-repetition ratios to prometheus_client's parser, measured side by side.",
+            "",
+            "| per scrape | time (this machine) | speed-up vs prometheus_client | share of one core at 1 scrape/s |",
+            "|---|---|---|---|",
+            *rows,
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repetitions", type=int, default=7)
+    parser.add_argument("--scrapes", type=int, default=200)
+    parser.add_argument("--engines", type=int, default=4)
+    args = parser.parse_args()
+    results, size, lines = measure(args.engines, args.scrapes, args.repetitions)
+    print(report(results, size, lines, args))
+
+
+if __name__ == "__main__":
+    main()
