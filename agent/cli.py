@@ -75,7 +75,7 @@ def _config(path: Path | None) -> AgentConfig:
 
 
 def _run(cfg: AgentConfig) -> int:
-    from agent.daemon import Daemon, StartupError
+    from agent.daemon import StartupError
     from agent.logs import configure_logging
 
     configure_logging(cfg.logging.level, cfg.logging.format.value)

@@ -29,13 +29,13 @@ from agent.drain import DrainController
 from agent.idle import IdleWatchdog
 from agent.logs import lifecycle_context
 from agent.readiness import ReadinessPolicy
-from agent.status import describe_all, jsonable
+from agent.status import describe_all
 from agent.supervisor import Supervisor
 from agent.systemd import SystemdNotifier
 from probes.base import ProbeRunner
 from probes.inference import InferenceHealthProbe
 from probes.snapshot import Snapshot
-from probes.vllm_metrics import VllmMetricsProbe
+from probes.vllm import VllmMetricsProbe
 from service.app import build_app
 from service.auth import AdminAuth
 from service.metrics import AgentCollector

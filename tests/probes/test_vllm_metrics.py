@@ -13,7 +13,9 @@ import pytest
 from agent.sim.vllm import FakeVllm, Fault
 from probes.base import ProbeError
 from probes.prom_text import PromParseError, PromParser
-from probes.vllm_metrics import Histogram, VllmMetricsProbe, VllmScrape, VllmWindow, kv_capacity, summarize
+from probes.histogram import Histogram
+from probes.vllm import VllmMetricsProbe, kv_capacity
+from probes.vllm_metrics import VllmScrape, VllmWindow, summarize
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "vllm"
 NONE3 = {"p50": None, "p95": None, "p99": None}

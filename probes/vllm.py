@@ -1,0 +1,217 @@
+"""The vLLM metrics probe (`VllmMetricsProbe`): fetches /metrics with a size cap and a
+deadline, feeds the sliding window and returns a `VllmReading`; KV capacity rules."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from probes.base import ProbeError
+from probes.prom_text import PromParseError, PromParser
+
+from probes.vllm_metrics import (
+    CACHE_INFO,
+    VllmScrape,
+    VllmWindow,
+    WindowStats,
+    summarize,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class VllmReading:
+    """The probe's reading (snapshot key "vllm"). Latency dicts have keys p50, p95, p99.
+
+    `window_s` is the time actually covered by the window's oldest and newest
+    scrape (0 with a single scrape). `notes` says why a value is None.
+    """
+
+    requests_running: float
+    requests_waiting: float
+    in_flight: float
+    kv_cache_usage_ratio: float | None
+    kv_cache_capacity_bytes: float | None
+    kv_cache_used_bytes: float | None
+    kv_capacity_source: str
+    prompt_tokens_per_s: float | None
+    generation_tokens_per_s: float | None
+    ttft_s: dict[str, float | None]
+    tpot_s: dict[str, float | None]
+    e2e_s: dict[str, float | None]
+    goodput_ratio: float | None
+    requests_finished_total: dict[str, float]
+    requests_completed_total: float
+    requests_aborted_total: float
+    window_s: float
+    engines: int
+    models: tuple[str, ...]
+    metric_names: str
+    engine_sleeping: bool | None
+    notes: tuple[str, ...] = ()
+
+
+def kv_capacity(
+    scrape: VllmScrape, *, configured_bytes: float | None = None, bytes_per_token: float | None = None
+) -> tuple[float | None, float | None, str]:
+    """(capacity_bytes, used_bytes, how it was known or why not).
+
+    vLLM exports no bytes gauge. In order: a configured node capacity (used =
+    capacity x the mean usage over engines, as engines are the same size); the sum of
+    `kv_cache_memory_bytes` from vllm:cache_config_info (set with --kv-cache-memory,
+    a per-GPU figure: with tensor parallelism configure the capacity instead);
+    the cache size in tokens (kv_cache_size_tokens, else num_gpu_blocks x
+    block_size) times a configured per-token KV size.
+    """
+    usage = scrape.kv_usage_by_engine
+    if configured_bytes is not None:
+        mean = sum(usage.values()) / len(usage) if usage else None
+        return configured_bytes, None if mean is None else configured_bytes * mean, "configured kv_cache_capacity_bytes"
+    if not scrape.cache_info:
+        return None, None, f"unknown: no {CACHE_INFO} in the scrape"
+    per_engine = {info.get("engine", "0"): _number(info.get("kv_cache_memory_bytes")) for info in scrape.cache_info}
+    source = f"{CACHE_INFO} kv_cache_memory_bytes"
+    if None in per_engine.values():
+        tokens = {info.get("engine", "0"): _cache_tokens(info) for info in scrape.cache_info}
+        if bytes_per_token is None or None in tokens.values():
+            return None, None, "unknown: kv_cache_memory_bytes is None and no per-token KV size is configured"
+        per_engine = {engine: count * bytes_per_token for engine, count in tokens.items() if count is not None}
+        source = f"{CACHE_INFO} cache size in tokens x configured bytes per token"
+    sized = {engine: value for engine, value in per_engine.items() if value is not None}
+    used = sum(value * usage[engine] for engine, value in sized.items() if engine in usage) if usage else None
+    return sum(sized.values()), used, source
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text not in (None, "", "None") else None
+    except ValueError:
+        return None
+
+
+def _cache_tokens(info: dict[str, str]) -> float | None:
+    tokens = _number(info.get("kv_cache_size_tokens"))
+    if tokens is not None:
+        return tokens
+    blocks, size = _number(info.get("num_gpu_blocks")), _number(info.get("block_size"))
+    return None if blocks is None or size is None else blocks * size
+
+
+def make_reading(scrape: VllmScrape, stats: WindowStats, capacity: tuple[float | None, float | None, str]) -> VllmReading:
+    finished = dict(scrape.finished_total)
+    aborted = finished.get("abort", 0.0)
+    return VllmReading(
+        requests_running=scrape.requests_running,
+        requests_waiting=scrape.requests_waiting,
+        in_flight=scrape.requests_running + scrape.requests_waiting,
+        kv_cache_usage_ratio=scrape.kv_cache_usage_ratio,
+        kv_cache_capacity_bytes=capacity[0],
+        kv_cache_used_bytes=capacity[1],
+        kv_capacity_source=capacity[2],
+        prompt_tokens_per_s=stats.prompt_tokens_per_s,
+        generation_tokens_per_s=stats.generation_tokens_per_s,
+        ttft_s=stats.ttft_s,
+        tpot_s=stats.tpot_s,
+        e2e_s=stats.e2e_s,
+        goodput_ratio=stats.goodput_ratio,
+        requests_finished_total=finished,
+        requests_completed_total=sum(finished.values()) - aborted,
+        requests_aborted_total=aborted,
+        window_s=stats.window_s,
+        engines=scrape.engines,
+        models=scrape.models,
+        metric_names=scrape.metric_names,
+        engine_sleeping=scrape.engine_sleeping,
+        notes=stats.notes,
+    )
+
+
+class VllmMetricsProbe:
+    """Probe "vllm": GET {base_url}/metrics with a size cap and a deadline, then
+    summarize + window. A failed scrape raises ProbeError and leaves the window as it was.
+
+    Codes: refused (not listening: loading or gone; a drain counts that as empty),
+    timeout, http_<status>, too_large, connection, garbage.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        base_url: str,
+        session: aiohttp.ClientSession,
+        *,
+        interval_s: float = 1.0,
+        timeout_s: float = 3.0,
+        max_bytes: int = 8 * 1024 * 1024,
+        slo_ttft_ms: float = 2000.0,
+        slo_tpot_ms: float = 100.0,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        kv_cache_capacity_bytes: float | None = None,
+        kv_cache_bytes_per_token: float | None = None,
+    ) -> None:
+        self._url = base_url.rstrip("/") + "/metrics"
+        self._session = session
+        self.interval_s = interval_s
+        # The runner's deadline sits above ours so a slow vLLM gets our "timeout" code and message.
+        self.timeout_s = timeout_s + 1.0
+        self._call_timeout_s = timeout_s
+        self._max_bytes = max_bytes
+        self._slo_ttft_s = slo_ttft_ms / 1000.0
+        self._slo_tpot_s = slo_tpot_ms / 1000.0
+        self._clock = clock
+        self._capacity = {"configured_bytes": kv_cache_capacity_bytes, "bytes_per_token": kv_cache_bytes_per_token}
+        self._parser = PromParser()
+        self.window = VllmWindow(window_s)
+
+    async def sample(self) -> VllmReading:
+        body = await self._fetch()
+        taken_at = self._clock()
+        try:
+            scrape = summarize(self._parser.parse_bytes(body).samples)
+        except PromParseError as exc:
+            raise ProbeError(f"/metrics is not a usable vLLM exposition: {exc}", code="garbage") from None
+        if self.window.add(taken_at, scrape):
+            log.info("vLLM counters went backwards or its engines changed: restarted? the rate window starts again")
+        stats = self.window.derive(self._slo_ttft_s, self._slo_tpot_s)
+        return make_reading(scrape, stats, kv_capacity(scrape, **self._capacity))
+
+    async def _fetch(self) -> bytes:
+        # identity: gzip on loopback only costs CPU on both ends, and the cap must count real bytes.
+        headers = {"Accept": "text/plain;version=0.0.4", "Accept-Encoding": "identity"}
+        try:
+            async with asyncio.timeout(self._call_timeout_s):
+                async with self._session.get(self._url, headers=headers, allow_redirects=False) as resp:
+                    if resp.status != 200:
+                        raise ProbeError(f"/metrics answered {resp.status}", code=f"http_{resp.status}")
+                    return await self._read_capped(resp)
+        except TimeoutError:
+            raise ProbeError(f"/metrics did not answer within {self._call_timeout_s:g}s", code="timeout") from None
+        except aiohttp.ClientConnectorError as exc:
+            if getattr(exc.os_error, "errno", None) == errno.ECONNREFUSED:
+                raise ProbeError("/metrics: connection refused (not listening: loading or stopped)", code="refused") from None
+            raise ProbeError(f"/metrics: {exc}", code="connection") from None
+        except aiohttp.ClientError as exc:
+            raise ProbeError(f"/metrics: {type(exc).__name__}: {exc}", code="connection") from None
+
+    async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
+        if resp.content_length is not None and resp.content_length > self._max_bytes:
+            resp.close()
+            raise ProbeError(f"/metrics announces {resp.content_length} bytes, over {self._max_bytes}", code="too_large")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > self._max_bytes:
+                resp.close()  # drop the connection: the rest of the body is not worth reading
+                raise ProbeError(f"/metrics is over {self._max_bytes} bytes", code="too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
