@@ -1,0 +1,1 @@
+"""Tests of deploy/: manifests, systemd units, provisioning, monitoring, the preStop drain."""
