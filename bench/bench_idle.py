@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 
 from agent.sim.vllm import FakeVllm
-from bench.common import AgentProcess, machine_header
+from bench.common import AgentProcess, machine_header, summary_line
 
 
 def _usage(pid: int) -> tuple[float, float]:
@@ -70,6 +70,8 @@ def report(r: dict[str, float], label: str) -> str:
             "|---|---|---|---|",
             f"| RSS | {r['agent_rss_end'] / mb:.1f} MB (start of window {r['agent_rss_start'] / mb:.1f} MB) | {r['base_rss'] / mb:.1f} MB | {r['agent_rss_end'] / r['base_rss']:.1f}× |",
             f"| CPU (% of one core) | {r['agent_cpu_pct']:.2f} % | {r['base_cpu_pct']:.2f} % | — |",
+            summary_line(f"idle daemon RSS ({label}) vs a bare interpreter", f"{r['agent_rss_end'] / mb:.1f} MB vs {r['base_rss'] / mb:.1f} MB ({r['agent_rss_end'] / r['base_rss']:.1f}×)", "—"),
+            summary_line(f"idle daemon CPU ({label})", f"{r['agent_cpu_pct']:.2f} % of one core", "—"),
         ]
     )
 

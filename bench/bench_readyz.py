@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import AgentProcess, fixed_rate_latencies, fmt_ms, machine_header, median, percentile, until
+from bench.common import AgentProcess, fixed_rate_latencies, fmt_ms, machine_header, median, percentile, summary_line, until
 from agent.sim.vllm import FakeVllm
 
 
@@ -70,6 +70,7 @@ def report(results: dict[str, list[float]], rate: float, seconds: float, rounds:
             f"| p99 | {fmt_ms(median(results['agent_p99']))} | {fmt_ms(median(results['base_p99']))} | **{median(ratio_p99):.2f}** (target <= 1.5) |",
             "",
             "Latency is measured from each request's scheduled time (open loop). Absolute numbers are this noisy 2-core machine's; the ratio is the result.",
+            summary_line(f"/readyz p99 at {rate:g} req/s vs a bare aiohttp app", f"{median(ratio_p99):.2f}×", "<= 1.5×"),
         ]
     )
 

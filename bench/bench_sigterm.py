@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 
 from agent.sim.vllm import FakeVllm
-from bench.common import AgentProcess, fmt_ms, machine_header, percentile, until
+from bench.common import AgentProcess, fmt_ms, machine_header, percentile, summary_line, until
 
 
 async def one_trial(vllm_url: str, tmp: Path) -> float:
@@ -71,6 +71,7 @@ def report(reactions: list[float]) -> str:
             "| p50 | p99 | max | target |",
             "|---|---|---|---|",
             f"| {fmt_ms(percentile(reactions, 0.5))} | **{fmt_ms(percentile(reactions, 0.99))}** | {fmt_ms(max(reactions))} | p99 <= 20 ms |",
+            summary_line(f"SIGTERM -> first 503 on /readyz, p99 of {len(reactions)} trials", fmt_ms(percentile(reactions, 0.99)), "<= 20 ms"),
         ]
     )
 

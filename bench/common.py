@@ -73,6 +73,11 @@ def machine_header() -> str:
     )
 
 
+def summary_line(what: str, result: str, target: str) -> str:
+    """A row for the summary table at the top of RESULTS.md (run_all collects these)."""
+    return f"<!-- summary: {what} | {result} | {target} -->"
+
+
 def fmt_ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
 
