@@ -251,6 +251,7 @@ class Daemon:
             "tasks": {} if self._supervisor is None else self._supervisor.describe(),
             "state_file": {"path": str(self.store.path), "error": self.persist_error},
             "systemd": {"notify": self.notifier.enabled, "watchdog_interval_s": self.notifier.watchdog_interval_s},
+            "process": _process_figures(),
             "version": __version__,
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started_mono, 3),
@@ -345,6 +346,17 @@ class Daemon:
                 return False
             self.persist_error = None
             return True
+
+def _process_figures() -> dict[str, Any]:
+    """Cheap self-inspection for leak hunting: tasks, threads and open descriptors."""
+    import threading
+
+    try:
+        open_fds: int | None = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_fds = None
+    return {"asyncio_tasks": len(asyncio.all_tasks()), "threads": threading.active_count(), "open_fds": open_fds}
+
 
 def _iso(wall: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
