@@ -7,12 +7,14 @@ slow the polling down through backoff.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from dataclasses import dataclass
 
 import aiohttp
+
+from probes.base import ProbeError
+from probes.http import get_capped
 
 # Enough for an OpenAI model list; a bigger answer is not vLLM.
 _MAX_MODELS_BYTES = 1024 * 1024
@@ -75,22 +77,13 @@ class InferenceHealthProbe:
         return "ok", "healthy", models
 
     async def _get(self, path: str) -> tuple[str, str, bytes]:
-        url = self._base_url + path
         try:
-            async with asyncio.timeout(self._call_timeout_s):
-                async with self._session.get(url, allow_redirects=False) as resp:
-                    body = await resp.content.read(_MAX_MODELS_BYTES)
-                    if resp.status != 200:
-                        return f"http_{resp.status}", f"{path} answered {resp.status}", b""
-                    return "ok", "healthy", body
-        except TimeoutError:
-            return "timeout", f"{path} did not answer within {self._call_timeout_s:g}s", b""
-        except aiohttp.ClientConnectorError as exc:
-            if isinstance(exc.os_error, ConnectionRefusedError):
-                return "refused", f"{path}: connection refused (not listening: loading or stopped)", b""
-            return "connection", f"{path}: {exc}", b""
-        except aiohttp.ClientError as exc:
-            return "connection", f"{path}: {type(exc).__name__}: {exc}", b""
+            body = await get_capped(
+                self._session, self._base_url + path, what=path, timeout_s=self._call_timeout_s, max_bytes=_MAX_MODELS_BYTES
+            )
+        except ProbeError as exc:
+            return exc.code, str(exc), b""
+        return "ok", "healthy", body
 
 
 def _model_ids(body: bytes) -> tuple[str, ...] | None:

@@ -3,8 +3,6 @@ deadline, feeds the sliding window and returns a `VllmReading`; KV capacity rule
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import logging
 import time
 from collections.abc import Callable
@@ -13,6 +11,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from probes.base import ProbeError
+from probes.http import get_capped
 from probes.prom_text import PromParseError, PromParser
 
 from probes.vllm_metrics import (
@@ -187,31 +186,6 @@ class VllmMetricsProbe:
     async def _fetch(self) -> bytes:
         # identity: gzip on loopback only costs CPU on both ends, and the cap must count real bytes.
         headers = {"Accept": "text/plain;version=0.0.4", "Accept-Encoding": "identity"}
-        try:
-            async with asyncio.timeout(self._call_timeout_s):
-                async with self._session.get(self._url, headers=headers, allow_redirects=False) as resp:
-                    if resp.status != 200:
-                        raise ProbeError(f"/metrics answered {resp.status}", code=f"http_{resp.status}")
-                    return await self._read_capped(resp)
-        except TimeoutError:
-            raise ProbeError(f"/metrics did not answer within {self._call_timeout_s:g}s", code="timeout") from None
-        except aiohttp.ClientConnectorError as exc:
-            if getattr(exc.os_error, "errno", None) == errno.ECONNREFUSED:
-                raise ProbeError("/metrics: connection refused (not listening: loading or stopped)", code="refused") from None
-            raise ProbeError(f"/metrics: {exc}", code="connection") from None
-        except aiohttp.ClientError as exc:
-            raise ProbeError(f"/metrics: {type(exc).__name__}: {exc}", code="connection") from None
-
-    async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
-        if resp.content_length is not None and resp.content_length > self._max_bytes:
-            resp.close()
-            raise ProbeError(f"/metrics announces {resp.content_length} bytes, over {self._max_bytes}", code="too_large")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in resp.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > self._max_bytes:
-                resp.close()  # drop the connection: the rest of the body is not worth reading
-                raise ProbeError(f"/metrics is over {self._max_bytes} bytes", code="too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await get_capped(
+            self._session, self._url, what="/metrics", timeout_s=self._call_timeout_s, max_bytes=self._max_bytes, headers=headers
+        )
