@@ -112,7 +112,11 @@ class GpuConfig(_Section):
     enabled: bool = True
     poll_interval_s: float = Field(1.0, gt=0, le=60)
     call_timeout_s: float = Field(2.0, gt=0, le=60)
-    fatal_xids: list[int] = Field(default_factory=lambda: [48, 62, 63, 64, 74, 79, 92, 94, 95, 119, 120, 140])
+    # XIDs whose action in NVIDIA's XID catalogue is a GPU reset, a machine/VM restart or
+    # a hardware workflow (see probes/xid.py); application XIDs are never fatal.
+    fatal_xids: list[int] = Field(
+        default_factory=lambda: [46, 48, 62, 64, 74, 79, 95, 110, 119, 120, 136, 140, 143, 151, 155, 156, 158]
+    )
     drain_on_fault: bool = True
 
 

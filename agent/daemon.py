@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from agent import __version__
 from agent.config import AgentConfig
 from agent.drain import DrainController
+from agent.gpu_faults import GpuFaultPolicy
 from agent.idle import IdleWatchdog
 from agent.logs import lifecycle_context
 from agent.readiness import ReadinessPolicy
@@ -33,9 +34,13 @@ from agent.status import describe_all
 from agent.supervisor import Supervisor
 from agent.systemd import SystemdNotifier
 from probes.base import ProbeRunner
+from probes.gpu_probe import GpuProbe
+from probes.host import HostProbe
 from probes.inference import InferenceHealthProbe
+from probes.nvml_backend import NvmlBackend, PynvmlBackend
 from probes.snapshot import Snapshot
 from probes.vllm import VllmMetricsProbe
+from probes.xid import XidWatcher
 from service.app import build_app
 from service.auth import AdminAuth
 from service.metrics import AgentCollector
@@ -53,7 +58,9 @@ class StartupError(Exception):
 
 
 class Daemon:
-    def __init__(self, cfg: AgentConfig, *, environ: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, cfg: AgentConfig, *, environ: dict[str, str] | None = None, nvml: NvmlBackend | None = None
+    ) -> None:
         self.cfg = cfg
         self.environ = dict(os.environ if environ is None else environ)
         self.started_mono = time.monotonic()
@@ -63,6 +70,10 @@ class Daemon:
         self.notifier = SystemdNotifier(self.environ)
         self.store = DrainStore(cfg.service.state_dir)
         self.drainer = DrainController(self.lifecycle, self.snapshot, cfg.drain, refresh=self._refresh_in_flight)
+        self.gpu_faults = GpuFaultPolicy(self.lifecycle, cfg.gpu, cfg.drain)
+        self.nvml = nvml
+        self.gpu_probe: GpuProbe | None = None
+        self.xid_watcher: XidWatcher | None = None
         self.idle = IdleWatchdog(self.lifecycle, self.snapshot, cfg.idle, cfg.drain)
         self.readiness = ReadinessPolicy(self.lifecycle, cfg.inference.ready_after, cfg.inference.lost_after)
         self.registry = CollectorRegistry(auto_describe=False)
@@ -90,6 +101,9 @@ class Daemon:
                 await self.startup(supervisor)
                 await self.main_loop()
                 await self.shutdown()
+            if self.gpu_probe is not None:
+                # After the probe tasks are cancelled; skips nvmlShutdown while a call is stuck.
+                await self.gpu_probe.close(timeout_s=2.0)
         finally:
             await self.stop_http()
 
@@ -242,6 +256,12 @@ class Daemon:
                 "ready_after": self.cfg.inference.ready_after,
                 "lost_after": self.cfg.inference.lost_after,
             },
+            "gpu": {
+                "enabled": self.cfg.gpu.enabled,
+                "faults": self.gpu_faults.describe(),
+                "nvml": None if self.gpu_probe is None else self.gpu_probe.describe(),
+                "xid": None if self.xid_watcher is None else self.xid_watcher.describe(),
+            },
             "idle": {
                 "after_s": self.cfg.idle.after_s,
                 "idle_for_s": None if self.idle.idle_since is None else round(time.monotonic() - self.idle.idle_since, 3),
@@ -282,6 +302,23 @@ class Daemon:
         )
         self._add_probe(supervisor, health, on_sample=self.readiness.on_health, critical=True)
         self._add_probe(supervisor, vllm)
+        host = HostProbe(
+            interval_s=self.cfg.host.poll_interval_s, pid_file=inference.pid_file, process_name=inference.process_name
+        )
+        self._add_probe(supervisor, host)
+        self._start_gpu(supervisor)
+
+    def _start_gpu(self, supervisor: Supervisor) -> None:
+        gpu = self.cfg.gpu
+        if not gpu.enabled:
+            return
+        nvml = self.nvml or PynvmlBackend()
+        self.gpu_probe = GpuProbe(
+            nvml, interval_s=gpu.poll_interval_s, call_timeout_s=gpu.call_timeout_s, on_fault=self.gpu_faults.on_fault
+        )
+        self._add_probe(supervisor, self.gpu_probe)
+        self.xid_watcher = XidWatcher(nvml, on_fault=self.gpu_faults.on_fault, fatal_xids=gpu.fatal_xids)
+        supervisor.add("xid", self.xid_watcher.run)  # cancelling run() stops its thread (bounded join)
 
     def _add_probe(self, supervisor: Supervisor, probe: Any, *, on_sample: Any = None, critical: bool = False) -> None:
         runner = ProbeRunner(probe, self.snapshot, self.probe_errors, on_sample=on_sample)

@@ -20,6 +20,7 @@ class MetricsSource(Protocol):
     lifecycle: Lifecycle
     snapshot: Snapshot
     probe_errors: Any  # Counter[str]
+    gpu_faults: Any  # GpuFaultPolicy
 
     def broken(self) -> list[str]: ...
 
@@ -34,9 +35,7 @@ class AgentCollector(Collector):
         yield from self._vllm()
         yield from self._gpu()
         yield from self._host()
-        extra = getattr(self._source, "extra_metrics", None)
-        if extra is not None:
-            yield from extra()
+        yield from self._gpu_faults()
 
     def _lifecycle(self) -> Iterator[Metric]:
         lifecycle = self._source.lifecycle
@@ -119,6 +118,12 @@ class AgentCollector(Collector):
             lost.add_metric(label, float(info.lost))
         yield from (util, used, total, temp, power, lost)
         yield GaugeMetricFamily("gpu_node_agent_gpu_count", "GPUs NVML sees", value=float(gpu.gpu_count))
+
+    def _gpu_faults(self) -> Iterator[Metric]:
+        faults = CounterMetricFamily("gpu_node_agent_gpu_faults", "GPU faults seen (XID, lost, row remap)", labels=["kind", "fatal"])
+        for (kind, fatal), count in sorted(self._source.gpu_faults.faults_total.items(), key=str):
+            faults.add_metric([str(getattr(kind, "value", kind)), str(bool(fatal)).lower()], float(count))
+        yield faults
 
     def _host(self) -> Iterator[Metric]:
         host = self._source.snapshot.value("host", fresh=False)

@@ -1,0 +1,287 @@
+"""XidWatcher: XID events from an NVML event set on a thread of its own, handed to
+the loop thread as GpuFaults.
+
+Modelled on NVIDIA's k8s-device-plugin (internal/rm/health.go): register every
+GPU for XID critical-error events, wait with nvmlEventSetWait_v2 and a 5 s
+timeout, skip the application XIDs, and treat any wait error other than a
+timeout as every GPU unhealthy. Unlike the device plugin, only the configured
+fatal XIDs drain the node; other XIDs are reported (non-fatal GpuFaults).
+The thread owns its own nvmlInit/nvmlShutdown pair (NVML counts references),
+so stopping it never shuts NVML down under the GPU probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import pynvml
+
+from probes.gpu import FaultCallback, FaultKind, GpuFault
+from probes.nvml_backend import (
+    NvmlBackend,
+    describe_error,
+    error_name,
+    is_lost,
+    is_no_driver,
+    is_timeout,
+)
+
+log = logging.getLogger(__name__)
+
+# Application errors: the GPU is still healthy (k8s-device-plugin's ignored list).
+APPLICATION_XIDS = frozenset({13, 31, 43, 45, 68, 109})
+
+
+class XidClass(StrEnum):
+    FATAL = "fatal"  # drains the node
+    REPORTED = "reported"  # a non-fatal fault: shown, counted, no drain
+    IGNORED = "ignored"  # an application error
+
+
+class WatchState(StrEnum):
+    STARTING = "starting"
+    WATCHING = "watching"
+    NO_DRIVER = "no_driver"
+    NO_GPU = "no_gpu"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+def classify_xid(xid: int, fatal_xids: Iterable[int], ignored_xids: Iterable[int] = APPLICATION_XIDS) -> XidClass:
+    """A configured fatal XID wins over the ignore list (an explicit choice)."""
+    if xid in set(fatal_xids):
+        return XidClass.FATAL
+    if xid in set(ignored_xids):
+        return XidClass.IGNORED
+    return XidClass.REPORTED
+
+
+@dataclass(frozen=True, slots=True)
+class XidEvent:
+    xid: int
+    klass: XidClass
+    gpu_index: int | None
+    gpu_uuid: str | None
+    at_wall: float
+
+
+class XidWatcher:
+    """`await run()` (under the supervisor) watches until cancelled; `stop()` ends
+    the thread with a bounded join. Faults reach `on_fault` on the loop thread."""
+
+    def __init__(
+        self,
+        nvml: NvmlBackend,
+        *,
+        on_fault: FaultCallback,
+        fatal_xids: Iterable[int],
+        ignored_xids: Iterable[int] = APPLICATION_XIDS,
+        wait_timeout_ms: int = 5000,
+        retry_s: float = 60.0,
+        error_pause_s: float = 1.0,
+        recent_len: int = 50,
+    ) -> None:
+        self._nvml = nvml
+        self.on_fault = on_fault
+        self.fatal_xids = frozenset(fatal_xids)
+        self.ignored_xids = frozenset(ignored_xids) - self.fatal_xids
+        self._wait_ms = wait_timeout_ms
+        self._retry_s = retry_s
+        self._error_pause_s = error_pause_s
+        self._stop = threading.Event()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self.state = WatchState.STARTING
+        self.detail = ""
+        self.gpus_watched: dict[str, int] = {}
+        self.events_total: Counter[str] = Counter()
+        self.recent: deque[XidEvent] = deque(maxlen=recent_len)
+        self._reported: set[str] = set()
+
+    # --- the asyncio side ------------------------------------------------------
+    async def run(self) -> None:
+        """Watch until cancelled. A thread that ends by itself (no driver, no GPU,
+        NVML failing) is started again after `retry_s`."""
+        loop = asyncio.get_running_loop()
+        self._closing = False
+        try:
+            while not self._closing:
+                ended = asyncio.Event()
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._main, args=(loop, ended), name="nvml-xid", daemon=True)
+                self._thread.start()
+                await ended.wait()
+                if not self._closing:
+                    await asyncio.sleep(self._retry_s)
+        finally:
+            await self.stop()
+
+    async def stop(self, join_timeout_s: float = 1.0) -> bool:
+        """Ask the thread to end and wait for it at most `join_timeout_s`. A thread
+        still inside an event wait ends by itself within `wait_timeout_ms` (a daemon)."""
+        self._closing = True
+        self._stop.set()
+        thread = self._thread
+        if thread is None:
+            return True
+        try:
+            async with asyncio.timeout(join_timeout_s):
+                while thread.is_alive():
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            log.info("XID watcher still in an event wait; leaving it to end by itself")
+            return False
+        self.state = WatchState.STOPPED
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "detail": self.detail,
+            "gpus_watched": len(self.gpus_watched),
+            "fatal_xids": sorted(self.fatal_xids),
+            "ignored_xids": sorted(self.ignored_xids),
+            "events_total": dict(self.events_total),
+            "recent": [
+                {"xid": e.xid, "class": e.klass.value, "gpu": e.gpu_index, "uuid": e.gpu_uuid, "at_wall": e.at_wall}
+                for e in self.recent
+            ],
+        }
+
+    def _deliver(self, event: XidEvent | None, fault: GpuFault | None) -> None:
+        """Loop thread: bookkeeping, then the callback once per fault id."""
+        if event is not None:
+            self.recent.append(event)
+            self.events_total[event.klass.value] += 1
+        if fault is None or fault.event_id in self._reported:
+            return
+        self._reported.add(fault.event_id)
+        try:
+            self.on_fault(fault)
+        except Exception:
+            log.exception("GPU fault listener failed")
+
+    # --- the thread ------------------------------------------------------------
+    def _main(self, loop: asyncio.AbstractEventLoop, ended: asyncio.Event) -> None:
+        try:
+            self._watch(loop)
+        except Exception as exc:
+            self._set_state(WatchState.FAILED, f"{type(exc).__name__}: {exc}")
+            log.exception("XID watcher failed")
+        finally:
+            _threadsafe(loop, ended.set)
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        nvml = self._nvml
+        try:
+            nvml.nvmlInit()
+        except pynvml.NVMLError as exc:
+            state = WatchState.NO_DRIVER if is_no_driver(exc) else WatchState.FAILED
+            self._set_state(state, f"nvmlInit: {describe_error(exc)}")
+            return
+        event_set = None
+        try:
+            event_set = nvml.nvmlEventSetCreate()
+            self.gpus_watched = self._register(event_set, loop)
+            if not self.gpus_watched:
+                self._set_state(WatchState.NO_GPU, "no GPU could be registered for XID events")
+                return
+            self._set_state(WatchState.WATCHING, f"{len(self.gpus_watched)} GPUs")
+            while not self._stop.is_set():
+                self._wait_once(event_set, loop)
+        except pynvml.NVMLError as exc:
+            self._set_state(WatchState.FAILED, describe_error(exc))
+        finally:
+            self._release(event_set)
+
+    def _register(self, event_set: Any, loop: asyncio.AbstractEventLoop) -> dict[str, int]:
+        nvml, watched = self._nvml, {}
+        for index in range(nvml.nvmlDeviceGetCount()):
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                uuid = nvml.nvmlDeviceGetUUID(handle)
+                mask = pynvml.nvmlEventTypeXidCriticalError & nvml.nvmlDeviceGetSupportedEventTypes(handle)
+                if not mask:
+                    raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+                nvml.nvmlDeviceRegisterEvents(handle, mask, event_set)
+            except pynvml.NVMLError as exc:
+                # The device plugin marks such a GPU unhealthy; we drain only for a lost one.
+                kind = FaultKind.LOST if is_lost(exc) else FaultKind.WATCH
+                detail = f"gpu {index}: cannot watch XID events: {describe_error(exc)}"
+                fault = GpuFault(kind, is_lost(exc), detail, f"xid-register:{index}:{error_name(exc)}", index)
+                self._emit(loop, fault=fault)
+                continue
+            watched[uuid] = index
+        return watched
+
+    def _wait_once(self, event_set: Any, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            data = self._nvml.nvmlEventSetWait_v2(event_set, self._wait_ms)
+        except pynvml.NVMLError as exc:
+            if is_timeout(exc):
+                return
+            detail = f"XID event wait failed: {describe_error(exc)}; every GPU is suspect"
+            self._emit(loop, fault=GpuFault(FaultKind.EVENT_WAIT, True, detail, f"xid-wait:{error_name(exc)}"))
+            self._stop.wait(self._error_pause_s)  # a persistent error must not spin
+            return
+        if data.eventType != pynvml.nvmlEventTypeXidCriticalError:
+            log.debug("skipping a non-XID NVML event", extra={"event_type": data.eventType})
+            return
+        xid = int(data.eventData)
+        klass = classify_xid(xid, self.fatal_xids, self.ignored_xids)
+        uuid, index = self._which_gpu(data.device)
+        event = XidEvent(xid, klass, index, uuid, time.time())
+        if klass is XidClass.IGNORED:
+            log.info("application XID ignored", extra={"xid": xid, "gpu": index})
+            self._emit(loop, event=event)
+            return
+        where = f"gpu {index}" if index is not None else "an unknown GPU"
+        detail = f"XID {xid} on {where}" + ("" if klass is XidClass.FATAL else " (not in the fatal list)")
+        fault = GpuFault(FaultKind.XID, klass is XidClass.FATAL, detail, f"xid:{uuid or 'unknown'}:{xid}", index, uuid, xid)
+        self._emit(loop, event=event, fault=fault)
+
+    def _which_gpu(self, device: Any) -> tuple[str | None, int | None]:
+        try:
+            uuid = self._nvml.nvmlDeviceGetUUID(device)
+        except pynvml.NVMLError as exc:
+            log.warning("cannot tell which GPU sent an XID", extra={"error": describe_error(exc)})
+            return None, None
+        return uuid, self.gpus_watched.get(uuid)
+
+    def _release(self, event_set: Any) -> None:
+        try:
+            if event_set is not None:
+                self._nvml.nvmlEventSetFree(event_set)
+        except pynvml.NVMLError as exc:
+            log.warning("nvmlEventSetFree failed", extra={"error": describe_error(exc)})
+        try:
+            self._nvml.nvmlShutdown()
+        except pynvml.NVMLError as exc:
+            log.warning("nvmlShutdown failed", extra={"error": describe_error(exc)})
+
+    def _set_state(self, state: WatchState, detail: str) -> None:
+        if state is not self.state:
+            level = logging.WARNING if state is WatchState.FAILED else logging.INFO
+            log.log(level, "XID watcher %s", state.value, extra={"detail": detail})
+        self.state, self.detail = state, detail
+
+    def _emit(
+        self, loop: asyncio.AbstractEventLoop, *, event: XidEvent | None = None, fault: GpuFault | None = None
+    ) -> None:
+        # One hand-over for both, so whoever sees the event counted sees its fault too.
+        _threadsafe(loop, self._deliver, event, fault)
+
+
+def _threadsafe(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop closed while this thread was still in a wait
+        log.debug("event loop closed; XID watcher result dropped")

@@ -1,0 +1,145 @@
+"""The XID watcher on FakeNvml: fatal XIDs fault once, application XIDs are
+ignored, a failing event wait makes every GPU suspect, and it stops cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pynvml
+import pytest
+
+from agent.sim.nvml import FakeNvml
+from probes.gpu import FaultKind, GpuFault
+from probes.gpu_probe import GpuProbe
+from probes.xid import APPLICATION_XIDS, WatchState, XidClass, XidWatcher, classify_xid
+from tests.harness import until
+
+FATAL = [48, 79, 95, 109]
+
+
+
+class Running:
+    def __init__(self, fake: FakeNvml, watcher: XidWatcher, task: asyncio.Task[None], faults: list[GpuFault]) -> None:
+        self.fake, self.watcher, self.task, self.faults = fake, watcher, task, faults
+
+
+async def start(fake: FakeNvml, **kwargs) -> Running:
+    faults: list[GpuFault] = []
+    options = {"fatal_xids": FATAL, "wait_timeout_ms": 20, "retry_s": 0.05, "error_pause_s": 0.05, **kwargs}
+    watcher = XidWatcher(fake, on_fault=faults.append, **options)
+    task = asyncio.create_task(watcher.run())
+    return Running(fake, watcher, task, faults)
+
+
+async def stop(running: Running) -> None:
+    running.task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running.task
+
+
+@pytest.fixture
+async def watching() -> AsyncIterator[Running]:
+    running = await start(FakeNvml(count=2))
+    await until(lambda: running.watcher.state is WatchState.WATCHING)
+    yield running
+    await stop(running)
+
+
+@pytest.mark.parametrize(
+    ("xid", "expected"),
+    [
+        (79, XidClass.FATAL),
+        (13, XidClass.IGNORED),
+        (31, XidClass.IGNORED),
+        (94, XidClass.REPORTED),
+        (109, XidClass.FATAL),  # an application XID listed as fatal: the explicit choice wins
+    ],
+)
+def test_xids_are_classified_fatal_ignored_or_reported(xid: int, expected: XidClass) -> None:
+    assert classify_xid(xid, FATAL, APPLICATION_XIDS) is expected
+
+
+async def test_fatal_xid_fires_the_fault_callback_once(watching: Running) -> None:
+    assert watching.fake.emit_xid(1, 79) == 1
+    watching.fake.emit_xid(1, 79)
+    await until(lambda: watching.watcher.events_total["fatal"] == 2)
+    assert len(watching.faults) == 1
+    fault = watching.faults[0]
+    assert (fault.kind, fault.fatal, fault.xid, fault.gpu_index) == (FaultKind.XID, True, 79, 1)
+    assert fault.gpu_uuid == watching.fake.gpus[1].uuid and "XID 79 on gpu 1" in fault.detail
+
+
+async def test_application_xid_is_ignored(watching: Running) -> None:
+    watching.fake.emit_xid(0, 13)
+    await until(lambda: watching.watcher.events_total["ignored"] == 1)
+    assert watching.faults == []
+    assert watching.watcher.describe()["recent"][0]["class"] == "ignored"
+
+
+async def test_xid_outside_the_fatal_list_is_reported_but_not_fatal(watching: Running) -> None:
+    watching.fake.emit_xid(0, 94)
+    await until(lambda: len(watching.faults) == 1)
+    assert (watching.faults[0].xid, watching.faults[0].fatal) == (94, False)
+
+
+async def test_non_xid_events_are_skipped(watching: Running) -> None:
+    watching.fake.emit_event(0, pynvml.nvmlEventTypeDoubleBitEccError, 0)  # not registered for: not delivered
+    watching.fake.emit_xid(0, 45)  # ignored, and queued after the ECC event
+    await until(lambda: watching.watcher.events_total["ignored"] == 1)
+    assert watching.faults == [] and sum(watching.watcher.events_total.values()) == 1
+
+
+async def test_a_failing_event_wait_makes_every_gpu_suspect(watching: Running) -> None:
+    watching.fake.fail_wait(pynvml.NVML_ERROR_UNKNOWN)
+    await until(lambda: len(watching.faults) == 1)
+    fault = watching.faults[0]
+    assert (fault.kind, fault.fatal, fault.gpu_index) == (FaultKind.EVENT_WAIT, True, None)
+    assert "every GPU" in fault.detail
+    watching.fake.emit_xid(0, 79)  # the watcher goes on waiting after the error
+    await until(lambda: len(watching.faults) == 2)
+
+
+async def test_stop_is_bounded_and_releases_the_event_set_and_nvml(watching: Running) -> None:
+    started = time.monotonic()
+    await stop(watching)
+    assert time.monotonic() - started < 1.0
+    assert watching.watcher.state is WatchState.STOPPED
+    assert watching.fake.refcount == 0 and watching.fake.violations == []
+    assert all(event_set.freed for event_set in watching.fake.event_sets)
+
+
+async def test_without_a_driver_the_watcher_says_so_and_keeps_trying() -> None:
+    fake = FakeNvml.without_driver()
+    running = await start(fake)
+    await until(lambda: fake.calls["nvmlInit"] >= 2)
+    assert running.watcher.state is WatchState.NO_DRIVER and "LIBRARY_NOT_FOUND" in running.watcher.detail
+    assert not running.task.done() and running.faults == []
+    await stop(running)
+
+
+async def test_gpu_that_cannot_be_watched_is_reported_and_a_lost_one_is_fatal() -> None:
+    fake = FakeNvml(count=3)
+    fake.set(1, supported_events=0)
+    fake.set(2, lost=True)
+    running = await start(fake)
+    await until(lambda: len(running.faults) == 2)
+    assert running.watcher.state is WatchState.WATCHING and running.watcher.describe()["gpus_watched"] == 1
+    by_gpu = {f.gpu_index: f for f in running.faults}
+    assert (by_gpu[1].kind, by_gpu[1].fatal) == (FaultKind.WATCH, False)
+    assert (by_gpu[2].kind, by_gpu[2].fatal) == (FaultKind.LOST, True)
+    await stop(running)
+
+
+async def test_probe_and_watcher_share_nvml_without_shutting_it_down_under_each_other() -> None:
+    fake = FakeNvml(count=1)
+    running = await start(fake)
+    await until(lambda: running.watcher.state is WatchState.WATCHING)
+    probe = GpuProbe(fake)
+    await probe.sample()
+    assert fake.refcount == 2
+    assert await probe.close()  # NVML stays up for the watcher still waiting
+    assert fake.refcount == 1 and fake.shutdowns == 0
+    await stop(running)
+    assert fake.refcount == 0 and fake.shutdowns == 1 and fake.violations == []
