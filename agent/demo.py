@@ -20,6 +20,7 @@ import aiohttp
 
 from agent.config import load_config
 from agent.daemon import Daemon
+from agent.sim.nvml import FakeNvml
 from agent.sim.vllm import FakeVllm, TrafficPattern
 from state_machine import State, Transition
 
@@ -36,6 +37,8 @@ class Demo:
         self.live = TrafficPattern(seed=7, base_rps=2.0, peak_rps=10.0, period_s=self.duration_s, burst_start_s=self.duration_s * 0.35, burst_s=4.0, burst_rps=20.0)
         self.closed = TrafficPattern(seed=7, base_rps=0.0, peak_rps=0.0, burst_rps=0.0)
         self.vllm = FakeVllm(engines=2, traffic=self.closed)
+        self.nvml = FakeNvml(count=2)  # one GPU per engine
+        self.nvml.set_all(memory_used_bytes=int(0.9 * self.nvml.gpus[0].memory_total_bytes))  # vLLM preallocates
         self.ready_seen = 0
         self.lb_admitting = False
         self.admitted_while_not_ready = 0
@@ -48,7 +51,7 @@ class Demo:
         await self.vllm.start()
         await self.vllm.refuse()  # loading the model: the port refuses connections
         with tempfile.TemporaryDirectory(prefix="gpu-node-agent-demo-") as tmp:
-            daemon = Daemon(self._config(Path(tmp)), environ={})
+            daemon = Daemon(self._config(Path(tmp)), environ={}, nvml=self.nvml)
             daemon.lifecycle.subscribe(self._on_transition)
             serving = asyncio.create_task(daemon.serve())
             try:
@@ -78,7 +81,7 @@ class Demo:
                 "GPU_AGENT_DRAIN__SETTLE_S": "1",
                 "GPU_AGENT_EXPORT__ENABLED": "false",
                 "GPU_AGENT_PREEMPTION__ENABLED": "false",
-                "GPU_AGENT_GPU__ENABLED": "false",
+                "GPU_AGENT_GPU__POLL_INTERVAL_S": "0.5",
             },
         )
 
@@ -100,6 +103,7 @@ class Demo:
             await self._load_balancer(http, readyz)
             if self.vllm._runner is not None:  # noqa: SLF001
                 self.vllm.simulate_step(_STEP_S)
+            self._gpus_follow_load()
             if not preempted and elapsed >= self.preempt_at_s:
                 preempted = True
                 self.say("!! simulated Spot preemption notice (admin drain stands in until the metadata simulator is wired)")
@@ -131,20 +135,27 @@ class Demo:
         self.lb_admitting = admit
         self.vllm.traffic = self.live if admit else self.closed
 
+    def _gpus_follow_load(self) -> None:
+        for index, running in enumerate(self.vllm.running):
+            busy = 0 if running == 0 else min(99, 35 + 2 * running)
+            self.nvml.set(index, utilization_percent=busy, temperature_c=38 + busy // 3, power_mw=16_000 + busy * 500)
+
     def _on_transition(self, transition: Transition) -> None:
         self.say(f"STATE {transition.from_state.value} -> {transition.to_state.value}  reason={transition.reason}  {transition.detail}")
 
     def _figures(self, daemon: Daemon) -> str:
         vllm = daemon.snapshot.value("vllm")
+        gpu = daemon.snapshot.value("gpu")
         state = daemon.lifecycle.state.value
+        gpus = "" if gpu is None else "  gpus " + "/".join(f"{g.utilization_percent or 0:.0f}%" for g in gpu.gpus)
         if vllm is None:
-            return f"{state:<10} vLLM: no fresh metrics"
+            return f"{state:<10} vLLM: no fresh metrics{gpus}"
         p95 = vllm.ttft_s.get("p95")
         tokens = vllm.generation_tokens_per_s
         return (
             f"{state:<10} queue {vllm.requests_waiting:>3.0f}  running {vllm.requests_running:>3.0f}  "
             f"kv {100 * (vllm.kv_cache_usage_ratio or 0):>3.0f}%  "
-            f"{'-' if tokens is None else f'{tokens:.0f}'} tok/s  ttft p95 {'-' if p95 is None else f'{p95 * 1000:.0f} ms'}"
+            f"{'-' if tokens is None else f'{tokens:.0f}'} tok/s  ttft p95 {'-' if p95 is None else f'{p95 * 1000:.0f} ms'}{gpus}"
         )
 
 
