@@ -28,12 +28,14 @@ from agent.config import AgentConfig
 from agent.drain import DrainController
 from agent.gpu_faults import GpuFaultPolicy
 from agent.idle import IdleWatchdog
+from agent.notices import NoticePolicy, run_metadata_watch
 from agent.logs import lifecycle_context
 from agent.readiness import ReadinessPolicy
 from agent.status import describe_all
 from agent.supervisor import Supervisor
 from agent.systemd import SystemdNotifier
 from probes.base import ProbeRunner
+from probes.gce_metadata import MetadataClient, metadata_base_url
 from probes.gpu_probe import GpuProbe
 from probes.host import HostProbe
 from probes.inference import InferenceHealthProbe
@@ -70,6 +72,7 @@ class Daemon:
         self.notifier = SystemdNotifier(self.environ)
         self.store = DrainStore(cfg.service.state_dir)
         self.drainer = DrainController(self.lifecycle, self.snapshot, cfg.drain, refresh=self._refresh_in_flight)
+        self.notices = NoticePolicy(self.lifecycle, cfg.preemption, cfg.drain)
         self.gpu_faults = GpuFaultPolicy(self.lifecycle, cfg.gpu, cfg.drain)
         self.nvml = nvml
         self.gpu_probe: GpuProbe | None = None
@@ -256,6 +259,7 @@ class Daemon:
                 "ready_after": self.cfg.inference.ready_after,
                 "lost_after": self.cfg.inference.lost_after,
             },
+            "preemption": {"enabled": self.cfg.preemption.enabled, **self.notices.describe()},
             "gpu": {
                 "enabled": self.cfg.gpu.enabled,
                 "faults": self.gpu_faults.describe(),
@@ -307,6 +311,15 @@ class Daemon:
         )
         self._add_probe(supervisor, host)
         self._start_gpu(supervisor)
+        self._start_metadata(supervisor)
+
+    def _start_metadata(self, supervisor: Supervisor) -> None:
+        cfg = self.cfg.preemption
+        if cfg.enabled == "false":
+            return
+        assert self._session is not None
+        client = MetadataClient(metadata_base_url(cfg.metadata_host, self.environ), self._session)
+        supervisor.add("metadata", lambda: run_metadata_watch(client, self.snapshot, self.notices, cfg))
 
     def _start_gpu(self, supervisor: Supervisor) -> None:
         gpu = self.cfg.gpu

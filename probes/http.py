@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from typing import Any
 
 import aiohttp
 
@@ -22,14 +23,17 @@ async def get_capped(
     timeout_s: float,
     max_bytes: int,
     headers: dict[str, str] | None = None,
-) -> bytes:
-    """GET `url`; the body of a 200, at most `max_bytes`. `what` names it in messages."""
+    with_etag: bool = False,
+) -> Any:
+    """GET `url`; the body of a 200, at most `max_bytes` (with `with_etag`: body and
+    the ETag header). `what` names it in messages."""
     try:
         async with asyncio.timeout(timeout_s):
             async with session.get(url, headers=headers, allow_redirects=False) as resp:
                 if resp.status != 200:
                     raise ProbeError(f"{what} answered {resp.status}", code=f"http_{resp.status}")
-                return await _read_capped(resp, what, max_bytes)
+                body = await _read_capped(resp, what, max_bytes)
+                return (body, resp.headers.get("ETag")) if with_etag else body
     except TimeoutError:
         raise ProbeError(f"{what} did not answer within {timeout_s:g}s", code="timeout") from None
     except aiohttp.ClientConnectorError as exc:

@@ -1,0 +1,204 @@
+"""Spot preemption and host maintenance: the policy on a real Lifecycle, and a real
+`gpu-node-agent run` against fake metadata and vLLM servers."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from agent.config import DrainConfig, PreemptionConfig
+from agent.notices import NoticePolicy
+from agent.sim.gce_metadata import FakeMetadataServer
+from agent.sim.vllm import FakeVllm
+from state_machine import DrainReason, Lifecycle, State
+from tests.harness import AgentProcess, get_json, until
+
+
+def ready() -> Lifecycle:
+    lifecycle = Lifecycle()
+    lifecycle.start_warming()
+    lifecycle.mark_ready("test")
+    return lifecycle
+
+
+def test_preemption_drains_at_once_with_budget_minus_margin() -> None:
+    lifecycle = ready()
+    policy = NoticePolicy(lifecycle, PreemptionConfig(), DrainConfig())
+    before = time.monotonic()
+    policy.on_preempted(False)
+    assert lifecycle.state is State.READY
+    policy.on_preempted(True)
+    assert lifecycle.state is State.DRAINING and lifecycle.drain.reason is DrainReason.PREEMPTION
+    assert 24.9 <= lifecycle.drain.deadline_mono - before <= 25.5  # 30 s notice - 5 s margin
+
+
+def test_false_after_true_changes_nothing_and_a_repeat_is_no_second_drain() -> None:
+    lifecycle = ready()
+    policy = NoticePolicy(lifecycle, PreemptionConfig(), DrainConfig())
+    policy.on_preempted(True)
+    policy.on_preempted(False)
+    policy.on_maintenance_event("NONE")
+    policy.on_preempted(True)
+    assert lifecycle.drain.reason is DrainReason.PREEMPTION
+    assert sum(1 for t in lifecycle.history if t.to_state is State.DRAINING) == 1
+
+
+@pytest.mark.parametrize(
+    "value, drain_on_migrate, drains",
+    [("TERMINATE_ON_HOST_MAINTENANCE", False, True), ("MIGRATE_ON_HOST_MAINTENANCE", False, False),
+     ("MIGRATE_ON_HOST_MAINTENANCE", True, True), ("NONE", False, False)],
+)
+def test_maintenance_terminate_drains_migrate_is_recorded(value: str, drain_on_migrate: bool, drains: bool) -> None:
+    lifecycle = ready()
+    policy = NoticePolicy(lifecycle, PreemptionConfig(drain_on_migrate=drain_on_migrate), DrainConfig())
+    policy.on_maintenance_event(value)
+    assert (lifecycle.state is State.DRAINING) is drains
+    assert policy.events[-1]["value"] == value
+    if drains:
+        assert lifecycle.drain.reason is DrainReason.MAINTENANCE
+
+
+def test_maintenance_deadline_comes_from_the_window_start() -> None:
+    lifecycle = ready()
+    now = 1_800_000_000.0
+    policy = NoticePolicy(lifecycle, PreemptionConfig(), DrainConfig(timeout_s=300), wall=lambda: now)
+    policy.on_upcoming({"maintenance_status": "PENDING", "window_start_time": "2027-01-15T08:02:00Z"})
+    window_in_s = 1_800_000_000.0 + 120 - now  # the ISO time above is now + 120 s
+    policy.on_maintenance_event("TERMINATE_ON_HOST_MAINTENANCE")
+    left = lifecycle.drain.deadline_mono - time.monotonic()
+    assert window_in_s - 5 - 1 < left <= window_in_s - 5
+
+
+# --- through a real agent process ----------------------------------------------------
+@pytest.fixture
+async def servers():
+    meta, vllm = FakeMetadataServer(), FakeVllm()
+    await meta.start()
+    await vllm.start()
+    yield meta, vllm
+    await meta.stop()
+    await vllm.stop()
+
+
+async def start(tmp_path: Path, meta: FakeMetadataServer, vllm: FakeVllm, **settings: str) -> AgentProcess:
+    env = {
+        "GPU_AGENT_INFERENCE__BASE_URL": vllm.url,
+        "GPU_AGENT_PREEMPTION__ENABLED": "auto",
+        "GPU_AGENT_PREEMPTION__WATCH_TIMEOUT_S": "2",
+        "GCE_METADATA_HOST": meta.address,
+    }
+    env.update({f"GPU_AGENT_{k.upper()}": v for k, v in settings.items()})
+    return await AgentProcess(tmp_path, env).start().started()
+
+
+async def state(http: aiohttp.ClientSession, agent: AgentProcess) -> str:
+    return (await get_json(http, f"{agent.url}/status"))[1]["state"]
+
+
+async def test_notice_turns_readyz_503_drains_within_the_deadline_and_stays_up(tmp_path, servers) -> None:
+    meta, vllm = servers
+    agent = await start(tmp_path, meta, vllm, preemption__notice_budget_s="3", drain__safety_margin_s="1")
+    try:
+        async with aiohttp.ClientSession() as http:
+            await until(lambda: _is(http, agent, "READY"), 10)
+            vllm.set_load(running=2)  # never finishes: the deadline must end the drain
+            await until(lambda: _sees_in_flight(http, agent), 5)
+            await meta.set("instance/preempted", "TRUE")
+            noticed = time.monotonic()
+            await until(lambda: _code(http, f"{agent.url}/readyz", 503), 2, 0.005, "503")
+            assert time.monotonic() - noticed < 1.0
+            assert (await get_json(http, f"{agent.url}/healthz"))[0] == 200
+            await until(lambda: _is(http, agent, "TERMINATED"), 5)
+            drained_in = time.monotonic() - noticed
+            assert 1.8 <= drained_in <= 3.0  # the 3 s budget minus the 1 s margin, not drain.timeout_s
+            _, full = await get_json(http, f"{agent.url}/status")
+            assert full["termination_report"]["outcome"] == "deadline"
+            assert full["termination_report"]["aborted"] == 2
+            await asyncio.sleep(0.5)
+            assert agent.proc.poll() is None  # stays up answering 503 until its own signal
+            assert (await get_json(http, f"{agent.url}/readyz"))[0] == 503
+            agent.send(signal.SIGTERM)
+            assert await agent.exited() == 0
+    finally:
+        agent.kill()
+
+
+async def test_faults_and_flapping_never_cause_a_false_drain(tmp_path, servers) -> None:
+    meta, vllm = servers
+    agent = await start(tmp_path, meta, vllm)
+    try:
+        async with aiohttp.ClientSession() as http:
+            await until(lambda: _is(http, agent, "READY"), 10)
+            for fault in ("503", "reset", "garbage", "503", "reset"):
+                meta.inject("instance/preempted", fault)
+            for value in ("MIGRATE_ON_HOST_MAINTENANCE", "NONE", "MIGRATE_ON_HOST_MAINTENANCE", "NONE"):
+                await meta.set("instance/maintenance-event", value)
+                await asyncio.sleep(0.1)
+            await until(lambda: not meta.faults.get("instance/preempted"), 15, what="faults consumed")
+            await asyncio.sleep(0.5)
+            _, full = await get_json(http, f"{agent.url}/status")
+            assert full["state"] == "READY"
+            assert [t["to"] for t in full["history"]] == ["WARMING", "READY"]
+            values = [e["value"] for e in full["preemption"]["events"] if e["kind"] == "maintenance-event"]
+            assert "MIGRATE_ON_HOST_MAINTENANCE" in values  # recorded, not drained
+    finally:
+        agent.kill()
+
+
+async def test_agent_restarted_on_a_preempted_node_never_becomes_ready(tmp_path, servers) -> None:
+    meta, vllm = servers
+    await meta.set("instance/preempted", "TRUE")
+    agent = await start(tmp_path, meta, vllm)
+    try:
+        async with aiohttp.ClientSession() as http:
+            await until(lambda: _is(http, agent, "TERMINATED"), 10)
+            await asyncio.sleep(0.5)  # vLLM is healthy all along
+            _, full = await get_json(http, f"{agent.url}/status")
+            assert "READY" not in [t["to"] for t in full["history"]]
+            assert full["drain"]["reason"] == "preemption"
+            await meta.set("instance/preempted", "FALSE")  # a later value undoes nothing
+            await asyncio.sleep(0.5)
+            assert await state(http, agent) == "TERMINATED"
+    finally:
+        agent.kill()
+
+
+async def test_host_maintenance_terminate_drains_the_node(tmp_path, servers) -> None:
+    meta, vllm = servers
+    agent = await start(tmp_path, meta, vllm)
+    try:
+        async with aiohttp.ClientSession() as http:
+            await until(lambda: _is(http, agent, "READY"), 10)
+            await meta.set("instance/maintenance-event", "TERMINATE_ON_HOST_MAINTENANCE")
+            await until(lambda: _is(http, agent, "TERMINATED"), 10)
+            _, full = await get_json(http, f"{agent.url}/status")
+            assert full["drain"]["reason"] == "maintenance"
+            status, body = await _post(http, f"{agent.url}/resume")
+            assert status == 409
+    finally:
+        agent.kill()
+
+
+async def _is(http: aiohttp.ClientSession, agent: AgentProcess, expected: str) -> bool:
+    return await state(http, agent) == expected
+
+
+async def _sees_in_flight(http: aiohttp.ClientSession, agent: AgentProcess) -> bool:
+    _, full = await get_json(http, f"{agent.url}/status")
+    value = full["readings"].get("vllm", {}).get("value")
+    return bool(value and value["in_flight"] > 0)
+
+
+async def _code(http: aiohttp.ClientSession, url: str, expected: int) -> bool:
+    async with http.get(url) as resp:
+        return resp.status == expected
+
+
+async def _post(http: aiohttp.ClientSession, url: str) -> tuple[int, object]:
+    async with http.post(url) as resp:
+        return resp.status, await resp.json()
