@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 _TICK_S = 1.0
 _SHUTDOWN_BUDGET_S = 10.0
+_FLUSH_BUDGET_S = 5.0
 
 
 class StartupError(Exception):
@@ -77,6 +78,11 @@ class Daemon:
         self.nvml = nvml
         self.gpu_probe: GpuProbe | None = None
         self.xid_watcher: XidWatcher | None = None
+        self.exporter: Any = None
+        if cfg.export.enabled:
+            from agent.exporter.client import Exporter  # light; monitoring_v3 loads at the first push
+
+            self.exporter = Exporter(cfg.export, self.snapshot, self.lifecycle, environ=self.environ)
         self.idle = IdleWatchdog(self.lifecycle, self.snapshot, cfg.idle, cfg.drain)
         self.readiness = ReadinessPolicy(self.lifecycle, cfg.inference.ready_after, cfg.inference.lost_after)
         self.registry = CollectorRegistry(auto_describe=False)
@@ -88,6 +94,7 @@ class Daemon:
         self._changed = asyncio.Event()
         self._transitioned = asyncio.Event()
         self._persist_lock = asyncio.Lock()
+        self._flush_lock = asyncio.Lock()
         self._runners: dict[str, ProbeRunner] = {}
         self._supervisor: Supervisor | None = None
         self._http: web.AppRunner | None = None
@@ -120,6 +127,10 @@ class Daemon:
         supervisor.add("drain", self.drainer.run, critical=True)
         supervisor.add("persist", self._persist_loop)
         supervisor.add("idle", self.idle.run)
+        if self.exporter is not None:
+            # Not critical: export trouble must never make /healthz fail or flip readiness.
+            supervisor.add("export", self.exporter.run)
+            supervisor.add("final_report", self._report_when_terminated)
         if saved is None:
             self.lifecycle.start_warming()
         self.notifier.ready(self._systemd_status())
@@ -141,13 +152,17 @@ class Daemon:
                 self.notifier.extend_timeout(max(0.0, drain.deadline_mono - time.monotonic()) + _SHUTDOWN_BUDGET_S + 5)
 
     async def shutdown(self) -> None:
-        # One deadline for every step. 1. the final report, 2. the tasks (leaving the
-        # supervisor block), 3. the HTTP service (serve()'s finally).
+        # One deadline for every step. 1. the final report (a no-op when it was already
+        # written at TERMINATED), 2. the tasks (leaving the supervisor block), 3. the HTTP
+        # service (serve()'s finally).
         report = self.drainer.report
         log.info(
             "agent stopping",
             extra={"termination_report": None if report is None else report.as_dict(), "signals": self.signals_received},
         )
+        if self.exporter is not None:
+            await self._flush_final(_FLUSH_BUDGET_S)
+            await self.exporter.close()
         if self._session is not None:
             await self._session.close()
 
@@ -259,6 +274,7 @@ class Daemon:
                 "ready_after": self.cfg.inference.ready_after,
                 "lost_after": self.cfg.inference.lost_after,
             },
+            "exporter": {"enabled": False} if self.exporter is None else self.exporter.health(),
             "preemption": {"enabled": self.cfg.preemption.enabled, **self.notices.describe()},
             "gpu": {
                 "enabled": self.cfg.gpu.enabled,
@@ -342,6 +358,36 @@ class Daemon:
         runner = self._runners.get("vllm")
         if runner is not None:
             runner.poll_now()
+
+    async def _report_when_terminated(self) -> None:
+        """Write the termination report as soon as the node is TERMINATED: after a
+        preemption the VM may be powered off before any signal arrives."""
+        terminated = asyncio.Event()
+        self.lifecycle.subscribe(lambda t: terminated.set() if t.to_state is State.TERMINATED else None)
+        if self.lifecycle.state is not State.TERMINATED:
+            await terminated.wait()
+        drain = self.lifecycle.drain
+        deadline_s = _FLUSH_BUDGET_S
+        if drain is not None and drain.reason is DrainReason.PREEMPTION:
+            # What is left of the notice before power-off, less a second for the OS.
+            notice_end = drain.started_at_mono + self.cfg.preemption.notice_budget_s
+            deadline_s = max(1.0, notice_end - time.monotonic() - 1.0)
+        await self._flush_final(deadline_s)
+        await asyncio.Event().wait()  # done; park (a return would be restarted)
+
+    async def _flush_final(self, deadline_s: float) -> bool:
+        # One flush: a caller that comes second (the stop signal after TERMINATED) waits
+        # for the first and gets its result instead of writing the report twice.
+        async with self._flush_lock:
+            return await self.exporter.flush_final(self._termination_report(), deadline_s=deadline_s)
+
+    def _termination_report(self) -> Any:
+        from agent.exporter.report import TerminationReport
+
+        report = self.drainer.report
+        if report is None:
+            return None
+        return TerminationReport.from_drain(report, transitions=sum(self.lifecycle.transitions_total.values()))
 
     def _on_transition(self, transition: Transition) -> None:
         self._changed.set()

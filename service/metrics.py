@@ -36,6 +36,9 @@ class AgentCollector(Collector):
         yield from self._gpu()
         yield from self._host()
         yield from self._gpu_faults()
+        exporter = getattr(self._source, "exporter", None)
+        if exporter is not None:
+            yield from exporter.collect()
 
     def _lifecycle(self) -> Iterator[Metric]:
         lifecycle = self._source.lifecycle

@@ -1,0 +1,117 @@
+"""Export from a real `gpu-node-agent run` to a fake Cloud Monitoring on loopback:
+regular pushes, the termination report on SIGTERM and on preemption, and a denied
+project that is reported while the node keeps serving."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+
+from agent.sim.gce_metadata import FakeMetadataServer
+from agent.sim.monitoring import FakeMetricService
+from agent.sim.vllm import FakeVllm
+from tests.harness import AgentProcess, get_json, until
+
+QUEUE = "custom.googleapis.com/vllm/queue_length"
+REPORT = "custom.googleapis.com/agent/termination/count"
+
+
+@pytest.fixture
+async def world():
+    sink, vllm, meta = FakeMetricService(), FakeVllm(), FakeMetadataServer()
+    await sink.start()
+    await vllm.start()
+    await meta.start()
+    yield sink, vllm, meta
+    await meta.stop()
+    await vllm.stop()
+    await sink.stop()
+
+
+async def start(tmp_path: Path, sink: FakeMetricService, vllm: FakeVllm, meta: FakeMetadataServer | None = None, **extra: str) -> AgentProcess:
+    env = {
+        "GPU_AGENT_INFERENCE__BASE_URL": vllm.url,
+        "GPU_AGENT_EXPORT__ENABLED": "true",
+        "GPU_AGENT_EXPORT__ENDPOINT": sink.endpoint,
+        "GPU_AGENT_EXPORT__INSECURE": "true",
+        "GPU_AGENT_EXPORT__INTERVAL_S": "10",
+    }
+    if meta is None:
+        env.update({"GPU_AGENT_EXPORT__PROJECT_ID": "demo-project", "GPU_AGENT_EXPORT__RESOURCE": "generic_node", "GPU_AGENT_EXPORT__NODE_ID": "node-a", "GPU_AGENT_EXPORT__LOCATION": "us-central1-a"})
+    else:
+        env.update({"GPU_AGENT_PREEMPTION__ENABLED": "auto", "GPU_AGENT_PREEMPTION__WATCH_TIMEOUT_S": "2", "GCE_METADATA_HOST": meta.address})
+    env.update(extra)
+    return await AgentProcess(tmp_path, env).start().started()
+
+
+async def test_pushes_autoscaling_series_and_the_report_on_sigterm(tmp_path, world) -> None:
+    sink, vllm, _ = world
+    vllm.set_load(running=2, waiting=7)
+    agent = await start(tmp_path, sink, vllm)
+    try:
+        await until(lambda: sink.series(QUEUE), 15, 0.05, "first push")
+        point = sink.series(QUEUE)[-1]
+        assert point.resource_type == "generic_node"
+        assert point.resource_labels["node_id"] == "node-a"
+        assert point.metric_labels == {}  # label-free: autoscalers sum one series per node
+        vllm.set_load(0, 0)
+        agent.send(signal.SIGTERM)
+        assert await agent.exited(20) == 0
+    finally:
+        agent.kill()
+    reports = sink.series(REPORT)
+    assert len(reports) == 1 and reports[0].metric_labels["reason"] == "signal"
+    keys = [p.key for p in sink.points]
+    stamps = {}
+    for p in sink.points:  # never two points of one series within 5 s
+        if p.key in stamps:
+            assert p.end_wall - stamps[p.key] >= 5
+        stamps[p.key] = p.end_wall
+    assert len(keys) == len(sink.points)
+
+
+async def test_report_arrives_at_preemption_before_any_signal(tmp_path, world) -> None:
+    sink, vllm, meta = world
+    agent = await start(tmp_path, sink, vllm, meta, GPU_AGENT_PREEMPTION__NOTICE_BUDGET_S="8", GPU_AGENT_DRAIN__SAFETY_MARGIN_S="2")
+    try:
+        async with aiohttp.ClientSession() as http:
+            await until(lambda: sink.series(QUEUE), 15, 0.05, "first push")
+            assert sink.series(QUEUE)[-1].resource_type == "gce_instance"
+            assert sink.series(QUEUE)[-1].resource_labels["instance_id"] == "4520031799277581759"
+            await meta.set("instance/preempted", "TRUE")
+            await until(lambda: sink.series(REPORT), 10, 0.05, "termination report")
+            assert agent.proc.poll() is None  # written while the node still waits for its signal
+            report = sink.series(REPORT)[0]
+            assert report.metric_labels["reason"] == "preemption"
+            _, full = await get_json(http, f"{agent.url}/status")
+            assert full["state"] == "TERMINATED"
+            assert full["exporter"]["points_written"] > 0
+        agent.send(signal.SIGTERM)
+        assert await agent.exited(20) == 0
+    finally:
+        agent.kill()
+    assert len(sink.series(REPORT)) == 1  # the signal's flush did not write it again
+
+
+async def test_permission_denied_is_explained_and_the_node_keeps_serving(tmp_path, world) -> None:
+    sink, vllm, _ = world
+    sink.deny("demo-project", grpc.StatusCode.PERMISSION_DENIED)
+    agent = await start(tmp_path, sink, vllm)
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def explained() -> bool:
+                _, full = await get_json(http, f"{agent.url}/status")
+                return "PERMISSION_DENIED" in str(full["exporter"]) and full["state"] == "READY"
+
+            await until(explained, 15, 0.1, "export error in /status")
+            assert (await get_json(http, f"{agent.url}/readyz"))[0] == 200
+            assert (await get_json(http, f"{agent.url}/healthz"))[0] == 200
+            async with http.get(f"{agent.url}/metrics") as resp:
+                assert "gpu_node_agent_export_failures_total" in await resp.text()
+        assert any("PERMISSION_DENIED" in line for line in agent.output().splitlines())
+    finally:
+        agent.kill()
