@@ -20,6 +20,8 @@ import aiohttp
 
 from agent.config import load_config
 from agent.daemon import Daemon
+from agent.sim.gce_metadata import FakeMetadataServer
+from agent.sim.monitoring import FakeMetricService
 from agent.sim.nvml import FakeNvml
 from agent.sim.vllm import FakeVllm, TrafficPattern
 from state_machine import State, Transition
@@ -37,6 +39,9 @@ class Demo:
         self.live = TrafficPattern(seed=7, base_rps=2.0, peak_rps=10.0, period_s=self.duration_s, burst_start_s=self.duration_s * 0.35, burst_s=4.0, burst_rps=20.0)
         self.closed = TrafficPattern(seed=7, base_rps=0.0, peak_rps=0.0, burst_rps=0.0)
         self.vllm = FakeVllm(engines=2, traffic=self.closed)
+        self.metadata = FakeMetadataServer()
+        self.sink = FakeMetricService()
+        self.pushes_seen = 0
         self.nvml = FakeNvml(count=2)  # one GPU per engine
         self.nvml.set_all(memory_used_bytes=int(0.9 * self.nvml.gpus[0].memory_total_bytes))  # vLLM preallocates
         self.ready_seen = 0
@@ -50,6 +55,8 @@ class Demo:
     async def run(self) -> dict[str, Any]:
         await self.vllm.start()
         await self.vllm.refuse()  # loading the model: the port refuses connections
+        await self.metadata.start()
+        await self.sink.start()
         with tempfile.TemporaryDirectory(prefix="gpu-node-agent-demo-") as tmp:
             daemon = Daemon(self._config(Path(tmp)), environ={}, nvml=self.nvml)
             daemon.lifecycle.subscribe(self._on_transition)
@@ -65,6 +72,9 @@ class Demo:
                 if not serving.done():
                     serving.cancel()
                 await self.vllm.stop()
+                await self.metadata.stop()
+                self._show_pushes()
+                await self.sink.stop()
         return daemon.status()
 
     def _config(self, tmp: Path) -> Any:
@@ -79,8 +89,13 @@ class Demo:
                 "GPU_AGENT_INFERENCE__TIMEOUT_S": "1",
                 "GPU_AGENT_DRAIN__PROPAGATION_DELAY_S": "1",
                 "GPU_AGENT_DRAIN__SETTLE_S": "1",
-                "GPU_AGENT_EXPORT__ENABLED": "false",
-                "GPU_AGENT_PREEMPTION__ENABLED": "false",
+                "GPU_AGENT_EXPORT__ENABLED": "true",  # to the local sink, never the real API
+                "GPU_AGENT_EXPORT__ENDPOINT": self.sink.endpoint,
+                "GPU_AGENT_EXPORT__INSECURE": "true",
+                "GPU_AGENT_EXPORT__INTERVAL_S": "10",
+                "GPU_AGENT_PREEMPTION__ENABLED": "true",
+                "GPU_AGENT_PREEMPTION__METADATA_HOST": self.metadata.address,
+                "GPU_AGENT_PREEMPTION__WATCH_TIMEOUT_S": "5",
                 "GPU_AGENT_GPU__POLL_INTERVAL_S": "0.5",
             },
         )
@@ -106,13 +121,11 @@ class Demo:
             self._gpus_follow_load()
             if not preempted and elapsed >= self.preempt_at_s:
                 preempted = True
-                self.say("!! simulated Spot preemption notice (admin drain stands in until the metadata simulator is wired)")
-                await daemon.admin_drain("demo: preemption stand-in")
+                self.say("!! metadata server: instance/preempted = TRUE (Spot preemption, 30 s to power-off)")
+                await self.metadata.set("instance/preempted", "TRUE")
+            self._show_pushes()
             if daemon.lifecycle.state is State.TERMINATED and not daemon._stop_requested.is_set():  # noqa: SLF001
                 self.say("node TERMINATED; the agent keeps answering 503 until its own SIGTERM: sending it now")
-                daemon.on_stop_signal("SIGTERM (demo)")
-            if daemon.lifecycle.drain is not None and daemon.lifecycle.drain.drained and not daemon._stop_requested.is_set():  # noqa: SLF001
-                self.say("node drained; sending SIGTERM as systemd would on shutdown")
                 daemon.on_stop_signal("SIGTERM (demo)")
             if elapsed >= next_report:
                 next_report = elapsed + 2.0
@@ -134,6 +147,23 @@ class Demo:
             self.say(f"load balancer: {'sending traffic' if admit else 'stopped sending traffic'} (/readyz {'200' if admit else '503'})")
         self.lb_admitting = admit
         self.vllm.traffic = self.live if admit else self.closed
+
+    def _show_pushes(self) -> None:
+        """Print each CreateTimeSeries the sink accepted, as what would reach Cloud Monitoring."""
+        calls = [c for c in self.sink.calls_of("CreateTimeSeries") if c.code == "OK"]
+        if len(calls) == self.pushes_seen:
+            return
+        self.pushes_seen = len(calls)
+        latest = {}
+        for point in self.sink.points:
+            latest[point.key] = point
+        shown = sorted(latest.values(), key=lambda p: (p.metric_type, sorted(p.metric_labels.items())))
+        self.say(f"pushed to Cloud Monitoring (local sink), request {len(calls)}: {len(shown)} series on {shown[0].resource_type if shown else '-'}")
+        for point in shown:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(point.metric_labels.items()))
+            if point.metric_type.endswith("agent/state") and point.value == 0:
+                continue
+            print(f"          {point.metric_type.removeprefix('custom.googleapis.com/')}{'{' + labels + '}' if labels else ''} = {point.value:g}", file=self.out)
 
     def _gpus_follow_load(self) -> None:
         for index, running in enumerate(self.vllm.running):
@@ -170,6 +200,9 @@ def _summary(status: dict[str, Any], demo: Demo) -> str:
         f"in-flight at notice={report.get('in_flight_at_notice')} completed={report.get('completed')} "
         f"aborted={report.get('aborted')} drain={report.get('drain_s')}s",
         f"  load balancer polls: {demo.lb_polls}; requests admitted while not ready: {demo.admitted_while_not_ready}",
+        f"  export: {status['exporter'].get('points_written')} points written in "
+        f"{len([c for c in demo.sink.calls_of('CreateTimeSeries') if c.code == 'OK'])} requests; "
+        f"termination report in the sink: {'yes' if any(p.metric_type.endswith('termination/count') for p in demo.sink.points) else 'no'}",
     ]
     return "\n".join(lines)
 
