@@ -200,7 +200,10 @@ async def test_bad_admin_request_is_400_with_a_reason(tmp_path, vllm, http, agen
     assert await state_of(http, agent) != "DRAINING"
 
 
-@pytest.mark.parametrize("fault, code", [("garbage", "garbage"), ("hang", "timeout"), ("http_500", "http_500")])
+@pytest.mark.parametrize(
+    "fault, code",
+    [("garbage", "garbage"), ("truncated", "garbage"), ("oversized", "too_large"), ("hang", "timeout"), ("slow", "timeout"), ("http_500", "http_500")],
+)
 async def test_bad_vllm_metrics_are_dropped_marked_stale_and_explained(tmp_path, vllm, http, agents, fault, code) -> None:
     agent = await start_agent(agents, tmp_path, vllm)
     await wait_state(http, agent, "READY")
@@ -217,6 +220,19 @@ async def test_bad_vllm_metrics_are_dropped_marked_stale_and_explained(tmp_path,
         text = await resp.text()
     assert 'gpu_node_agent_probe_errors_total{probe="vllm"}' in text
     assert 'gpu_node_agent_reading_stale{key="vllm"} 1.0' in text
+
+
+async def test_idle_node_drains_and_runs_the_idle_action(tmp_path, vllm, http, agents) -> None:
+    marker = tmp_path / "powered-off"
+    config = f'[idle]\nafter_s = 1\naction = ["touch", "{marker}"]\n'
+    agent = AgentProcess(tmp_path, {"GPU_AGENT_INFERENCE__BASE_URL": vllm.url}, config_text=config).start()
+    agents.append(agent)
+    await agent.started()
+    await until(lambda: marker.exists(), 15, 0.1, "idle action ran")
+    _, full = await get_json(http, f"{agent.url}/status")
+    assert full["state"] == "TERMINATED" and full["drain"]["reason"] == "idle"
+    assert full["idle"]["action_result"]["returncode"] == 0
+    assert (await get_json(http, f"{agent.url}/readyz"))[0] == 503
 
 
 async def test_hanging_health_endpoint_makes_node_not_ready_and_says_why(tmp_path, vllm, http, agents) -> None:
