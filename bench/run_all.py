@@ -22,7 +22,9 @@ from bench.common import REPO, machine_header
 BENCHES: list[tuple[str, list[str], list[str]]] = [
     ("bench_sigterm", ["--trials", "50"], ["--trials", "10"]),
     ("bench_readyz", ["--rate", "2000", "--seconds", "5", "--rounds", "3"], ["--rate", "1000", "--seconds", "2", "--rounds", "1"]),
-    ("bench_idle", ["--seconds", "30"], ["--seconds", "5"]),
+    ("bench_idle", ["--seconds", "60", "--features", "all"], ["--seconds", "5", "--features", "all"]),
+    ("bench_idle", ["--seconds", "60", "--features", "signals"], ["--seconds", "5", "--features", "signals"]),
+    ("bench_idle", ["--seconds", "30", "--features", "core"], ["--seconds", "5", "--features", "core"]),
     ("bench_vllm_parse", ["--repetitions", "7", "--scrapes", "200"], ["--repetitions", "2", "--scrapes", "20"]),
 ]
 OPTIONAL = [

@@ -37,7 +37,16 @@ async def until(condition: Callable[[], Any], timeout_s: float = 10.0, interval_
 class AgentProcess:
     """`python -m agent run` with a config file and env; parses its stdout JSON logs."""
 
-    def __init__(self, tmp_path: Path, settings: dict[str, str], *, config_text: str = "", extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        settings: dict[str, str],
+        *,
+        config_text: str = "",
+        extra_env: dict[str, str] | None = None,
+        argv: list[str] | None = None,
+    ) -> None:
+        self.argv = argv
         self.tmp_path = tmp_path
         self.config_path = tmp_path / "agent.toml"
         self.config_path.write_text(config_text)
@@ -67,7 +76,7 @@ class AgentProcess:
 
     def start(self) -> AgentProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
+            self.argv or [sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
             cwd=REPO,
             env=self.env,
             stdout=subprocess.PIPE,
