@@ -28,6 +28,7 @@ BENCHES: list[tuple[str, list[str], list[str]]] = [
     ("bench_vllm_parse", ["--repetitions", "7", "--scrapes", "200"], ["--repetitions", "2", "--scrapes", "20"]),
 ]
 OPTIONAL = [
+    ("bench_scenarios", [], []),
     ("bench_preemption", ["--trials", "50"], ["--trials", "10"]),
     ("bench_export", [], ["--quick"]),
     ("bench_soak_rss", ["--minutes", "10"], ["--minutes", "1"]),
