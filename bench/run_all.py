@@ -84,7 +84,7 @@ def main() -> None:
         "",
     ]
     extra = REPO / "bench" / "FLEET.md"
-    footer = ["", f"The fleet autoscaling comparison is in [FLEET.md](FLEET.md)."] if extra.exists() else []
+    footer = ["", "The fleet autoscaling comparison is in [FLEET.md](FLEET.md)."] if extra.exists() else []
     args.output.write_text("\n".join(header) + "\n" + "\n\n".join(sections) + "\n" + "\n".join(footer) + "\n")
     print(f"wrote {args.output}", file=sys.stderr)
 
