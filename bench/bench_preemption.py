@@ -19,6 +19,7 @@ import aiohttp
 from agent.sim.gce_metadata import FakeMetadataServer
 from agent.sim.vllm import FakeVllm
 from bench.common import AgentProcess, fmt_ms, machine_header, percentile, summary_line, until
+from tests.harness import status_is, time_to_first_503
 
 _POLL_S = 2.0
 
@@ -49,24 +50,11 @@ async def one_trial(vllm: FakeVllm, tmp: Path, rng: random.Random) -> tuple[floa
         await agent.started()
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
             url = f"{agent.url}/readyz"
-
-            async def status() -> int:
-                async with session.get(url) as resp:
-                    await resp.read()
-                    return resp.status
-
-            async def is_ready() -> bool:
-                return await status() == 200
-
-            await until(is_ready, 20, 0.05, "READY")
+            await until(lambda: status_is(session, url, 200), 20, 0.05, "READY")
             await until(lambda: len(meta.served("instance/preempted")) >= 2, 5, 0.01, "hanging GET in place")
             await asyncio.sleep(rng.uniform(0, 0.5))
             noticed = time.perf_counter()
-            await meta.set("instance/preempted", "TRUE")
-            while await status() != 503:
-                if time.perf_counter() - noticed > 5:
-                    raise AssertionError("no 503 within 5 s of the notice")
-            reaction = time.perf_counter() - noticed
+            reaction = await time_to_first_503(session, url, lambda: meta.set("instance/preempted", "TRUE"))
             polled = await asyncio.wait_for(seen, _POLL_S * 3) - noticed
             return reaction, polled
     finally:

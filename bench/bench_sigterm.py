@@ -12,13 +12,13 @@ import argparse
 import asyncio
 import signal
 import tempfile
-import time
 from pathlib import Path
 
 import aiohttp
 
 from agent.sim.vllm import FakeVllm
 from bench.common import AgentProcess, fmt_ms, machine_header, percentile, summary_line, until
+from tests.harness import status_is, time_to_first_503
 
 
 async def one_trial(vllm_url: str, tmp: Path) -> float:
@@ -27,25 +27,10 @@ async def one_trial(vllm_url: str, tmp: Path) -> float:
         await agent.started()
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
             url = f"{agent.url}/readyz"
-
-            async def status() -> int:
-                async with session.get(url) as resp:
-                    await resp.read()
-                    return resp.status
-
-            await until(lambda: _is(status, 200), 20, 0.05, "READY")
-            sent = time.perf_counter()
-            agent.send(signal.SIGTERM)
-            while await status() != 503:
-                if time.perf_counter() - sent > 5:
-                    raise AssertionError("no 503 within 5 s of SIGTERM")
-            return time.perf_counter() - sent
+            await until(lambda: status_is(session, url, 200), 20, 0.05, "READY")
+            return await time_to_first_503(session, url, lambda: agent.send(signal.SIGTERM))
     finally:
         agent.kill()
-
-
-async def _is(status, expected: int) -> bool:
-    return await status() == expected
 
 
 async def run(trials: int) -> list[float]:

@@ -152,3 +152,28 @@ async def post_json(session: aiohttp.ClientSession, url: str, body: Any = None, 
 async def state_of(session: aiohttp.ClientSession, agent: AgentProcess) -> str:
     _, body = await get_json(session, f"{agent.url}/status")
     return body["state"]
+
+
+async def status_is(session: aiohttp.ClientSession, url: str, expected: int) -> bool:
+    async with session.get(url) as resp:
+        await resp.read()
+        return resp.status == expected
+
+
+async def sees_in_flight(session: aiohttp.ClientSession, agent: AgentProcess) -> bool:
+    """The agent's own view: a fresh vLLM reading with something running or waiting."""
+    _, full = await get_json(session, f"{agent.url}/status")
+    value = full["readings"].get("vllm", {}).get("value")
+    return bool(value and value["in_flight"] > 0)
+
+
+async def time_to_first_503(session: aiohttp.ClientSession, url: str, trigger: Callable[[], Any], limit_s: float = 5.0) -> float:
+    """Seconds from `trigger()` (sync or async) to the first 503 from `url`, polling back to back."""
+    started = time.perf_counter()
+    result = trigger()
+    if isinstance(result, Awaitable):
+        await result
+    while not await status_is(session, url, 503):
+        if time.perf_counter() - started > limit_s:
+            raise AssertionError(f"no 503 from {url} within {limit_s}s")
+    return time.perf_counter() - started

@@ -73,6 +73,11 @@ class ServingParams:
     def batch_cap(self, prompt_tokens: float, output_tokens: float) -> float:
         return min(float(self.max_num_seqs), self.kv_capacity_tokens / (prompt_tokens + output_tokens / 2))
 
+    def max_rps(self) -> float:
+        """Requests per second one node finishes at a full batch (mean request sizes)."""
+        cap = self.batch_cap(self.prompt_tokens, self.output_tokens)
+        return cap / (self.output_tokens * (self.tpot_base_s + self.tpot_per_seq_s * cap))
+
 
 class NodeServer:
     """The vLLM of one node; `step` advances it, `samples` is its /metrics."""

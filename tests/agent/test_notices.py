@@ -16,7 +16,7 @@ from agent.notices import NoticePolicy
 from agent.sim.gce_metadata import FakeMetadataServer
 from agent.sim.vllm import FakeVllm
 from state_machine import DrainReason, Lifecycle, State
-from tests.harness import AgentProcess, get_json, until
+from tests.harness import AgentProcess, get_json, sees_in_flight, status_is, until
 
 
 def ready() -> Lifecycle:
@@ -107,10 +107,10 @@ async def test_notice_turns_readyz_503_drains_within_the_deadline_and_stays_up(t
         async with aiohttp.ClientSession() as http:
             await until(lambda: _is(http, agent, "READY"), 10)
             vllm.set_load(running=2)  # never finishes: the deadline must end the drain
-            await until(lambda: _sees_in_flight(http, agent), 5)
+            await until(lambda: sees_in_flight(http, agent), 5)
             await meta.set("instance/preempted", "TRUE")
             noticed = time.monotonic()
-            await until(lambda: _code(http, f"{agent.url}/readyz", 503), 2, 0.005, "503")
+            await until(lambda: status_is(http, f"{agent.url}/readyz", 503), 2, 0.005, "503")
             assert time.monotonic() - noticed < 1.0
             assert (await get_json(http, f"{agent.url}/healthz"))[0] == 200
             await until(lambda: _is(http, agent, "TERMINATED"), 5)
@@ -186,17 +186,6 @@ async def test_host_maintenance_terminate_drains_the_node(tmp_path, servers) -> 
 
 async def _is(http: aiohttp.ClientSession, agent: AgentProcess, expected: str) -> bool:
     return await state(http, agent) == expected
-
-
-async def _sees_in_flight(http: aiohttp.ClientSession, agent: AgentProcess) -> bool:
-    _, full = await get_json(http, f"{agent.url}/status")
-    value = full["readings"].get("vllm", {}).get("value")
-    return bool(value and value["in_flight"] > 0)
-
-
-async def _code(http: aiohttp.ClientSession, url: str, expected: int) -> bool:
-    async with http.get(url) as resp:
-        return resp.status == expected
 
 
 async def _post(http: aiohttp.ClientSession, url: str) -> tuple[int, object]:

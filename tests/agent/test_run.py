@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from agent.sim.vllm import FakeVllm
-from tests.harness import REPO, AgentProcess, get_json, post_json, state_of, until
+from tests.harness import REPO, AgentProcess, get_json, post_json, sees_in_flight, state_of, status_is, until
 
 
 @pytest.fixture
@@ -84,15 +84,15 @@ async def test_sigterm_turns_readyz_503_at_once_keeps_healthz_and_exits_after_in
     agent = await start_agent(agents, tmp_path, vllm)
     await wait_state(http, agent, "READY")
     vllm.set_load(running=2, waiting=1)
-    await until(lambda: _in_flight(http, agent), 5, what="agent sees in-flight")
+    await until(lambda: sees_in_flight(http, agent), 5, what="agent sees in-flight")
     agent.send(signal.SIGTERM)
-    await until(lambda: _status_code(http, f"{agent.url}/readyz", 503), 2, 0.005, "503")
-    assert await _status_code(http, f"{agent.url}/healthz", 200)
+    await until(lambda: status_is(http, f"{agent.url}/readyz", 503), 2, 0.005, "503")
+    assert await status_is(http, f"{agent.url}/healthz", 200)
     await asyncio.sleep(1.0)  # well past propagation + settle: still 3 in flight
     assert agent.proc.poll() is None
     _, full = await get_json(http, f"{agent.url}/status")
     assert full["state"] == "DRAINING" and full["drain"]["progress"]["in_flight_now"] == 3
-    assert await _status_code(http, f"{agent.url}/healthz", 200)
+    assert await status_is(http, f"{agent.url}/healthz", 200)
     vllm.finish(3)
     assert await agent.exited() == 0
     report = agent.logs("agent stopping")[0]["termination_report"]
@@ -105,7 +105,7 @@ async def test_deadline_with_work_running_exits_0_and_reports_aborted(tmp_path, 
     agent = await start_agent(agents, tmp_path, vllm, drain__timeout_s="1.5")
     await wait_state(http, agent, "READY")
     vllm.set_load(running=2)
-    await until(lambda: _in_flight(http, agent), 5)
+    await until(lambda: sees_in_flight(http, agent), 5)
     agent.send(signal.SIGTERM)
     assert await agent.exited(10) == 0
     report = agent.logs("agent stopping")[0]["termination_report"]
@@ -118,7 +118,7 @@ async def test_second_sigterm_skips_the_waiting(tmp_path, vllm, http, agents) ->
     agent = await start_agent(agents, tmp_path, vllm, drain__propagation_delay_s="60")
     await wait_state(http, agent, "READY")
     vllm.set_load(running=4)
-    await until(lambda: _in_flight(http, agent), 5)
+    await until(lambda: sees_in_flight(http, agent), 5)
     agent.send(signal.SIGTERM)
     await wait_state(http, agent, "DRAINING")
     agent.send(signal.SIGTERM)
@@ -249,7 +249,7 @@ async def test_cli_drain_wait_returns_once_drained_and_status_renders(tmp_path, 
     agent = await start_agent(agents, tmp_path, vllm)
     await wait_state(http, agent, "READY")
     vllm.set_load(running=1)
-    await until(lambda: _in_flight(http, agent), 5)
+    await until(lambda: sees_in_flight(http, agent), 5)
     cli = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agent", "drain", "--wait", "--timeout", "20", "--reason", "cli test", "--url", agent.url,
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -278,7 +278,7 @@ async def test_metrics_endpoint_speaks_prometheus_text(tmp_path, vllm, http, age
     agent = await start_agent(agents, tmp_path, vllm)
     await wait_state(http, agent, "READY")
     vllm.set_load(running=3, waiting=2)
-    await until(lambda: _in_flight(http, agent), 5)
+    await until(lambda: sees_in_flight(http, agent), 5)
     async with http.get(f"{agent.url}/metrics") as resp:
         assert resp.status == 200
         families = {f.name: f for f in text_string_to_metric_families(await resp.text())}
@@ -288,14 +288,3 @@ async def test_metrics_endpoint_speaks_prometheus_text(tmp_path, vllm, http, age
     assert families["gpu_node_agent_vllm_requests_running"].samples[0].value == 3
     transitions = {(s.labels["from"], s.labels["to"]) for s in families["gpu_node_agent_transitions"].samples}
     assert ("WARMING", "READY") in transitions
-
-
-async def _in_flight(http: aiohttp.ClientSession, agent: AgentProcess) -> bool:
-    _, full = await get_json(http, f"{agent.url}/status")
-    value = full["readings"].get("vllm", {}).get("value")
-    return bool(value and value["in_flight"] > 0)
-
-
-async def _status_code(http: aiohttp.ClientSession, url: str, expected: int) -> bool:
-    async with http.get(url) as resp:
-        return resp.status == expected
