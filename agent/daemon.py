@@ -331,8 +331,8 @@ class Daemon:
 
     def _start_metadata(self, supervisor: Supervisor) -> None:
         cfg = self.cfg.preemption
-        if cfg.enabled == "false":
-            return
+        if cfg.enabled == "false" and not self.cfg.export.enabled:
+            return  # nothing needs the metadata server (the exporter needs its identity)
         assert self._session is not None
         client = MetadataClient(metadata_base_url(cfg.metadata_host, self.environ), self._session)
         supervisor.add("metadata", lambda: run_metadata_watch(client, self.snapshot, self.notices, cfg))

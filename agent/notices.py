@@ -111,7 +111,8 @@ async def run_metadata_watch(
     client: MetadataClient, snapshot: Snapshot, policy: NoticePolicy, cfg: PreemptionConfig
 ) -> None:
     """Detect the server, publish identity and what is watched, then watch for ever.
-    In auto mode an absent server means nothing to watch (said in /status)."""
+    In auto mode an absent server means nothing to watch (said in /status); with
+    preemption.enabled=false only the identity is read (the exporter's resource labels)."""
     while True:
         try:
             presence = await detect(client)
@@ -119,7 +120,7 @@ async def run_metadata_watch(
             snapshot.fail("metadata.watch", f"cannot tell what the metadata server serves: {exc}", 120, code=exc.code)
             await asyncio.sleep(5)
             continue
-        if presence is not Presence.ABSENT or cfg.enabled == "true":
+        if presence is not Presence.ABSENT or cfg.enabled != "auto":
             break
         # auto and nothing answers: not on GCE, or the server is down right now; look again later.
         snapshot.put("metadata.watch", {"presence": presence.value, "server": client.base_url, "watching": [],
@@ -127,7 +128,7 @@ async def run_metadata_watch(
         await asyncio.sleep(_REDETECT_S)
     identity = await fetch_identity(client, presence)
     snapshot.put("metadata.identity", identity, float("inf"))
-    watching = _paths(presence, cfg)
+    watching = _paths(presence, cfg) if cfg.enabled != "false" else []
     watch = {
         "presence": presence.value,
         "server": client.base_url,
@@ -135,6 +136,8 @@ async def run_metadata_watch(
         "blind_to_preemption": PREEMPTED not in watching,
         "note": BLIND_NOTE if presence is Presence.RESTRICTED else ("no metadata server answered" if presence is Presence.ABSENT else ""),
     }
+    if cfg.enabled == "false":
+        watch["note"] = "preemption.enabled=false: identity only, no notices watched"
     if presence is not Presence.PRESENT and cfg.enabled == "true":
         snapshot.fail("metadata.watch", f"preemption.enabled=true but the metadata server is {presence.value}", float("inf"), code=presence.value)
     else:

@@ -64,6 +64,8 @@ class AgentProcess:
                 "GPU_AGENT_DRAIN__PROPAGATION_DELAY_S": "0.3",
                 "GPU_AGENT_DRAIN__SETTLE_S": "0.3",
                 "PYTHONUNBUFFERED": "1",
+                # Tests talk to loopback only: no DNS lookup of metadata.google.internal.
+                "GCE_METADATA_HOST": "127.0.0.1:9",
             }
         )
         self.env.update(settings)
