@@ -32,7 +32,6 @@ OPTIONAL = [
     ("bench_preemption", ["--trials", "50"], ["--trials", "10"]),
     ("bench_export", [], ["--quick"]),
     ("bench_soak_rss", ["--minutes", "10"], ["--minutes", "1"]),
-    ("fleet_sim", [], ["--quick"]),
 ]
 _SUMMARY = re.compile(r"<!-- summary: (.*?) \| (.*?) \| (.*?) -->")
 
