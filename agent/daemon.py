@@ -28,14 +28,14 @@ from agent.config import AgentConfig
 from agent.drain import DrainController
 from agent.gpu_faults import GpuFaultPolicy
 from agent.idle import IdleWatchdog
-from agent.notices import NoticePolicy, run_metadata_watch
+from agent.preemption import MetadataWatch, PreemptionPolicy
 from agent.logs import lifecycle_context
 from agent.readiness import ReadinessPolicy
 from agent.status import describe_all
 from agent.supervisor import Supervisor
 from agent.systemd import SystemdNotifier
 from probes.base import ProbeRunner
-from probes.gce_metadata import MetadataClient, metadata_base_url
+from probes.metadata import MetadataClient, metadata_base_url
 from probes.gpu_probe import GpuProbe
 from probes.host import HostProbe
 from probes.inference import InferenceHealthProbe
@@ -73,7 +73,7 @@ class Daemon:
         self.notifier = SystemdNotifier(self.environ)
         self.store = DrainStore(cfg.service.state_dir)
         self.drainer = DrainController(self.lifecycle, self.snapshot, cfg.drain, refresh=self._refresh_in_flight)
-        self.notices = NoticePolicy(self.lifecycle, cfg.preemption, cfg.drain)
+        self.preemption = PreemptionPolicy(self.lifecycle, cfg.preemption, cfg.drain)
         self.gpu_faults = GpuFaultPolicy(self.lifecycle, cfg.gpu, cfg.drain)
         self.nvml = nvml
         self.gpu_probe: GpuProbe | None = None
@@ -99,6 +99,7 @@ class Daemon:
         self._supervisor: Supervisor | None = None
         self._http: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._metadata_session: aiohttp.ClientSession | None = None
         self.lifecycle.subscribe(self._on_transition)
         lifecycle_context.provider = lambda: {"state": self.lifecycle.state.value, "reason": self.lifecycle.reason}
 
@@ -163,8 +164,9 @@ class Daemon:
         if self.exporter is not None:
             await self._flush_final(_FLUSH_BUDGET_S)
             await self.exporter.close()
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._metadata_session):
+            if session is not None:
+                await session.close()
 
     # --- signals ---------------------------------------------------------------
     def install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -275,7 +277,7 @@ class Daemon:
                 "lost_after": self.cfg.inference.lost_after,
             },
             "exporter": {"enabled": False} if self.exporter is None else self.exporter.health(),
-            "preemption": {"enabled": self.cfg.preemption.enabled, **self.notices.describe()},
+            "preemption": {"enabled": self.cfg.preemption.enabled, **self.preemption.describe()},
             "gpu": {
                 "enabled": self.cfg.gpu.enabled,
                 "faults": self.gpu_faults.describe(),
@@ -331,11 +333,14 @@ class Daemon:
 
     def _start_metadata(self, supervisor: Supervisor) -> None:
         cfg = self.cfg.preemption
-        if cfg.enabled == "false" and not self.cfg.export.enabled:
-            return  # nothing needs the metadata server (the exporter needs its identity)
-        assert self._session is not None
-        client = MetadataClient(metadata_base_url(cfg.metadata_host, self.environ), self._session)
-        supervisor.add("metadata", lambda: run_metadata_watch(client, self.snapshot, self.notices, cfg))
+        # Its own small pool: the hanging GETs hold up to 3 connections for watch_timeout_s
+        # and must not compete with the health probe.
+        self._metadata_session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None), connector=aiohttp.TCPConnector(limit=4)
+        )
+        client = MetadataClient(metadata_base_url(cfg.metadata_host, self.environ), self._metadata_session)
+        watch = MetadataWatch(client, self.snapshot, self.preemption, cfg, errors=self.probe_errors)
+        supervisor.add("metadata", watch.run)  # "false" contacts nothing and says so
 
     def _start_gpu(self, supervisor: Supervisor) -> None:
         gpu = self.cfg.gpu

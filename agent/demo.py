@@ -20,7 +20,7 @@ import aiohttp
 
 from agent.config import load_config
 from agent.daemon import Daemon
-from agent.sim.gce_metadata import FakeMetadataServer
+from agent.sim.metadata import FakeMetadataServer
 from agent.sim.monitoring import FakeMetricService
 from agent.sim.nvml import FakeNvml
 from agent.sim.vllm import FakeVllm, TrafficPattern

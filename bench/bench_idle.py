@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from agent.sim.gce_metadata import FakeMetadataServer
+from agent.sim.metadata import FakeMetadataServer
 from agent.sim.monitoring import FakeMetricService
 from agent.sim.vllm import FakeVllm
 from bench.common import AgentProcess, machine_header, summary_line

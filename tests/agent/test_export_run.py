@@ -11,7 +11,7 @@ import aiohttp
 import grpc
 import pytest
 
-from agent.sim.gce_metadata import FakeMetadataServer
+from agent.sim.metadata import FakeMetadataServer
 from agent.sim.monitoring import FakeMetricService
 from agent.sim.vllm import FakeVllm
 from tests.harness import AgentProcess, get_json, until

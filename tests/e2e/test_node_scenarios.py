@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sim.gce_metadata import FakeMetadataServer
+from agent.sim.metadata import FakeMetadataServer
 from agent.sim.monitoring import FakeMetricService
 from agent.sim.vllm import FakeVllm
 from tests.e2e.lb import LoadBalancer

@@ -1,5 +1,5 @@
-"""Spot preemption and host maintenance: the policy on a real Lifecycle, and a real
-`gpu-node-agent run` against fake metadata and vLLM servers."""
+"""Spot preemption and host maintenance through a real `gpu-node-agent run` against
+fake metadata and vLLM servers (the policy itself: tests/agent/test_preemption.py)."""
 
 from __future__ import annotations
 
@@ -11,67 +11,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from agent.config import DrainConfig, PreemptionConfig
-from agent.notices import NoticePolicy
-from agent.sim.gce_metadata import FakeMetadataServer
+from agent.sim.metadata import FakeMetadataServer
 from agent.sim.vllm import FakeVllm
-from state_machine import DrainReason, Lifecycle, State
 from tests.harness import AgentProcess, get_json, sees_in_flight, status_is, until
-
-
-def ready() -> Lifecycle:
-    lifecycle = Lifecycle()
-    lifecycle.start_warming()
-    lifecycle.mark_ready("test")
-    return lifecycle
-
-
-def test_preemption_drains_at_once_with_budget_minus_margin() -> None:
-    lifecycle = ready()
-    policy = NoticePolicy(lifecycle, PreemptionConfig(), DrainConfig())
-    before = time.monotonic()
-    policy.on_preempted(False)
-    assert lifecycle.state is State.READY
-    policy.on_preempted(True)
-    assert lifecycle.state is State.DRAINING and lifecycle.drain.reason is DrainReason.PREEMPTION
-    assert 24.9 <= lifecycle.drain.deadline_mono - before <= 25.5  # 30 s notice - 5 s margin
-
-
-def test_false_after_true_changes_nothing_and_a_repeat_is_no_second_drain() -> None:
-    lifecycle = ready()
-    policy = NoticePolicy(lifecycle, PreemptionConfig(), DrainConfig())
-    policy.on_preempted(True)
-    policy.on_preempted(False)
-    policy.on_maintenance_event("NONE")
-    policy.on_preempted(True)
-    assert lifecycle.drain.reason is DrainReason.PREEMPTION
-    assert sum(1 for t in lifecycle.history if t.to_state is State.DRAINING) == 1
-
-
-@pytest.mark.parametrize(
-    "value, drain_on_migrate, drains",
-    [("TERMINATE_ON_HOST_MAINTENANCE", False, True), ("MIGRATE_ON_HOST_MAINTENANCE", False, False),
-     ("MIGRATE_ON_HOST_MAINTENANCE", True, True), ("NONE", False, False)],
-)
-def test_maintenance_terminate_drains_migrate_is_recorded(value: str, drain_on_migrate: bool, drains: bool) -> None:
-    lifecycle = ready()
-    policy = NoticePolicy(lifecycle, PreemptionConfig(drain_on_migrate=drain_on_migrate), DrainConfig())
-    policy.on_maintenance_event(value)
-    assert (lifecycle.state is State.DRAINING) is drains
-    assert policy.events[-1]["value"] == value
-    if drains:
-        assert lifecycle.drain.reason is DrainReason.MAINTENANCE
-
-
-def test_maintenance_deadline_comes_from_the_window_start() -> None:
-    lifecycle = ready()
-    now = 1_800_000_000.0
-    policy = NoticePolicy(lifecycle, PreemptionConfig(), DrainConfig(timeout_s=300), wall=lambda: now)
-    policy.on_upcoming({"maintenance_status": "PENDING", "window_start_time": "2027-01-15T08:02:00Z"})
-    window_in_s = 1_800_000_000.0 + 120 - now  # the ISO time above is now + 120 s
-    policy.on_maintenance_event("TERMINATE_ON_HOST_MAINTENANCE")
-    left = lifecycle.drain.deadline_mono - time.monotonic()
-    assert window_in_s - 5 - 1 < left <= window_in_s - 5
 
 
 # --- through a real agent process ----------------------------------------------------
@@ -144,7 +86,7 @@ async def test_faults_and_flapping_never_cause_a_false_drain(tmp_path, servers) 
             _, full = await get_json(http, f"{agent.url}/status")
             assert full["state"] == "READY"
             assert [t["to"] for t in full["history"]] == ["WARMING", "READY"]
-            values = [e["value"] for e in full["preemption"]["events"] if e["kind"] == "maintenance-event"]
+            values = [e["value"] for e in full["preemption"]["events"] if e["kind"] == "maintenance_event"]
             assert "MIGRATE_ON_HOST_MAINTENANCE" in values  # recorded, not drained
     finally:
         agent.kill()

@@ -1,0 +1,295 @@
+"""Metadata notices -> lifecycle: Spot preemption and host maintenance.
+
+`PreemptionPolicy` turns metadata values into Lifecycle calls: preempted=TRUE drains
+at once with reason preemption (terminal: no later value undoes it, unlike GCP's
+old termination handler); TERMINATE_ON_HOST_MAINTENANCE drains with reason
+maintenance; MIGRATE_ON_HOST_MAINTENANCE is recorded (a drain only with
+preemption.drain_on_migrate). `MetadataWatch` is the task the daemon runs: detect
+the server, publish the identity and what is watched (a blind watch is reported
+failing, never healthy), then run one watcher per path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from agent.config import DrainConfig, PreemptionConfig
+from probes.base import ProbeError, backoff_s
+from probes.metadata import (
+    MAINTENANCE_EVENT,
+    NO_NOTICE_CODES,
+    PREEMPTED,
+    UPCOMING_MAINTENANCE,
+    MetadataClient,
+    MetadataPresence,
+    MetadataWatcher,
+    NodeIdentity,
+    detect_metadata,
+    fetch_identity,
+    parse_maintenance_event,
+    parse_preempted,
+    parse_upcoming_maintenance,
+    serves,
+)
+from probes.snapshot import Snapshot
+from state_machine import DrainReason, Lifecycle, Source
+
+log = logging.getLogger(__name__)
+
+WATCH_KEY = "metadata.watch"
+IDENTITY_KEY = "metadata.identity"
+PREEMPTION_EVENT_ID = "gce:instance/preempted=TRUE"  # one preemption per VM life: a repeat is no second drain
+TERMINATE = "TERMINATE_ON_HOST_MAINTENANCE"
+MIGRATE = "MIGRATE_ON_HOST_MAINTENANCE"
+_ABSENT_CONFIRMATIONS = 3
+BLIND_NOTE = "GKE Workload Identity hides instance/preempted; preemption arrives as SIGTERM + preStop drain"
+
+
+def window_start_wall(info: dict[str, Any] | None) -> float | None:
+    """The maintenance window's start (epoch seconds) from an upcoming-maintenance notice."""
+    raw = None if info is None else info.get("window_start_time", info.get("windowStartTime"))
+    if not isinstance(raw, str):
+        return None
+    try:
+        start = datetime.fromisoformat(raw)  # 3.11 reads the trailing Z
+    except ValueError:
+        log.warning("unreadable maintenance window start", extra={"value": raw[:60]})
+        return None
+    return (start if start.tzinfo else start.replace(tzinfo=UTC)).timestamp()
+
+
+class PreemptionPolicy:
+    """The metadata watchers' listener. Callbacks are synchronous and never raise."""
+
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        preemption_cfg: PreemptionConfig,
+        drain_cfg: DrainConfig,
+        *,
+        wall: Callable[[], float] = time.time,
+        events_len: int = 50,
+    ) -> None:
+        self._lifecycle = lifecycle
+        self._cfg = preemption_cfg
+        self._drain = drain_cfg
+        self._wall = wall
+        self.preempted = False
+        self.maintenance_event: str | None = None
+        self.upcoming: dict[str, Any] | None = None
+        self.events: deque[dict[str, Any]] = deque(maxlen=events_len)
+
+    def preemption_deadline_s(self) -> float:
+        return max(0.0, self._cfg.notice_budget_s - self._drain.safety_margin_s)
+
+    def maintenance_deadline_s(self) -> float:
+        start = window_start_wall(self.upcoming)
+        budget_s = self._cfg.maintenance_budget_s if start is None else start - self._wall()
+        return max(0.0, min(self._drain.timeout_s, budget_s) - self._drain.safety_margin_s)
+
+    def on_preempted(self, value: bool, etag: str | None) -> None:
+        if not value:
+            # FALSE after TRUE is ignored: a preemption is terminal.
+            self._record("preempted", "FALSE", "ignored: preemption is terminal" if self.preempted else "none")
+            return
+        self.preempted = True
+        deadline_s = self.preemption_deadline_s()
+        started = self._lifecycle.begin_drain(
+            DrainReason.PREEMPTION,
+            Source.METADATA,
+            deadline_s=deadline_s,
+            detail=f"instance/preempted=TRUE: {deadline_s:g}s to drain (notice budget "
+            f"{self._cfg.notice_budget_s:g}s - safety margin {self._drain.safety_margin_s:g}s)",
+            event_id=PREEMPTION_EVENT_ID,
+        )
+        self._record("preempted", "TRUE", "drain" if started else "no change: already handled")
+
+    def on_maintenance_event(self, value: str, etag: str | None) -> None:
+        self.maintenance_event = value
+        if not (value == TERMINATE or (value == MIGRATE and self._cfg.drain_on_migrate)):
+            self._record("maintenance_event", value, "recorded")  # NONE never undoes a drain
+            return
+        deadline_s = self.maintenance_deadline_s()
+        window = "" if window_start_wall(self.upcoming) is None else " (window start from upcoming-maintenance)"
+        started = self._lifecycle.begin_drain(
+            DrainReason.MAINTENANCE,
+            Source.METADATA,
+            deadline_s=deadline_s,
+            detail=f"instance/maintenance-event={value}: {deadline_s:g}s to drain{window}",
+            event_id=f"gce:maintenance-event={value}:{etag}",
+        )
+        self._record("maintenance_event", value, "drain" if started else "no change: already draining")
+
+    def on_upcoming_maintenance(self, info: dict[str, Any] | None, etag: str | None) -> None:
+        self.upcoming = info
+        summary = "none" if info is None else " ".join(
+            str(info.get(k, "?")) for k in ("type", "maintenance_status", "window_start_time")
+        )
+        self._record("upcoming_maintenance", summary, "recorded")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "preempted": self.preempted,
+            "maintenance_event": self.maintenance_event,
+            "upcoming_maintenance": self.upcoming,
+            "events": list(self.events),
+        }
+
+    def _record(self, kind: str, value: str, action: str) -> None:
+        at = datetime.fromtimestamp(self._wall(), UTC).isoformat()
+        self.events.append({"at": at, "kind": kind, "value": value, "action": action})
+        level = logging.WARNING if action == "drain" else logging.INFO
+        log.log(level, "metadata notice", extra={"kind": kind, "value": value, "action": action})
+
+
+@dataclass(frozen=True, slots=True)
+class WatchTuning:
+    """Timings; tests make them small."""
+
+    timeout_sec: int | None = None  # hanging-GET timeout_sec; None: preemption.watch_timeout_s
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 30.0
+    redetect_s: float = 60.0  # auto mode: look again for a server that did not answer
+    upcoming_poll_s: float = 60.0  # "no notice" has no ETag to hang on
+    identity_retry_s: float = 0.5
+
+
+class MetadataWatch:
+    """Run `run()` under the supervisor. preemption.enabled: "false" contacts nothing;
+    "auto" watches only when a server answers; "true" watches and reports an absent
+    server as a failure. `settled` is set once the first preempted value (or its
+    failure, or the verdict that there is nothing to watch) is in."""
+
+    def __init__(
+        self,
+        client: MetadataClient,
+        snapshot: Snapshot,
+        policy: PreemptionPolicy,
+        cfg: PreemptionConfig,
+        *,
+        tuning: WatchTuning = WatchTuning(),
+        errors: Any = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._client = client
+        self._snapshot = snapshot
+        self._policy = policy
+        self._cfg = cfg
+        self._tuning = tuning
+        self._errors = errors
+        self._rng = rng
+        self.presence: MetadataPresence | None = None
+        self.watchers: dict[str, MetadataWatcher[Any]] = {}
+        self.settled = asyncio.Event()
+        self._published: dict[str, Any] | None = None
+
+    async def run(self) -> None:
+        if self._cfg.enabled == "false":
+            self._publish([], "preemption.enabled=false: the metadata server is not contacted")
+            self.settled.set()
+            await asyncio.Event().wait()  # nothing to do; park (a return would be restarted)
+        self.presence = await self._detect()
+        paths = [PREEMPTED] if self.presence is MetadataPresence.PRESENT else []
+        paths += [p for p in (UPCOMING_MAINTENANCE, MAINTENANCE_EVENT) if await serves(self._client, p)]
+        self.watchers = {path: self._watcher(path) for path in paths}
+        self._publish(paths, BLIND_NOTE if self.presence is MetadataPresence.RESTRICTED else "")
+        async with asyncio.TaskGroup() as group:
+            for path, watcher in self.watchers.items():
+                group.create_task(self._start(watcher), name=f"metadata:{path}")
+            group.create_task(self._identity(self.presence), name="metadata:identity")
+            preempted = self.watchers.get(PREEMPTED)
+            if preempted is not None:
+                await preempted.attempted.wait()
+            self.settled.set()
+
+    async def _detect(self) -> MetadataPresence:
+        """Until a server answers; in auto mode an absent one is looked for again every redetect_s."""
+        failures = absent = 0
+        while True:
+            try:
+                presence = await detect_metadata(self._client)
+            except ProbeError as exc:  # it answers, but badly: unknown, never "absent"
+                failures += 1
+                error = f"cannot tell what serves at {self._client.base_url}: {exc}"
+                self._snapshot.fail(WATCH_KEY, error, math.inf, code=exc.code)
+                await asyncio.sleep(self._backoff(failures, self._tuning.backoff_cap_s))
+                continue
+            if presence is not MetadataPresence.ABSENT:
+                return presence
+            absent += 1
+            self.presence = presence
+            if absent == _ABSENT_CONFIRMATIONS:
+                # Only now: a server down for a moment at boot must not make the exporter
+                # settle on a resource without the instance's labels.
+                self._snapshot.put(IDENTITY_KEY, NodeIdentity(presence), math.inf)
+            self._publish([], f"no metadata server at {self._client.base_url}; looking again")
+            self.settled.set()
+            await asyncio.sleep(self._backoff(absent, self._tuning.redetect_s))
+
+    def _publish(self, paths: list[str], note: str) -> None:
+        """What is watched and why. Blind (no instance/preempted) is a failure, and so is
+        an absent server when preemption.enabled=true; both keep the value for /status."""
+        watch = {
+            "enabled": self._cfg.enabled,
+            "presence": None if self.presence is None else self.presence.value,
+            "server": self._client.base_url,
+            "watching": paths,
+            "blind_to_preemption": PREEMPTED not in paths,
+            "note": note,
+        }
+        self._snapshot.put(WATCH_KEY, watch, math.inf)
+        if self.presence is MetadataPresence.RESTRICTED:
+            self._snapshot.fail(WATCH_KEY, f"blind to preemption: {BLIND_NOTE}", math.inf, code="blind")
+        elif self.presence is MetadataPresence.ABSENT and self._cfg.enabled == "true":
+            self._snapshot.fail(WATCH_KEY, f"preemption.enabled=true but {note}", math.inf, code="absent")
+        if watch != self._published:
+            log.info("metadata watch", extra={"watch": watch})
+            self._published = watch
+
+    def _watcher(self, path: str) -> MetadataWatcher[Any]:
+        policy, tuning = self._policy, self._tuning
+        parse, on_value, key, none_codes = {
+            PREEMPTED: (parse_preempted, policy.on_preempted, "metadata.preempted", frozenset()),
+            MAINTENANCE_EVENT: (parse_maintenance_event, policy.on_maintenance_event,
+                                "metadata.maintenance_event", frozenset()),
+            UPCOMING_MAINTENANCE: (parse_upcoming_maintenance, policy.on_upcoming_maintenance,
+                                   "metadata.upcoming_maintenance", NO_NOTICE_CODES),
+        }[path]  # fmt: skip
+        return MetadataWatcher(
+            self._client, path, parse, on_value, self._snapshot, key,
+            tuning.timeout_sec or self._cfg.watch_timeout_s,
+            backoff_base_s=tuning.backoff_base_s, backoff_cap_s=tuning.backoff_cap_s,
+            none_codes=none_codes, none_poll_s=tuning.upcoming_poll_s, errors=self._errors, rng=self._rng,
+        )  # fmt: skip
+
+    async def _start(self, watcher: MetadataWatcher[Any]) -> None:
+        upcoming = self.watchers.get(UPCOMING_MAINTENANCE)
+        if watcher.path == MAINTENANCE_EVENT and upcoming is not None:
+            # A TERMINATE seen first would drain on the budget instead of the window start.
+            try:
+                async with asyncio.timeout(self._client.timeout_s):
+                    await upcoming.attempted.wait()
+            except TimeoutError:
+                log.info("upcoming-maintenance still unread; watching maintenance-event anyway")
+        await watcher.run()
+
+    async def _identity(self, presence: MetadataPresence) -> None:
+        """Publish the identity; fields that failed (not merely absent) are read again later."""
+        for attempt in range(1, 6):
+            identity = await fetch_identity(self._client, presence, retry_base_s=self._tuning.identity_retry_s)
+            self._snapshot.put(IDENTITY_KEY, identity, math.inf)
+            if not identity.unreadable:
+                return
+            await asyncio.sleep(self._backoff(attempt, self._tuning.redetect_s))
+
+    def _backoff(self, failures: int, cap_s: float) -> float:
+        return backoff_s(failures, min(self._tuning.backoff_base_s, cap_s), cap_s, self._rng)

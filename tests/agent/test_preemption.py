@@ -1,0 +1,327 @@
+"""Spot preemption and host maintenance: the policy on a real Lifecycle (tables, no
+loop), and the whole watch against the fake metadata server over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import pytest
+
+from agent.config import DrainConfig, PreemptionConfig
+from agent.preemption import (
+    IDENTITY_KEY,
+    WATCH_KEY,
+    MetadataWatch,
+    PreemptionPolicy,
+    WatchTuning,
+    window_start_wall,
+)
+from agent.sim.metadata import FakeMetadataServer
+from probes.metadata import MetadataClient, MetadataPresence
+from probes.snapshot import Snapshot
+from state_machine import DrainReason, Lifecycle, State
+from tests.harness import until
+
+NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+TERMINATE, MIGRATE = "TERMINATE_ON_HOST_MAINTENANCE", "MIGRATE_ON_HOST_MAINTENANCE"
+FAST = WatchTuning(timeout_sec=1, backoff_base_s=0.01, backoff_cap_s=0.05, redetect_s=0.1, upcoming_poll_s=0.05,
+                   identity_retry_s=0.01)  # fmt: skip
+
+
+def ready() -> Lifecycle:
+    lifecycle = Lifecycle()
+    lifecycle.start_warming()
+    lifecycle.mark_ready("test")
+    return lifecycle
+
+
+def policy_for(lifecycle: Lifecycle, **preemption: Any) -> PreemptionPolicy:
+    return PreemptionPolicy(lifecycle, PreemptionConfig(**preemption), DrainConfig(timeout_s=300), wall=lambda: NOW)
+
+
+def deadline_in_s(lifecycle: Lifecycle) -> float:
+    assert lifecycle.drain is not None
+    return lifecycle.drain.deadline_mono - time.monotonic()
+
+
+def drains(lifecycle: Lifecycle) -> int:
+    return sum(1 for t in lifecycle.history if t.to_state is State.DRAINING and t.from_state is not State.DRAINING)
+
+
+# --- the policy ----------------------------------------------------------------------
+def test_preemption_notice_drains_at_once_with_the_budget_minus_the_margin() -> None:
+    lifecycle = ready()
+    policy = policy_for(lifecycle)
+    policy.on_preempted(False, "e0")
+    assert lifecycle.state is State.READY
+    policy.on_preempted(True, "e1")
+    assert lifecycle.state is State.DRAINING and lifecycle.drain.reason is DrainReason.PREEMPTION
+    assert 24.5 <= deadline_in_s(lifecycle) <= 25.0  # 30 s notice budget - 5 s safety margin
+    event = {"at": "2027-01-15T08:00:00+00:00", "kind": "preempted", "value": "TRUE", "action": "drain"}
+    assert policy.events[-1] == event
+
+
+def test_preemption_deadline_follows_a_longer_notice_budget() -> None:
+    lifecycle = ready()
+    policy_for(lifecycle, notice_budget_s=120).on_preempted(True, "e1")
+    assert 114.5 <= deadline_in_s(lifecycle) <= 115.0
+
+
+def test_false_after_true_changes_nothing_preemption_is_terminal() -> None:
+    lifecycle = ready()
+    policy = policy_for(lifecycle)
+    policy.on_preempted(True, "e1")
+    policy.on_preempted(False, "e0")
+    policy.on_maintenance_event("NONE", "m0")
+    assert lifecycle.state is State.DRAINING and lifecycle.drain.reason is DrainReason.PREEMPTION
+    assert policy.preempted and policy.events[-2]["action"] == "ignored: preemption is terminal"
+
+
+def test_second_preemption_notice_is_not_a_second_drain() -> None:
+    lifecycle = ready()
+    policy = policy_for(lifecycle)
+    policy.on_preempted(True, "e1")
+    policy.on_preempted(True, "e1")
+    policy.on_preempted(True, "e2")
+    assert drains(lifecycle) == 1 and len(lifecycle.history) == 3  # warm, ready, drain
+    assert [e["action"] for e in policy.events] == ["drain", "no change: already handled", "no change: already handled"]
+
+
+def test_node_preempted_before_it_was_ready_never_becomes_ready() -> None:
+    lifecycle = Lifecycle()
+    lifecycle.start_warming()
+    policy_for(lifecycle).on_preempted(True, "e1")
+    assert not lifecycle.mark_ready("health passed")
+    assert lifecycle.state is State.DRAINING
+
+
+@pytest.mark.parametrize(
+    "value, drain_on_migrate, drains_for",
+    [(TERMINATE, False, DrainReason.MAINTENANCE), (MIGRATE, False, None), (MIGRATE, True, DrainReason.MAINTENANCE),
+     ("NONE", False, None)],
+)  # fmt: skip
+def test_terminate_drains_for_maintenance_migrate_is_only_recorded(value, drain_on_migrate, drains_for) -> None:
+    lifecycle = ready()
+    policy = policy_for(lifecycle, drain_on_migrate=drain_on_migrate)
+    policy.on_maintenance_event(value, "m1")
+    assert (lifecycle.drain.reason if lifecycle.drain else None) is drains_for
+    assert policy.maintenance_event == value and policy.events[-1]["value"] == value
+    assert policy.describe()["maintenance_event"] == value
+
+
+@pytest.mark.parametrize(
+    "upcoming, budget_s, expected_s",
+    [(None, 3600, 295), (None, 100, 95),  # no window known: min(drain timeout, budget) - margin
+     ({"window_start_time": "2027-01-15T08:02:00Z"}, 3600, 115),  # window in 120 s
+     ({"window_start_time": "2027-01-15T09:00:00+00:00"}, 3600, 295),  # window beyond the drain timeout
+     ({"window_start_time": "2027-01-15T07:00:00Z"}, 3600, 0),  # already started: no time to lose
+     ({"window_start_time": "not a time"}, 3600, 295)],
+)  # fmt: skip
+def test_maintenance_deadline_comes_from_the_window_start_when_known(upcoming, budget_s, expected_s) -> None:
+    lifecycle = ready()
+    policy = policy_for(lifecycle, maintenance_budget_s=budget_s)
+    policy.on_upcoming_maintenance(upcoming, "u1")
+    policy.on_maintenance_event(TERMINATE, "m1")
+    assert expected_s - 0.5 <= deadline_in_s(lifecycle) <= expected_s
+
+
+def test_none_after_terminate_never_undoes_the_maintenance_drain() -> None:
+    lifecycle = ready()
+    policy = policy_for(lifecycle)
+    policy.on_maintenance_event(TERMINATE, "m1")
+    policy.on_maintenance_event("NONE", "m0")
+    policy.on_maintenance_event(TERMINATE, "m1")
+    assert lifecycle.drain.reason is DrainReason.MAINTENANCE and drains(lifecycle) == 1
+
+
+def test_preemption_takes_over_a_maintenance_drain_with_its_shorter_deadline() -> None:
+    lifecycle = ready()
+    policy = policy_for(lifecycle)
+    policy.on_maintenance_event(TERMINATE, "m1")
+    policy.on_preempted(True, "e1")
+    assert lifecycle.drain.reason is DrainReason.PREEMPTION and deadline_in_s(lifecycle) <= 25.0
+
+
+@pytest.mark.parametrize(
+    "info, wall",
+    [({"window_start_time": "2027-01-15T08:00:00Z"}, NOW), ({"windowStartTime": "2027-01-15T08:00:00.000Z"}, NOW),
+     ({"window_start_time": "2027-01-15T08:00:00"}, NOW), ({"window_start_time": 5}, None), (None, None), ({}, None)],
+)  # fmt: skip
+def test_window_start_is_read_from_either_spelling_in_utc(info, wall) -> None:
+    assert window_start_wall(info) == wall
+
+
+# --- the watch over the wire -----------------------------------------------------------
+@pytest.fixture
+async def server() -> AsyncIterator[FakeMetadataServer]:
+    fake = FakeMetadataServer()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as http:
+        yield http
+
+
+@contextlib.asynccontextmanager
+async def watching(base_url: str, session: aiohttp.ClientSession, lifecycle: Lifecycle, **cfg: Any):
+    snapshot = Snapshot()
+    preemption = PreemptionConfig(**cfg)
+    policy = PreemptionPolicy(lifecycle, preemption, DrainConfig())
+    client = MetadataClient(base_url, session, timeout_s=1, wait_slack_s=0.5)
+    watch = MetadataWatch(client, snapshot, policy, preemption, tuning=FAST)
+    task = asyncio.create_task(watch.run())
+    try:
+        yield watch, snapshot, policy
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task  # anything else the watch raised fails the test
+
+
+def closed_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/computeMetadata/v1/"
+
+
+async def test_preemption_over_the_wire_drains_at_once(server, session) -> None:
+    lifecycle = ready()
+    async with watching(server.url, session, lifecycle) as (_, snapshot, _):
+        await until(lambda: server.parked("instance/preempted") == 1, 2)
+        assert lifecycle.state is State.READY and snapshot.value("metadata.preempted") is False
+        notice_at = time.monotonic()
+        await server.set("instance/preempted", "TRUE")
+        await until(lambda: lifecycle.state is State.DRAINING, 1)
+        assert time.monotonic() - notice_at < 0.5
+    assert lifecycle.drain.reason is DrainReason.PREEMPTION and 24 <= deadline_in_s(lifecycle) <= 25
+    assert snapshot.value(WATCH_KEY)["watching"] == ["instance/preempted", "instance/upcoming-maintenance",
+                                                      "instance/maintenance-event"]  # fmt: skip
+
+
+async def test_agent_started_on_a_preempted_node_never_becomes_ready(session) -> None:
+    fake = FakeMetadataServer({"instance/preempted": "TRUE"})
+    await fake.start()
+    lifecycle = Lifecycle()
+    lifecycle.start_warming()
+    try:
+        async with watching(fake.url, session, lifecycle) as (watch, _, policy):
+            await until(watch.settled.is_set, 2)
+            assert lifecycle.state is State.DRAINING and not lifecycle.mark_ready("health passed")
+            await fake.set("instance/preempted", "FALSE")  # never undoes it
+            await until(lambda: ("preempted", "FALSE") in [(e["kind"], e["value"]) for e in policy.events], 2)
+            assert lifecycle.state is State.DRAINING and lifecycle.drain.reason is DrainReason.PREEMPTION
+    finally:
+        await fake.stop()
+
+
+async def test_metadata_faults_cause_no_false_drain_and_read_as_unknown(server, session) -> None:
+    lifecycle = ready()
+    async with watching(server.url, session, lifecycle) as (watch, snapshot, _):
+        await until(lambda: server.parked("instance/preempted") == 1, 2)
+        server.inject("instance/preempted", "503", "garbage", "no_etag", "reset", "reset", "503")
+        server.inject("instance/maintenance-event", "garbage", "503", "no_etag")
+        await server.set("instance/preempted", "MAYBE")  # garbage value too
+        await until(lambda: watch.watchers["instance/preempted"].failures >= 3, 3)
+        assert lifecycle.state is State.READY
+        assert snapshot.get("metadata.preempted").is_stale(snapshot.now())  # unknown, not FALSE
+        await server.set("instance/preempted", "TRUE")
+        await until(lambda: lifecycle.state is State.DRAINING, 3)
+    assert lifecycle.drain.reason is DrainReason.PREEMPTION and drains(lifecycle) == 1
+
+
+async def test_terminate_over_the_wire_drains_by_the_window_start(server, session) -> None:
+    lifecycle = ready()
+    start = datetime.fromtimestamp(time.time() + 120, UTC).isoformat().replace("+00:00", "Z")
+    await server.set("instance/upcoming-maintenance", json.dumps({"type": "SCHEDULED", "window_start_time": start}))
+    async with watching(server.url, session, lifecycle) as (_, snapshot, policy):
+        await until(lambda: server.parked("instance/maintenance-event") == 1 and policy.upcoming is not None, 2)
+        await server.set("instance/maintenance-event", MIGRATE)
+        await until(lambda: snapshot.value("metadata.maintenance_event") == MIGRATE, 2)
+        assert lifecycle.state is State.READY
+        await server.set("instance/maintenance-event", TERMINATE)
+        await until(lambda: lifecycle.state is State.DRAINING, 2)
+    assert lifecycle.drain.reason is DrainReason.MAINTENANCE and 113 <= deadline_in_s(lifecycle) <= 115
+
+
+async def test_restricted_server_is_reported_blind_not_healthy(session) -> None:
+    fake = FakeMetadataServer(restricted=True, cluster=("serving", "us-central1"))
+    await fake.start()
+    try:
+        async with watching(fake.url, session, ready()) as (watch, snapshot, _):
+            await until(lambda: snapshot.get(WATCH_KEY) is not None and snapshot.get(IDENTITY_KEY) is not None, 2)
+            reading = snapshot.get(WATCH_KEY)
+            assert reading.is_stale(snapshot.now()) and reading.code == "blind" and "SIGTERM" in reading.error
+            assert reading.value["blind_to_preemption"] is True and reading.value["presence"] == "restricted"
+            assert "instance/preempted" not in reading.value["watching"] and watch.settled.is_set()
+            identity = snapshot.value(IDENTITY_KEY)
+            assert identity.presence is MetadataPresence.RESTRICTED and identity.cluster_name == "serving"
+    finally:
+        await fake.stop()
+    assert [r.query for r in fake.served("instance/preempted")] == [{}]  # asked once, never watched
+
+
+async def test_absent_server_in_auto_mode_watches_nothing_and_says_so(session) -> None:
+    lifecycle = ready()
+    async with watching(closed_url(), session, lifecycle) as (watch, snapshot, _):
+        await until(lambda: snapshot.get(IDENTITY_KEY) is not None, 2)  # after three looks, not at the first
+        assert watch.settled.is_set()
+        reading = snapshot.get(WATCH_KEY)
+        assert reading.value["presence"] == "absent" and reading.value["watching"] == []
+        assert not reading.is_stale(snapshot.now())  # nothing to watch off GCE is not a fault
+        assert snapshot.value(IDENTITY_KEY).presence is MetadataPresence.ABSENT
+    assert lifecycle.state is State.READY and snapshot.get("metadata.preempted") is None
+
+
+async def test_absent_server_when_enabled_true_is_reported_failing(session) -> None:
+    async with watching(closed_url(), session, ready(), enabled="true") as (watch, snapshot, _):
+        await until(watch.settled.is_set, 2)
+        reading = snapshot.get(WATCH_KEY)
+        assert reading.code == "absent" and reading.is_stale(snapshot.now()) and "enabled=true" in reading.error
+
+
+async def test_a_server_that_appears_later_is_found_and_watched(session) -> None:
+    fake = FakeMetadataServer()
+    url = closed_url()
+    port = int(url.split(":")[2].split("/")[0])
+    lifecycle = ready()
+    async with watching(url, session, lifecycle) as (watch, snapshot, _):
+        await until(watch.settled.is_set, 2)
+        await fake.start(port)
+        try:
+            await until(lambda: snapshot.value(WATCH_KEY) and snapshot.value(WATCH_KEY)["presence"] == "present", 3)
+            await fake.set("instance/preempted", "TRUE")
+            await until(lambda: lifecycle.state is State.DRAINING, 2)
+        finally:
+            await fake.stop()
+
+
+async def test_disabled_watch_contacts_nothing(server, session) -> None:
+    async with watching(server.url, session, ready(), enabled="false") as (watch, snapshot, _):
+        await until(watch.settled.is_set, 2)
+        assert snapshot.value(WATCH_KEY)["watching"] == [] and snapshot.get(IDENTITY_KEY) is None
+    assert server.requests == []
+
+
+async def test_a_server_answering_badly_at_start_is_unknown_then_watched(server, session) -> None:
+    server.inject("project/project-id", "503", times=3)
+    async with watching(server.url, session, ready()) as (watch, snapshot, _):
+        journal: list[tuple[str | None, bool]] = []
+        snapshot.subscribe(
+            lambda key, reading: journal.append((reading.code, watch.settled.is_set())) if key == WATCH_KEY else None
+        )
+        await until(watch.settled.is_set, 2)
+        reading = snapshot.get(WATCH_KEY)
+        assert reading.value["presence"] == "present" and not reading.is_stale(snapshot.now())
+    assert journal == [("http_503", False)] * 3 + [(None, False)]  # unknown three times, never "absent"
