@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 _TICK_S = 1.0
 _SHUTDOWN_BUDGET_S = 10.0
 _FLUSH_BUDGET_S = 5.0
+_METADATA_HOLD_MAX_S = 30.0
 
 
 class StartupError(Exception):
@@ -84,7 +85,9 @@ class Daemon:
 
             self.exporter = Exporter(cfg.export, self.snapshot, self.lifecycle, environ=self.environ)
         self.idle = IdleWatchdog(self.lifecycle, self.snapshot, cfg.idle, cfg.drain)
-        self.readiness = ReadinessPolicy(self.lifecycle, cfg.inference.ready_after, cfg.inference.lost_after)
+        self.readiness = ReadinessPolicy(
+            self.lifecycle, cfg.inference.ready_after, cfg.inference.lost_after, hold=self._metadata_hold
+        )
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(AgentCollector(self))
         self.signals_received = 0
@@ -100,6 +103,7 @@ class Daemon:
         self._http: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._metadata_session: aiohttp.ClientSession | None = None
+        self._metadata_watch: MetadataWatch | None = None
         self.lifecycle.subscribe(self._on_transition)
         lifecycle_context.provider = lambda: {"state": self.lifecycle.state.value, "reason": self.lifecycle.reason}
 
@@ -271,6 +275,7 @@ class Daemon:
             "readings": describe_all(self.snapshot),
             "probe_errors": dict(self.probe_errors),
             "readiness": {
+                "held_by": self.readiness.held_by,
                 "consecutive_successes": self.readiness.successes,
                 "consecutive_failures": self.readiness.failures,
                 "ready_after": self.cfg.inference.ready_after,
@@ -340,6 +345,7 @@ class Daemon:
         )
         client = MetadataClient(metadata_base_url(cfg.metadata_host, self.environ), self._metadata_session)
         watch = MetadataWatch(client, self.snapshot, self.preemption, cfg, errors=self.probe_errors)
+        self._metadata_watch = watch
         supervisor.add("metadata", watch.run)  # "false" contacts nothing and says so
 
     def _start_gpu(self, supervisor: Supervisor) -> None:
@@ -358,6 +364,18 @@ class Daemon:
         runner = ProbeRunner(probe, self.snapshot, self.probe_errors, on_sample=on_sample)
         self._runners[probe.name] = runner
         supervisor.add(f"probe.{probe.name}", runner.run, critical=critical)
+
+    def _metadata_hold(self) -> str | None:
+        """Hold READY until instance/preempted has been read once, so an agent restarted
+        on a preempted node never advertises it; bounded, since unknown is not preempted."""
+        watch = self._metadata_watch
+        if watch is None or time.monotonic() - self.started_mono > _METADATA_HOLD_MAX_S:
+            return None
+        if not watch.settled.is_set():
+            return "waiting for the first metadata read"
+        if "instance/preempted" in watch.watchers and self.snapshot.value("metadata.preempted", fresh=False) is None:
+            return "instance/preempted not read yet"
+        return None
 
     def _refresh_in_flight(self) -> None:
         runner = self._runners.get("vllm")

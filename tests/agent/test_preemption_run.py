@@ -133,3 +133,17 @@ async def _is(http: aiohttp.ClientSession, agent: AgentProcess, expected: str) -
 async def _post(http: aiohttp.ClientSession, url: str) -> tuple[int, object]:
     async with http.post(url) as resp:
         return resp.status, await resp.json()
+
+
+async def test_restart_on_a_preempted_node_with_a_flaky_metadata_server_never_becomes_ready(tmp_path, servers) -> None:
+    meta, vllm = servers
+    await meta.set("instance/preempted", "TRUE")
+    meta.inject("instance/preempted", "503", "503", "503")  # the first reads fail: unknown, not "safe"
+    agent = await start(tmp_path, meta, vllm)
+    try:
+        async with aiohttp.ClientSession() as http:
+            await until(lambda: _is(http, agent, "TERMINATED"), 20)
+            _, full = await get_json(http, f"{agent.url}/status")
+            assert "READY" not in [t["to"] for t in full["history"]]
+    finally:
+        agent.kill()
