@@ -7,7 +7,7 @@ MIG autoscaler (Compute Engine docs, "Understanding autoscaler decisions" and
    leaving out VMs still in their initialization period ("the autoscaler ignores
    data from VMs that are still initializing"). No data at all: the current size.
 2. Stabilization: the recommended size is the peak raw recommendation over the last
-   10 minutes, so scale-out is immediate and scale-in follows the peak.
+   10 minutes (now - 10 min, now], so scale-out is immediate and scale-in follows the peak.
 3. Scale-in controls: never below (the largest size of the trailing `scale_in_window_s`)
    - `max_scaled_in_replicas`. Then min/max replicas.
 
@@ -91,11 +91,11 @@ class MigAutoscaler:
         p = self.p
         raw = min(max(mig_raw_recommendation(members, p, current), p.min_replicas), p.max_replicas)
         self._raw.append((now_s, raw))
-        while self._raw[0][0] < now_s - p.stabilization_s:
+        while self._raw[0][0] <= now_s - p.stabilization_s and len(self._raw) > 1:
             self._raw.popleft()
         size = max(r for _, r in self._raw)
         self._sizes.append((now_s, current))
-        while self._sizes[0][0] < now_s - p.scale_in_window_s:
+        while self._sizes[0][0] <= now_s - p.scale_in_window_s:
             self._sizes.popleft()
         if size < current:
             size = max(size, max(s for _, s in self._sizes) - p.max_scaled_in_replicas)

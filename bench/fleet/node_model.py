@@ -64,8 +64,8 @@ class ServingParams:
     kv_capacity_tokens: float = 200_000.0
     prompt_tokens: float = 1500.0  # mean per request (a trace may override)
     output_tokens: float = 300.0  # mean per request (a trace may override)
-    tpot_base_s: float = 0.012
-    tpot_per_seq_s: float = 0.00035
+    tpot_base_s: float = 0.010
+    tpot_per_seq_s: float = 0.00012
     prefill_tokens_per_s: float = 10_000.0
     prefill_batch_slowdown: float = 2.0
     gpu_busy_seqs: float = 1.0

@@ -16,7 +16,7 @@ after replacement_delay_s [60 s] plus boot_s.
 
 The load balancer splits each step's arrivals evenly over the nodes that accept
 (READY, or draining within the propagation delay); with none, requests are rejected.
-Agents scrape their vLLM every scrape_interval_s [5 s] and export every
+Agents scrape their vLLM every scrape_interval_s [15 s] and export every
 export_interval_s [60 s]; the autoscaler reads each node's latest exported point.
 GPU-hours count every node from creation to its end (what the cloud bills).
 """
@@ -63,7 +63,7 @@ class FleetParams:
     safety_margin_s: float = 5.0
     drain_propagation_s: float = 5.0
     drain_timeout_s: float = 300.0
-    scrape_interval_s: float = 5.0
+    scrape_interval_s: float = 15.0
     export_interval_s: float = 60.0
     window_s: float = 60.0
     slo_ttft_s: float = 2.0

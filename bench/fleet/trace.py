@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import csv
+import itertools
 import math
 import random
 from dataclasses import dataclass
@@ -100,7 +101,7 @@ def load_trace(path: Path) -> Trace:
                 raise TraceError(f"{path}:{lineno}: {header[i]}={cell!r} must be a finite number >= 0")
             columns[i].append(value)
     times = columns[0]
-    if times[0] != 0 or any(b <= a for a, b in zip(times, times[1:])):
+    if times[0] != 0 or any(b <= a for a, b in itertools.pairwise(times)):
         raise TraceError(f"{path}: t_s must start at 0 and increase strictly")
     tokens = (tuple(columns[2]), tuple(columns[3])) if len(header) == 4 else (None, None)
     return Trace(path.stem, tuple(times), tuple(columns[1]), *tokens)

@@ -1,0 +1,136 @@
+"""The demand gauge (agent/demand.py): the formula, its missing and stale inputs, and
+what every autoscaling series carries in each lifecycle state."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from agent.demand import (
+    DemandTargets,
+    NodeLoad,
+    Series,
+    autoscaling_values,
+    next_held,
+    node_demand,
+)
+from state_machine import State
+
+TARGETS = DemandTargets(queue_per_node=10.0, kv_usage_ratio=0.5, ttft_p95_s=2.0, max_demand=3.0)
+
+
+@pytest.mark.parametrize(
+    ("waiting", "kv", "ttft_s", "stale", "value", "dominant"),
+    [
+        (5.0, None, None, False, 0.5, "queue"),
+        (None, 0.4, None, False, 0.8, "kv_cache"),
+        (None, None, 3.0, False, 1.5, "ttft"),
+        (5.0, 0.6, 1.0, False, 1.2, "kv_cache"),  # the term furthest over its target wins
+        (12.0, 0.5, 2.0, False, 1.2, "queue"),
+        (0.0, 0.0, None, False, 0.0, "queue"),  # idle; a tie goes to the first term
+        (100.0, 1.0, 40.0, False, 3.0, "ttft"),  # a backlog is capped at max_demand
+        (None, None, None, False, None, "none"),  # nothing known: no value
+        (None, None, None, True, 1.0, "stale"),  # a hung vLLM counts as one full node
+        (1.0, 0.1, 0.5, True, 1.0, "stale"),  # held low values cannot show spare capacity
+        (30.0, None, None, True, 3.0, "queue"),  # held high values stand
+        (math.nan, 0.4, None, False, 0.8, "kv_cache"),  # a broken input is left out, not taken as 0
+        (-3.0, None, math.inf, False, None, "none"),
+    ],
+)
+def test_demand_is_the_term_furthest_over_its_target(waiting, kv, ttft_s, stale, value, dominant) -> None:
+    result = node_demand(waiting, kv, ttft_s, TARGETS, stale=stale)
+    assert result.dominant == dominant
+    if value is None:
+        assert result.value is None
+    else:
+        assert result.value == pytest.approx(value)
+
+
+def test_without_a_cap_the_backlog_is_reported_whole() -> None:
+    targets = DemandTargets(queue_per_node=10.0, kv_usage_ratio=0.5, ttft_p95_s=2.0, max_demand=None)
+    assert node_demand(250.0, 1.0, None, targets).value == pytest.approx(25.0)
+
+
+@pytest.mark.parametrize(
+    ("state", "held", "value", "dominant"),
+    [
+        (State.INIT, 2.0, 0.0, "warming"),
+        (State.WARMING, 2.0, 0.0, "warming"),
+        (State.DRAINING, 1.7, 1.7, "held"),
+        (State.DRAINING, None, 0.0, "held"),  # drained before it ever served
+        (State.TERMINATED, 0.4, 0.4, "held"),
+    ],
+)
+def test_demand_outside_ready_follows_the_lifecycle_rule(state, held, value, dominant) -> None:
+    result = node_demand(50.0, 1.0, 9.0, TARGETS, state=state, held=held)
+    assert (result.value, result.dominant) == (pytest.approx(value), dominant)
+
+
+@pytest.mark.parametrize("field", ["queue_per_node", "kv_usage_ratio", "ttft_p95_s", "max_demand"])
+@pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf])
+def test_targets_reject_values_that_are_not_positive_and_finite(field, bad) -> None:
+    with pytest.raises(ValueError, match=field):
+        DemandTargets(**{field: bad})
+
+
+def test_targets_defaults_put_the_gauge_at_one_at_its_targets() -> None:
+    t = DemandTargets()
+    assert node_demand(t.queue_per_node, None, None, t).value == pytest.approx(1.0)
+    assert node_demand(None, t.kv_usage_ratio, None, t).value == pytest.approx(1.0)
+    assert node_demand(None, None, t.ttft_p95_s, t).value == pytest.approx(1.0)
+
+
+READY_LOAD = NodeLoad(waiting=4.0, running=20.0, kv_cache_usage_ratio=0.3, ttft_p95_s=0.8, gpu_usage_percent=97.0)
+READY_VALUES = {
+    Series.DEMAND: 0.6,
+    Series.QUEUE_LENGTH: 4.0,
+    Series.PENDING_REQUESTS: 24.0,
+    Series.TTFT_P95_MS: 800.0,
+    Series.GPU_USAGE_PERCENT: 97.0,
+}
+ZEROS = dict.fromkeys(Series, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("state", "load", "held", "expected"),
+    [
+        (State.READY, READY_LOAD, None, READY_VALUES),
+        # READY with nothing read yet: neutral demand, zero load, GPU unknown
+        (State.READY, NodeLoad(), None, {**ZEROS, Series.DEMAND: 1.0, Series.GPU_USAGE_PERCENT: None}),
+        (State.WARMING, READY_LOAD, READY_VALUES, ZEROS),  # start-up GPU noise is not load
+        (State.INIT, NodeLoad(), None, {**ZEROS, Series.GPU_USAGE_PERCENT: None}),
+        (State.DRAINING, NodeLoad(waiting=0.0, running=1.0, kv_cache_usage_ratio=0.01), READY_VALUES, READY_VALUES),
+        (State.TERMINATED, NodeLoad(), READY_VALUES, READY_VALUES),
+        (State.DRAINING, READY_LOAD, None, ZEROS),  # never served: holds zero
+    ],
+)
+def test_every_autoscaling_series_is_written_in_every_state(state, load, held, expected) -> None:
+    values = autoscaling_values(state, load, TARGETS, held)
+    assert set(values) == set(Series)
+    for series, want in expected.items():
+        assert values[series] == (None if want is None else pytest.approx(want)), series
+
+
+def test_a_stale_reading_holds_its_values_and_floors_the_demand() -> None:
+    values = autoscaling_values(State.READY, NodeLoad(waiting=1.0, running=3.0, kv_cache_usage_ratio=0.1, stale=True), TARGETS)
+    assert values[Series.DEMAND] == 1.0
+    assert values[Series.QUEUE_LENGTH] == 1.0
+    assert values[Series.PENDING_REQUESTS] == 4.0
+
+
+def test_the_exporter_holds_what_it_wrote_while_ready_through_the_drain() -> None:
+    held: dict[Series, float | None] = {}
+    rounds = [
+        (State.WARMING, NodeLoad()),
+        (State.READY, READY_LOAD),
+        (State.DRAINING, NodeLoad(waiting=0.0, running=2.0, kv_cache_usage_ratio=0.02, ttft_p95_s=0.3)),
+        (State.DRAINING, NodeLoad(waiting=0.0, running=0.0, kv_cache_usage_ratio=0.0)),
+        (State.TERMINATED, NodeLoad()),
+    ]
+    written = []
+    for state, load in rounds:
+        values = autoscaling_values(state, load, TARGETS, held)
+        held = next_held(state, values, held)
+        written.append(values[Series.DEMAND])
+    assert written == [0.0, pytest.approx(0.6), pytest.approx(0.6), pytest.approx(0.6), pytest.approx(0.6)]
