@@ -108,6 +108,15 @@ class SloConfig(_Section):
     window_s: float = Field(60.0, ge=5, le=3600)  # sliding window for rates, quantiles and goodput
 
 
+class AutoscalingConfig(_Section):
+    """Targets of the node demand gauge (agent/demand.py): 1.0 = exactly at target."""
+
+    queue_per_node: float = Field(10.0, gt=0)
+    kv_usage_ratio: float = Field(0.5, gt=0, le=1)
+    ttft_p95_ms: float | None = Field(None, gt=0)  # default: slo.ttft_ms
+    max_demand: float | None = Field(3.0, gt=0)
+
+
 class GpuConfig(_Section):
     enabled: bool = True
     poll_interval_s: float = Field(1.0, gt=0, le=60)
@@ -155,6 +164,7 @@ class AgentConfig(BaseSettings):
     drain: DrainConfig = DrainConfig()
     idle: IdleConfig = IdleConfig()
     slo: SloConfig = SloConfig()
+    autoscaling: AutoscalingConfig = AutoscalingConfig()
     gpu: GpuConfig = GpuConfig()
     host: HostConfig = HostConfig()
     logging: LoggingConfig = LoggingConfig()

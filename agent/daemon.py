@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from agent import __version__
 from agent.config import AgentConfig
+from agent.demand import DemandGauge, DemandTargets
 from agent.drain import DrainController
 from agent.gpu_faults import GpuFaultPolicy
 from agent.idle import IdleWatchdog
@@ -83,7 +84,16 @@ class Daemon:
         if cfg.export.enabled:
             from agent.exporter.client import Exporter  # light; monitoring_v3 loads at the first push
 
-            self.exporter = Exporter(cfg.export, self.snapshot, self.lifecycle, environ=self.environ)
+            self.exporter = Exporter(cfg.export, self.snapshot, self.lifecycle, environ=self.environ, demand=self.demand_now)
+        auto = cfg.autoscaling
+        self.demand = DemandGauge(
+            DemandTargets(
+                queue_per_node=auto.queue_per_node,
+                kv_usage_ratio=auto.kv_usage_ratio,
+                ttft_p95_s=(auto.ttft_p95_ms or cfg.slo.ttft_ms) / 1000.0,
+                max_demand=auto.max_demand,
+            )
+        )
         self.idle = IdleWatchdog(self.lifecycle, self.snapshot, cfg.idle, cfg.drain)
         self.readiness = ReadinessPolicy(
             self.lifecycle, cfg.inference.ready_after, cfg.inference.lost_after, hold=self._metadata_hold
@@ -364,6 +374,14 @@ class Daemon:
         runner = ProbeRunner(probe, self.snapshot, self.probe_errors, on_sample=on_sample)
         self._runners[probe.name] = runner
         supervisor.add(f"probe.{probe.name}", runner.run, critical=critical)
+
+    def demand_now(self) -> float | None:
+        """node/demand for this moment (exporter round or /metrics scrape)."""
+        reading = self.snapshot.get("vllm")
+        fresh = self.snapshot.value("vllm")
+        refused = reading is not None and reading.failed_with("refused")
+        vllm = fresh if fresh is not None or refused or reading is None else reading.value
+        return self.demand.value(self.lifecycle.state, vllm, stale=fresh is None and vllm is not None)
 
     def _metadata_hold(self) -> str | None:
         """Hold READY until instance/preempted has been read once, so an agent restarted

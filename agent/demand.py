@@ -54,6 +54,8 @@ The exporter keeps `held` itself: `held = next_held(state, values, held)` each r
 
 from __future__ import annotations
 
+from typing import Any
+
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -250,3 +252,25 @@ def next_held(
     if state is State.READY:
         return dict(values)
     return dict(held or {})
+
+
+class DemandGauge:
+    """The node/demand value the agent publishes (on /metrics and to Cloud Monitoring),
+    with the values held from the last READY round. `vllm` is the VllmReading (or None),
+    `stale` True when it is the last good one of an unreadable vLLM."""
+
+    def __init__(self, targets: DemandTargets) -> None:
+        self.targets = targets
+        self._held: dict[Series, float | None] = {}
+
+    def value(self, state: State, vllm: Any, *, stale: bool) -> float | None:
+        load = NodeLoad() if vllm is None else NodeLoad(
+            waiting=vllm.requests_waiting,
+            running=vllm.requests_running,
+            kv_cache_usage_ratio=vllm.kv_cache_usage_ratio,
+            ttft_p95_s=vllm.ttft_s.get("p95"),
+            stale=stale,
+        )
+        values = autoscaling_values(state, load, self.targets, self._held)
+        self._held = next_held(state, values, self._held)
+        return values[Series.DEMAND]

@@ -36,6 +36,9 @@ class AgentCollector(Collector):
         yield from self._gpu()
         yield from self._host()
         yield from self._gpu_faults()
+        demand = getattr(self._source, "demand_now", None)
+        if demand is not None:
+            yield _gauge("gpu_node_agent_node_demand_ratio", "load relative to the autoscaling targets; 1.0 = at target", demand())
         exporter = getattr(self._source, "exporter", None)
         if exporter is not None:
             yield from exporter.collect()

@@ -95,9 +95,11 @@ class Exporter:
         environ: dict[str, str] | None = None,
         hostname: str | None = None,
         tuning: Tuning = Tuning(),
+        demand: Callable[[], float | None] | None = None,
     ) -> None:
         self.cfg = cfg
         self._snapshot, self._lifecycle = snapshot, lifecycle
+        self._demand = demand  # node/demand for this round (agent/demand.py), or not written
         self._client_factory = client_factory or build_client
         self._clock, self._wall = clock, wall
         self._environ = dict(os.environ if environ is None else environ)
@@ -215,7 +217,7 @@ class Exporter:
             log.log(logging.INFO if final else logging.WARNING, "export sample skipped: the previous one is under 5 s old",
                     extra={"previous_age_s": round(end - self._last_end_wall, 3)})
             return
-        self._backlog.append(Batch(end, series_points(node_metrics_from_snapshot(self._snapshot, self._lifecycle))))
+        self._backlog.append(Batch(end, series_points(node_metrics_from_snapshot(self._snapshot, self._lifecycle, self._demand))))
         self._last_end_wall = end
 
     def _report_time(self, report: TerminationReport) -> float:

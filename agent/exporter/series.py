@@ -96,6 +96,7 @@ PENDING = PREFIX + "queue/pending_requests"
 TTFT = PREFIX + "vllm/ttft_ms"
 TPOT = PREFIX + "vllm/tpot_ms"
 AGENT_STATE = PREFIX + "agent/state"
+NODE_DEMAND = PREFIX + "node/demand"
 TERMINATION = PREFIX + "agent/termination/"
 
 # Node-level series carry no per-GPU or per-engine labels: the MIG autoscaler and
@@ -109,6 +110,7 @@ DESCRIPTORS: tuple[Descriptor, ...] = (
     _d("queue/pending_requests", ValueType.DOUBLE, "{request}", "requests the node still owes an answer: running + waiting"),
     _d("vllm/ttft_ms", ValueType.DOUBLE, "ms", "time to first token over the sliding window; 0 when no request finished", _QUANTILE_LABEL),
     _d("vllm/tpot_ms", ValueType.DOUBLE, "ms", "time per output token over the sliding window; 0 when no request finished", _QUANTILE_LABEL),
+    _d("node/demand", ValueType.DOUBLE, "1", "load relative to the autoscaling targets, 1.0 = at target (agent/demand.py)"),
     _d("agent/state", ValueType.INT64, "1", "1 for the node's lifecycle state, 0 for the others", ("state", "INIT, WARMING, READY, DRAINING or TERMINATED")),
     _d("agent/termination/count", ValueType.INT64, "1", "1 per termination report, written once as the node goes away", *_TERMINATION_LABELS),
     _d("agent/termination/drain_seconds", ValueType.DOUBLE, "s", "seconds from the drain's start to its end", *_TERMINATION_LABELS),
@@ -143,9 +145,10 @@ class NodeMetrics:
     kv_cache_used_bytes: float | None = None
     ttft_s: Mapping[str, float | None] = field(default_factory=dict)
     tpot_s: Mapping[str, float | None] = field(default_factory=dict)
+    node_demand: float | None = None
 
 
-def node_metrics_from_snapshot(snapshot: Any, lifecycle: Any) -> NodeMetrics:
+def node_metrics_from_snapshot(snapshot: Any, lifecycle: Any, demand: Any = None) -> NodeMetrics:
     """Read the snapshot keys "vllm" and "gpu" and the lifecycle state (rules in the module docstring)."""
     gpu = snapshot.value("gpu")
     gpu_live = gpu is not None and gpu.gpu_count > 0
@@ -163,6 +166,7 @@ def node_metrics_from_snapshot(snapshot: Any, lifecycle: Any) -> NodeMetrics:
         kv_cache_used_bytes=_kv_used(vllm, zero),
         ttft_s=quantiles_zero if zero else _quantiles(vllm.ttft_s),
         tpot_s=quantiles_zero if zero else _quantiles(vllm.tpot_s),
+        node_demand=None if demand is None else demand(),
     )
 
 
@@ -205,6 +209,7 @@ def series_points(m: NodeMetrics) -> list[SeriesPoint]:
     add(VLLM_QUEUE, m.queue_length)
     add(VLLM_KV, None if m.kv_cache_used_bytes is None else m.kv_cache_used_bytes / _GB)
     add(PENDING, m.pending_requests)
+    add(NODE_DEMAND, m.node_demand)
     for metric_type, values in ((TTFT, m.ttft_s), (TPOT, m.tpot_s)):
         for q in QUANTILES:
             seconds = values.get(q)

@@ -134,3 +134,24 @@ def test_the_exporter_holds_what_it_wrote_while_ready_through_the_drain() -> Non
         held = next_held(state, values, held)
         written.append(values[Series.DEMAND])
     assert written == [0.0, pytest.approx(0.6), pytest.approx(0.6), pytest.approx(0.6), pytest.approx(0.6)]
+
+
+def test_demand_gauge_warming_zero_ready_live_draining_held() -> None:
+    from dataclasses import dataclass as _dc
+
+    from agent.demand import DemandGauge
+
+    @_dc(frozen=True)
+    class V:
+        requests_waiting: float
+        requests_running: float
+        kv_cache_usage_ratio: float | None
+        ttft_s: dict
+
+    gauge = DemandGauge(DemandTargets(queue_per_node=10, kv_usage_ratio=0.5, ttft_p95_s=2.0, max_demand=3.0))
+    busy = V(20, 8, 0.25, {"p95": 1.0})
+    assert gauge.value(State.WARMING, busy, stale=False) == 0.0  # capacity on its way, not demand
+    assert gauge.value(State.READY, busy, stale=False) == 2.0  # waiting 20 / 10 dominates
+    emptying = V(0, 1, 0.01, {"p95": 0.1})
+    assert gauge.value(State.DRAINING, emptying, stale=False) == 2.0  # held from the last READY round
+    assert gauge.value(State.READY, V(100, 8, 0.9, {"p95": 9.0}), stale=False) == 3.0  # capped

@@ -58,6 +58,15 @@ async def test_pushes_autoscaling_series_and_the_report_on_sigterm(tmp_path, wor
         assert point.resource_type == "generic_node"
         assert point.resource_labels["node_id"] == "node-a"
         assert point.metric_labels == {}  # label-free: autoscalers sum one series per node
+        demand = sink.series("custom.googleapis.com/node/demand")[-1]
+        state = next(
+            p.metric_labels["state"] for p in sink.series("custom.googleapis.com/agent/state")
+            if p.end_wall == demand.end_wall and p.value == 1
+        )
+        # 7 waiting / 10 per node while READY; a warming node writes 0 (capacity on its way)
+        assert demand.value == (0.7 if state == "READY" else 0.0) and demand.metric_labels == {}
+        async with aiohttp.ClientSession() as http:
+            await until(lambda: _metric_is(http, agent, "gpu_node_agent_node_demand_ratio 0.7"), 10, 0.1, "demand on /metrics")
         vllm.set_load(0, 0)
         agent.send(signal.SIGTERM)
         assert await agent.exited(20) == 0
@@ -115,3 +124,8 @@ async def test_permission_denied_is_explained_and_the_node_keeps_serving(tmp_pat
         assert any("PERMISSION_DENIED" in line for line in agent.output().splitlines())
     finally:
         agent.kill()
+
+
+async def _metric_is(http: aiohttp.ClientSession, agent: AgentProcess, line: str) -> bool:
+    async with http.get(f"{agent.url}/metrics") as resp:
+        return line in (await resp.text()).splitlines()
