@@ -32,7 +32,8 @@ from agent.idle import IdleWatchdog
 from agent.preemption import MetadataWatch, PreemptionPolicy
 from agent.logs import lifecycle_context
 from agent.readiness import ReadinessPolicy
-from agent.status import describe_all
+from agent.persistence import DrainPersistence
+from agent.status import node_status
 from agent.supervisor import Supervisor
 from agent.systemd import SystemdNotifier
 from probes.base import ProbeRunner
@@ -48,7 +49,7 @@ from service.app import build_app
 from service.auth import AdminAuth
 from service.metrics import AgentCollector
 from state_machine import DrainReason, Lifecycle, Source, State, Transition
-from state_machine.persist import DrainStore, StateFileError
+from state_machine.persist import DrainStore
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,9 @@ class Daemon:
         self.lifecycle = Lifecycle()
         self.probe_errors: Counter[str] = Counter()
         self.notifier = SystemdNotifier(self.environ)
-        self.store = DrainStore(cfg.service.state_dir)
+        self.persistence = DrainPersistence(
+            self.lifecycle, DrainStore(cfg.service.state_dir), restore_deadline_s=cfg.drain.timeout_s
+        )
         self.drainer = DrainController(self.lifecycle, self.snapshot, cfg.drain, refresh=self._refresh_in_flight)
         self.preemption = PreemptionPolicy(self.lifecycle, cfg.preemption, cfg.drain)
         self.gpu_faults = GpuFaultPolicy(self.lifecycle, cfg.gpu, cfg.drain)
@@ -101,15 +104,13 @@ class Daemon:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(AgentCollector(self))
         self.signals_received = 0
-        self.persist_error: str | None = None
         self.bound_port: int | None = None
         self._stop_requested = asyncio.Event()
         self._changed = asyncio.Event()
         self._transitioned = asyncio.Event()
-        self._persist_lock = asyncio.Lock()
         self._flush_lock = asyncio.Lock()
         self._runners: dict[str, ProbeRunner] = {}
-        self._supervisor: Supervisor | None = None
+        self.supervisor: Supervisor | None = None
         self._http: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._metadata_session: aiohttp.ClientSession | None = None
@@ -122,7 +123,7 @@ class Daemon:
         await self.start_http()
         try:
             async with Supervisor() as supervisor:
-                self._supervisor = supervisor
+                self.supervisor = supervisor
                 await self.startup(supervisor)
                 await self.main_loop()
                 await self.shutdown()
@@ -133,14 +134,14 @@ class Daemon:
             await self.stop_http()
 
     async def startup(self, supervisor: Supervisor) -> None:
-        saved = await self._restore_drain()
+        saved = await self.persistence.restore()
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.inference.timeout_s),
             connector=aiohttp.TCPConnector(limit=8, force_close=False),
         )
         self._start_probes(supervisor)
         supervisor.add("drain", self.drainer.run, critical=True)
-        supervisor.add("persist", self._persist_loop)
+        supervisor.add("persist", self.persistence.run)
         supervisor.add("idle", self.idle.run)
         if self.exporter is not None:
             # Not critical: export trouble must never make /healthz fail or flip readiness.
@@ -228,18 +229,18 @@ class Daemon:
 
     # --- what the service asks -------------------------------------------------------
     def broken(self) -> list[str]:
-        return [] if self._supervisor is None else self._supervisor.broken()
+        return [] if self.supervisor is None else self.supervisor.broken()
 
     async def admin_drain(self, reason: str) -> bool:
         started = self.lifecycle.begin_drain(
             DrainReason.ADMIN, Source.ADMIN_API, deadline_s=self.cfg.drain.timeout_s, detail=reason
         )
-        await self._persist_drain()
+        await self.persistence.sync()
         return started
 
     async def admin_resume(self) -> None:
         self.lifecycle.resume(Source.ADMIN_API)
-        await self._persist_drain()
+        await self.persistence.sync()
         self.readiness.successes = 0
 
     async def wait_drained(self, timeout_s: float) -> bool:
@@ -260,59 +261,7 @@ class Daemon:
             return False
 
     def status(self) -> dict[str, Any]:
-        lifecycle = self.lifecycle
-        drain = lifecycle.drain
-        return {
-            "state": lifecycle.state.value,
-            "since": _iso(lifecycle.since_wall),
-            "seconds_in_state": round(lifecycle.seconds_in_state(), 3),
-            "reason": lifecycle.reason,
-            "ready": lifecycle.is_ready,
-            "history": [t.as_dict() for t in list(lifecycle.history)[-50:]],
-            "drain": None
-            if drain is None
-            else {
-                "reason": drain.reason.value,
-                "source": drain.source.value,
-                "detail": drain.detail,
-                "started_at": _iso(drain.started_at_wall),
-                "deadline_in_s": round(max(0.0, drain.deadline_mono - time.monotonic()), 3),
-                "terminal": drain.terminal,
-                "drained": drain.drained,
-                "progress": self.drainer.progress_dict(),
-            },
-            "termination_report": None if self.drainer.report is None else self.drainer.report.as_dict(),
-            "readings": describe_all(self.snapshot),
-            "probe_errors": dict(self.probe_errors),
-            "readiness": {
-                "held_by": self.readiness.held_by,
-                "consecutive_successes": self.readiness.successes,
-                "consecutive_failures": self.readiness.failures,
-                "ready_after": self.cfg.inference.ready_after,
-                "lost_after": self.cfg.inference.lost_after,
-            },
-            "exporter": {"enabled": False} if self.exporter is None else self.exporter.health(),
-            "preemption": {"enabled": self.cfg.preemption.enabled, **self.preemption.describe()},
-            "gpu": {
-                "enabled": self.cfg.gpu.enabled,
-                "faults": self.gpu_faults.describe(),
-                "nvml": None if self.gpu_probe is None else self.gpu_probe.describe(),
-                "xid": None if self.xid_watcher is None else self.xid_watcher.describe(),
-            },
-            "idle": {
-                "after_s": self.cfg.idle.after_s,
-                "idle_for_s": None if self.idle.idle_since is None else round(time.monotonic() - self.idle.idle_since, 3),
-                "action": self.cfg.idle.action,
-                "action_result": self.idle.action_result,
-            },
-            "tasks": {} if self._supervisor is None else self._supervisor.describe(),
-            "state_file": {"path": str(self.store.path), "error": self.persist_error},
-            "systemd": {"notify": self.notifier.enabled, "watchdog_interval_s": self.notifier.watchdog_interval_s},
-            "process": _process_figures(),
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime_s": round(time.monotonic() - self.started_mono, 3),
-        }
+        return node_status(self)
 
     # --- internals ---------------------------------------------------------------------
     def _start_probes(self, supervisor: Supervisor) -> None:
@@ -437,63 +386,3 @@ class Daemon:
 
     def _systemd_status(self) -> str:
         return f"{self.lifecycle.state.value}: {self.lifecycle.reason}"
-
-    async def _restore_drain(self) -> Any:
-        try:
-            saved = await asyncio.to_thread(self.store.load)
-        except StateFileError as exc:
-            # A corrupt record must not keep a healthy node out of service, nor be lost.
-            log.error("state file unusable; starting without it", extra={"error": str(exc)})
-            return None
-        if saved is None:
-            return None
-        log.warning("restoring a persisted drain", extra={"reason": saved.reason.value, "detail": saved.detail})
-        self.lifecycle.begin_drain(
-            saved.reason,
-            Source.STATE_FILE,
-            deadline_s=self.cfg.drain.timeout_s,
-            detail=saved.detail or f"restored {saved.reason.value} drain",
-        )
-        return saved
-
-    async def _persist_loop(self) -> None:
-        """Keeps the state file in step with the lifecycle (terminal drains are
-        persisted here; admin calls also persist before they answer)."""
-        changed = asyncio.Event()
-        self.lifecycle.subscribe(lambda _t: changed.set())
-        while True:
-            await changed.wait()
-            changed.clear()
-            await self._persist_drain()
-
-    async def _persist_drain(self) -> bool:
-        """Write the drain the next start must restore (admin, or terminal this boot);
-        a signal or idle drain leaves the record alone, so an admin drain survives a
-        restart that a SIGTERM caused. A failing disk is reported, never fatal."""
-        async with self._persist_lock:
-            drain = self.lifecycle.drain
-            try:
-                if drain is None:
-                    await asyncio.to_thread(self.store.clear)
-                elif self.store.persists(drain.reason):
-                    await asyncio.to_thread(self.store.save, drain.reason, drain.detail, drain.started_at_wall)
-            except OSError as exc:
-                self.persist_error = f"{self.store.path}: {exc.strerror or exc}"
-                log.error("cannot persist the drain state", extra={"error": self.persist_error})
-                return False
-            self.persist_error = None
-            return True
-
-def _process_figures() -> dict[str, Any]:
-    """Cheap self-inspection for leak hunting: tasks, threads and open descriptors."""
-    import threading
-
-    try:
-        open_fds: int | None = len(os.listdir("/proc/self/fd"))
-    except OSError:
-        open_fds = None
-    return {"asyncio_tasks": len(asyncio.all_tasks()), "threads": threading.active_count(), "open_fds": open_fds}
-
-
-def _iso(wall: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
