@@ -29,18 +29,18 @@ from agent.demand import DemandGauge, DemandTargets
 from agent.drain import DrainController
 from agent.gpu_faults import GpuFaultPolicy
 from agent.idle import IdleWatchdog
-from agent.preemption import MetadataWatch, PreemptionPolicy
 from agent.logs import lifecycle_context
-from agent.readiness import ReadinessPolicy
 from agent.persistence import DrainPersistence
+from agent.preemption import MetadataWatch, PreemptionPolicy
+from agent.readiness import ReadinessPolicy
 from agent.status import node_status
 from agent.supervisor import Supervisor
 from agent.systemd import SystemdNotifier
 from probes.base import ProbeRunner
-from probes.metadata import MetadataClient, metadata_base_url
 from probes.gpu_probe import GpuProbe
 from probes.host import HostProbe
 from probes.inference import InferenceHealthProbe
+from probes.metadata import MetadataClient, metadata_base_url
 from probes.nvml_backend import NvmlBackend, PynvmlBackend
 from probes.snapshot import Snapshot
 from probes.vllm import VllmMetricsProbe
@@ -85,7 +85,9 @@ class Daemon:
         self.xid_watcher: XidWatcher | None = None
         self.exporter: Any = None
         if cfg.export.enabled:
-            from agent.exporter.client import Exporter  # light; monitoring_v3 loads at the first push
+            from agent.exporter.client import (
+                Exporter,  # light; monitoring_v3 loads at the first push
+            )
 
             self.exporter = Exporter(cfg.export, self.snapshot, self.lifecycle, environ=self.environ, demand=self.demand_now)
         auto = cfg.autoscaling
@@ -218,7 +220,7 @@ class Daemon:
             raise StartupError(
                 f"cannot listen on {self.cfg.service.host}:{self.cfg.service.port} (service.port): {exc.strerror}"
             ) from None
-        server = site._server  # noqa: SLF001 - the only way to learn an ephemeral port
+        server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.bound_port = sockets[0].getsockname()[1] if sockets else self.cfg.service.port
 

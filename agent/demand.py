@@ -54,12 +54,11 @@ The exporter keeps `held` itself: `held = next_held(state, values, held)` each r
 
 from __future__ import annotations
 
-from typing import Any
-
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from state_machine import State
 

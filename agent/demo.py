@@ -112,11 +112,11 @@ class Demo:
         preempted = False
         while not serving.done():
             elapsed = time.monotonic() - self.t0
-            if elapsed >= _LOADING_S and self.vllm._runner is None:  # noqa: SLF001 - the demo owns the fake
+            if elapsed >= _LOADING_S and self.vllm._runner is None:
                 await self.vllm.accept()
                 self.say("vLLM finished loading: /health answers 200")
             await self._load_balancer(http, readyz)
-            if self.vllm._runner is not None:  # noqa: SLF001
+            if self.vllm._runner is not None:
                 self.vllm.simulate_step(_STEP_S)
             self._gpus_follow_load()
             if not preempted and elapsed >= self.preempt_at_s:
@@ -124,7 +124,7 @@ class Demo:
                 self.say("!! metadata server: instance/preempted = TRUE (Spot preemption, 30 s to power-off)")
                 await self.metadata.set("instance/preempted", "TRUE")
             self._show_pushes()
-            if daemon.lifecycle.state is State.TERMINATED and not daemon._stop_requested.is_set():  # noqa: SLF001
+            if daemon.lifecycle.state is State.TERMINATED and not daemon._stop_requested.is_set():
                 self.say("node TERMINATED; the agent keeps answering 503 until its own SIGTERM: sending it now")
                 daemon.on_stop_signal("SIGTERM (demo)")
             if elapsed >= next_report:

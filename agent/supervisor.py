@@ -47,7 +47,7 @@ class Supervisor:
         self._entered = True
         return self
 
-    async def __aexit__(self, *exc: Any) -> bool | None:
+    async def __aexit__(self, *exc: object) -> bool | None:
         for task in self._tasks:
             task.cancel()
         return await self._group.__aexit__(*exc)
@@ -68,7 +68,7 @@ class Supervisor:
                 await record.factory()
                 log.warning("task returned; restarting", extra={"task": record.name})
                 error = "returned unexpectedly"
-            except Exception as exc:  # noqa: BLE001 - restart, never tear the group down
+            except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 log.exception("task failed; restarting", extra={"task": record.name})
             record.running = False

@@ -20,7 +20,7 @@ async def main(port: int) -> None:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
-    print(f"listening {site._server.sockets[0].getsockname()[1]}", flush=True)  # noqa: SLF001
+    print(f"listening {site._server.sockets[0].getsockname()[1]}", flush=True)
     await asyncio.Event().wait()
 
 

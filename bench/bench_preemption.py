@@ -18,7 +18,14 @@ import aiohttp
 
 from agent.sim.metadata import FakeMetadataServer
 from agent.sim.vllm import FakeVllm
-from bench.common import AgentProcess, fmt_ms, machine_header, percentile, summary_line, until
+from bench.common import (
+    AgentProcess,
+    fmt_ms,
+    machine_header,
+    percentile,
+    summary_line,
+    until,
+)
 from tests.harness import status_is, time_to_first_503
 
 _POLL_S = 2.0

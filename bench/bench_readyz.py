@@ -13,8 +13,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import AgentProcess, fixed_rate_latencies, fmt_ms, machine_header, median, percentile, summary_line, until
 from agent.sim.vllm import FakeVllm
+from bench.common import (
+    AgentProcess,
+    fixed_rate_latencies,
+    fmt_ms,
+    machine_header,
+    median,
+    percentile,
+    summary_line,
+    until,
+)
 
 
 async def _baseline_url() -> tuple[subprocess.Popen[str], str]:

@@ -17,7 +17,14 @@ from pathlib import Path
 import aiohttp
 
 from agent.sim.vllm import FakeVllm
-from bench.common import AgentProcess, fmt_ms, machine_header, percentile, summary_line, until
+from bench.common import (
+    AgentProcess,
+    fmt_ms,
+    machine_header,
+    percentile,
+    summary_line,
+    until,
+)
 from tests.harness import status_is, time_to_first_503
 
 

@@ -17,9 +17,9 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.harness import AgentProcess, until  # noqa: E402  (reused: one way to run the agent)
+from tests.harness import AgentProcess, until
 
-__all__ = ["AgentProcess", "until", "percentile", "fixed_rate_latencies", "machine_header"]
+__all__ = ["AgentProcess", "fixed_rate_latencies", "machine_header", "percentile", "until"]
 
 
 def percentile(values: list[float], q: float) -> float:

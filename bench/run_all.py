@@ -67,6 +67,8 @@ def main() -> None:
         section, summary = run_one(module, quick if args.quick else full, timeout_s=1800)
         sections.append(section)
         rows.extend(summary)
+    footer = fleet_section(REPO / "bench" / "FLEET.md")
+    rows.extend(_SUMMARY.findall("\n".join(footer)))
     header = [
         "# Benchmark results",
         "",
@@ -82,10 +84,34 @@ def main() -> None:
         *[f"| {what} | {result} | {target} |" for what, result, target in rows],
         "",
     ]
-    extra = REPO / "bench" / "FLEET.md"
-    footer = ["", "The fleet autoscaling comparison is in [FLEET.md](FLEET.md)."] if extra.exists() else []
     args.output.write_text("\n".join(header) + "\n" + "\n\n".join(sections) + "\n" + "\n".join(footer) + "\n")
     print(f"wrote {args.output}", file=sys.stderr)
+
+
+def fleet_section(fleet_md: Path) -> list[str]:
+    """The fleet simulation's results table, plot and verdict, copied from FLEET.md
+    (written by `python -m bench.fleet_sim`, which takes minutes, so run_all does not
+    rerun it); FLEET.md keeps the method, the ablations and the reasoning."""
+    if not fleet_md.exists():
+        return []
+    text = fleet_md.read_text()
+    results = _section(text, "## Results")
+    verdict = _section(text, "## Conclusion").split("\n\n")[0]
+    return [
+        "",
+        "### Fleet autoscaling: which signal to scale on",
+        "",
+        "Method, ablations and the reasoning behind the verdict: [FLEET.md](FLEET.md).",
+        "",
+        results.replace("#### ", "##### "),
+        "",
+        verdict,
+    ]
+
+
+def _section(markdown: str, heading: str) -> str:
+    body = markdown.split(heading + "\n", 1)[1]
+    return body.split("\n## ", 1)[0].strip()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import aiohttp
 from probes.base import ProbeError
 from probes.http import get_capped
 from probes.prom_text import PromParseError, PromParser
-
 from probes.vllm_metrics import (
     CACHE_INFO,
     VllmScrape,

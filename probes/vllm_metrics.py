@@ -21,7 +21,6 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-
 from probes.histogram import Histogram, goodput, merge_series
 from probes.prom_text import PromParseError, Sample
 

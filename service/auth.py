@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hmac
-import json
 import ipaddress
+import json
 import logging
 from pathlib import Path
 

@@ -17,7 +17,13 @@ from typing import Any
 
 from transitions import Machine
 
-from state_machine.states import DRAIN_PRIORITY, TERMINAL_REASONS, DrainReason, Source, State
+from state_machine.states import (
+    DRAIN_PRIORITY,
+    TERMINAL_REASONS,
+    DrainReason,
+    Source,
+    State,
+)
 
 log = logging.getLogger(__name__)
 

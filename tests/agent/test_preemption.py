@@ -8,7 +8,6 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -160,20 +159,6 @@ def test_window_start_is_read_from_either_spelling_in_utc(info, wall) -> None:
 
 
 # --- the watch over the wire -----------------------------------------------------------
-@pytest.fixture
-async def server() -> AsyncIterator[FakeMetadataServer]:
-    fake = FakeMetadataServer()
-    await fake.start()
-    yield fake
-    await fake.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as http:
-        yield http
-
-
 @contextlib.asynccontextmanager
 async def watching(base_url: str, session: aiohttp.ClientSession, lifecycle: Lifecycle, **cfg: Any):
     snapshot = Snapshot()
@@ -196,13 +181,13 @@ def closed_url() -> str:
         return f"http://127.0.0.1:{sock.getsockname()[1]}/computeMetadata/v1/"
 
 
-async def test_preemption_over_the_wire_drains_at_once(server, session) -> None:
+async def test_preemption_over_the_wire_drains_at_once(metadata_server, session) -> None:
     lifecycle = ready()
-    async with watching(server.url, session, lifecycle) as (_, snapshot, _):
-        await until(lambda: server.parked("instance/preempted") == 1, 2)
+    async with watching(metadata_server.url, session, lifecycle) as (_, snapshot, _):
+        await until(lambda: metadata_server.parked("instance/preempted") == 1, 2)
         assert lifecycle.state is State.READY and snapshot.value("metadata.preempted") is False
         notice_at = time.monotonic()
-        await server.set("instance/preempted", "TRUE")
+        await metadata_server.set("instance/preempted", "TRUE")
         await until(lambda: lifecycle.state is State.DRAINING, 1)
         assert time.monotonic() - notice_at < 0.5
     assert lifecycle.drain.reason is DrainReason.PREEMPTION and 24 <= deadline_in_s(lifecycle) <= 25
@@ -226,31 +211,31 @@ async def test_agent_started_on_a_preempted_node_never_becomes_ready(session) ->
         await fake.stop()
 
 
-async def test_metadata_faults_cause_no_false_drain_and_read_as_unknown(server, session) -> None:
+async def test_metadata_faults_cause_no_false_drain_and_read_as_unknown(metadata_server, session) -> None:
     lifecycle = ready()
-    async with watching(server.url, session, lifecycle) as (watch, snapshot, _):
-        await until(lambda: server.parked("instance/preempted") == 1, 2)
-        server.inject("instance/preempted", "503", "garbage", "no_etag", "reset", "reset", "503")
-        server.inject("instance/maintenance-event", "garbage", "503", "no_etag")
-        await server.set("instance/preempted", "MAYBE")  # garbage value too
+    async with watching(metadata_server.url, session, lifecycle) as (watch, snapshot, _):
+        await until(lambda: metadata_server.parked("instance/preempted") == 1, 2)
+        metadata_server.inject("instance/preempted", "503", "garbage", "no_etag", "reset", "reset", "503")
+        metadata_server.inject("instance/maintenance-event", "garbage", "503", "no_etag")
+        await metadata_server.set("instance/preempted", "MAYBE")  # garbage value too
         await until(lambda: watch.watchers["instance/preempted"].failures >= 3, 3)
         assert lifecycle.state is State.READY
         assert snapshot.get("metadata.preempted").is_stale(snapshot.now())  # unknown, not FALSE
-        await server.set("instance/preempted", "TRUE")
+        await metadata_server.set("instance/preempted", "TRUE")
         await until(lambda: lifecycle.state is State.DRAINING, 3)
     assert lifecycle.drain.reason is DrainReason.PREEMPTION and drains(lifecycle) == 1
 
 
-async def test_terminate_over_the_wire_drains_by_the_window_start(server, session) -> None:
+async def test_terminate_over_the_wire_drains_by_the_window_start(metadata_server, session) -> None:
     lifecycle = ready()
     start = datetime.fromtimestamp(time.time() + 120, UTC).isoformat().replace("+00:00", "Z")
-    await server.set("instance/upcoming-maintenance", json.dumps({"type": "SCHEDULED", "window_start_time": start}))
-    async with watching(server.url, session, lifecycle) as (_, snapshot, policy):
-        await until(lambda: server.parked("instance/maintenance-event") == 1 and policy.upcoming is not None, 2)
-        await server.set("instance/maintenance-event", MIGRATE)
+    await metadata_server.set("instance/upcoming-maintenance", json.dumps({"type": "SCHEDULED", "window_start_time": start}))
+    async with watching(metadata_server.url, session, lifecycle) as (_, snapshot, policy):
+        await until(lambda: metadata_server.parked("instance/maintenance-event") == 1 and policy.upcoming is not None, 2)
+        await metadata_server.set("instance/maintenance-event", MIGRATE)
         await until(lambda: snapshot.value("metadata.maintenance_event") == MIGRATE, 2)
         assert lifecycle.state is State.READY
-        await server.set("instance/maintenance-event", TERMINATE)
+        await metadata_server.set("instance/maintenance-event", TERMINATE)
         await until(lambda: lifecycle.state is State.DRAINING, 2)
     assert lifecycle.drain.reason is DrainReason.MAINTENANCE and 113 <= deadline_in_s(lifecycle) <= 115
 
@@ -307,16 +292,16 @@ async def test_a_server_that_appears_later_is_found_and_watched(session) -> None
             await fake.stop()
 
 
-async def test_disabled_watch_contacts_nothing(server, session) -> None:
-    async with watching(server.url, session, ready(), enabled="false") as (watch, snapshot, _):
+async def test_disabled_watch_contacts_nothing(metadata_server, session) -> None:
+    async with watching(metadata_server.url, session, ready(), enabled="false") as (watch, snapshot, _):
         await until(watch.settled.is_set, 2)
         assert snapshot.value(WATCH_KEY)["watching"] == [] and snapshot.get(IDENTITY_KEY) is None
-    assert server.requests == []
+    assert metadata_server.requests == []
 
 
-async def test_a_server_answering_badly_at_start_is_unknown_then_watched(server, session) -> None:
-    server.inject("project/project-id", "503", times=3)
-    async with watching(server.url, session, ready()) as (watch, snapshot, _):
+async def test_a_server_answering_badly_at_start_is_unknown_then_watched(metadata_server, session) -> None:
+    metadata_server.inject("project/project-id", "503", times=3)
+    async with watching(metadata_server.url, session, ready()) as (watch, snapshot, _):
         journal: list[tuple[str | None, bool]] = []
         snapshot.subscribe(
             lambda key, reading: journal.append((reading.code, watch.settled.is_set())) if key == WATCH_KEY else None

@@ -13,7 +13,16 @@ import aiohttp
 import pytest
 
 from agent.sim.vllm import FakeVllm
-from tests.harness import REPO, AgentProcess, get_json, post_json, sees_in_flight, state_of, status_is, until
+from tests.harness import (
+    REPO,
+    AgentProcess,
+    get_json,
+    post_json,
+    sees_in_flight,
+    state_of,
+    status_is,
+    until,
+)
 
 
 @pytest.fixture

@@ -98,7 +98,7 @@ def test_readiness_is_the_agents_readyz_and_liveness_its_healthz() -> None:
 
 
 def prestop_timeout_s() -> int:
-    match = re.search(r'^url, timeout_s = "[^"]+", (\d+)$', prestop_command()[2], re.M)
+    match = re.search(r'^url, timeout_s = "[^"]+", (\d+)$', prestop_command()[2], re.MULTILINE)
     assert match is not None, "the preStop script names its wait timeout"
     return int(match.group(1))
 
@@ -122,7 +122,7 @@ def test_the_prestop_drains_the_agent_on_loopback_with_python_only() -> None:
     script = command[2]
     assert f'"http://127.0.0.1:{agent_port()}/drain"' in script
     assert '"wait": True' in script
-    imports = set(re.findall(r"^import (.+)$", script, re.M)[0].replace(" ", "").split(","))
+    imports = set(re.findall(r"^import (.+)$", script, re.MULTILINE)[0].replace(" ", "").split(","))
     assert imports <= {"json", "sys", "urllib.error", "urllib.request"}
 
 

@@ -33,7 +33,7 @@ def test_the_image_runs_as_the_non_root_uid_the_pod_expects() -> None:
 def test_the_image_copies_every_package_the_distribution_installs() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
-    copied = set(re.findall(r"^COPY (\w+) \./\1$", DOCKERFILE.read_text(), re.M))
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", DOCKERFILE.read_text(), re.MULTILINE))
     assert copied == packages
     ignore = (GKE / "Dockerfile.dockerignore").read_text()
     assert all(f"!{package}/**" in ignore for package in packages)
@@ -43,7 +43,7 @@ def test_the_image_entrypoint_is_the_agent_and_bases_are_pinned() -> None:
     stage = final_stage()
     assert 'ENTRYPOINT ["gpu-node-agent"]' in stage
     assert container("gpu-node-agent")["args"] == ["run"]
-    for base in re.findall(r"^FROM (\S+)", DOCKERFILE.read_text(), re.M):
+    for base in re.findall(r"^FROM (\S+)", DOCKERFILE.read_text(), re.MULTILINE):
         assert ":" in base and not base.endswith(":latest"), base
 
 

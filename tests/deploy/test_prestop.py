@@ -60,12 +60,6 @@ async def agent(tmp_path: Path, vllm: FakeVllm) -> AsyncIterator[AgentProcess]:
         process.kill()
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
-        yield s
-
-
 async def drain_progress(session: aiohttp.ClientSession, agent: AgentProcess) -> dict[str, Any]:
     _, status = await get_json(session, f"{agent.url}/status")
     drain = status.get("drain") or {}

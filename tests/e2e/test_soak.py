@@ -21,6 +21,7 @@ async def test_thirty_minutes_of_faults_leak_nothing_and_end_ready() -> None:
     assert result.faults_injected > minutes * 10
     assert result.final_state == "READY"
     assert result.rss_end - result.rss_start < 8 * 1024 * 1024, result
+    assert result.second_half_growth() < 1024 * 1024, result.rss_samples
     assert result.process_end["asyncio_tasks"] <= result.process_start["asyncio_tasks"] + 2, result
     assert result.process_end["open_fds"] <= result.process_start["open_fds"] + 5, result
     assert result.process_end["threads"] <= result.process_start["threads"] + 2, result

@@ -42,22 +42,8 @@ UPCOMING = "instance/upcoming-maintenance"
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[FakeMetadataServer]:
-    fake = FakeMetadataServer()
-    await fake.start()
-    yield fake
-    await fake.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as http:
-        yield http
-
-
-@pytest.fixture
-def client(server: FakeMetadataServer, session: aiohttp.ClientSession) -> MetadataClient:
-    base_url = metadata_base_url(None, {"GCE_METADATA_HOST": server.address})
+def client(metadata_server: FakeMetadataServer, session: aiohttp.ClientSession) -> MetadataClient:
+    base_url = metadata_base_url(None, {"GCE_METADATA_HOST": metadata_server.address})
     return MetadataClient(base_url, session, timeout_s=1, wait_slack_s=0.3)
 
 
@@ -137,21 +123,21 @@ def test_maintenance_values_outside_the_protocol_are_garbage(parse, text, ok) ->
 
 
 # --- client ------------------------------------------------------------------------
-async def test_client_sends_the_flavor_header_and_the_hanging_get_query(server, client) -> None:
+async def test_client_sends_the_flavor_header_and_the_hanging_get_query(metadata_server, client) -> None:
     first = await client.get(PREEMPTED)
     assert (first.text, bool(first.etag)) == ("FALSE", True)
     async with running(client.wait_for_change(PREEMPTED, first.etag, 5)) as waiting:
-        await until(lambda: server.parked(PREEMPTED) == 1, 2)
-        await server.set(PREEMPTED, "TRUE")
+        await until(lambda: metadata_server.parked(PREEMPTED) == 1, 2)
+        await metadata_server.set(PREEMPTED, "TRUE")
         await asyncio.wait_for(asyncio.shield(waiting), 2)
-    request = server.served(PREEMPTED)[-1]
+    request = metadata_server.served(PREEMPTED)[-1]
     assert request.headers["Metadata-Flavor"] == "Google" and "X-Forwarded-For" not in request.headers
     assert request.query == {"wait_for_change": "true", "last_etag": first.etag, "timeout_sec": "5"}
 
 
-async def test_last_etag_returns_a_change_made_between_two_calls_at_once(server, client) -> None:
+async def test_last_etag_returns_a_change_made_between_two_calls_at_once(metadata_server, client) -> None:
     first = await client.get("instance/maintenance-event")
-    await server.set("instance/maintenance-event", "TERMINATE_ON_HOST_MAINTENANCE")
+    await metadata_server.set("instance/maintenance-event", "TERMINATE_ON_HOST_MAINTENANCE")
     answer = await asyncio.wait_for(client.wait_for_change("instance/maintenance-event", first.etag, 30), 1)
     assert answer.text == "TERMINATE_ON_HOST_MAINTENANCE" and answer.etag != first.etag
 
@@ -161,8 +147,8 @@ async def test_timeout_sec_returns_the_same_value_and_etag(client) -> None:
     assert await client.wait_for_change(PREEMPTED, first.etag, 1) == first
 
 
-async def test_client_gives_up_a_hanging_get_timeout_sec_plus_slack_later(server, client) -> None:
-    server.inject(PREEMPTED, "hang")
+async def test_client_gives_up_a_hanging_get_timeout_sec_plus_slack_later(metadata_server, client) -> None:
+    metadata_server.inject(PREEMPTED, "hang")
     started = time.monotonic()
     with pytest.raises(ProbeError) as err:
         await client.wait_for_change(PREEMPTED, "etag", 0)  # timeout_sec 0 + 0.3 s slack
@@ -174,22 +160,22 @@ async def test_client_gives_up_a_hanging_get_timeout_sec_plus_slack_later(server
     [("503", PREEMPTED, "http_503"), ("reset", PREEMPTED, "reset"), ("garbage", PREEMPTED, "garbage"),
      (None, "instance/attributes/nothing-here", "not_found"), (None, UPCOMING, "no_notice")],
 )  # fmt: skip
-async def test_failures_are_errors_with_codes_never_values(server, client, fault, path, code) -> None:
+async def test_failures_are_errors_with_codes_never_values(metadata_server, client, fault, path, code) -> None:
     if fault is not None:
-        server.inject(path, fault, times=2)  # aiohttp may retry a reset idempotent GET once
+        metadata_server.inject(path, fault, times=2)  # aiohttp may retry a reset idempotent GET once
     with pytest.raises(ProbeError) as err:
         await client.get(path)
     assert err.value.code == code
 
 
-async def test_nothing_listening_is_absent_at_first_contact_and_unreachable_after(server, session) -> None:
+async def test_nothing_listening_is_absent_at_first_contact_and_unreachable_after(metadata_server, session) -> None:
     nowhere = MetadataClient(f"http://127.0.0.1:{closed_port()}/computeMetadata/v1/", session, timeout_s=1)
     with pytest.raises(ProbeError) as err:
         await nowhere.get(PREEMPTED)
     assert err.value.code == "absent"
-    client = MetadataClient(server.url, session, timeout_s=1)
+    client = MetadataClient(metadata_server.url, session, timeout_s=1)
     await client.get(PREEMPTED)
-    await server.stop()
+    await metadata_server.stop()
     with pytest.raises(ProbeError) as err:
         await client.get(PREEMPTED)
     assert err.value.code in ("unreachable", "reset")  # a pooled connection may be reset first
@@ -208,57 +194,57 @@ async def test_an_answer_without_the_flavor_header_is_not_a_metadata_server(aioh
     assert err.value.code == "garbage"
 
 
-async def test_an_oversized_answer_is_garbage(server, session) -> None:
-    await server.set("instance/attributes/big", "x" * 5000)
-    client = MetadataClient(server.url, session, timeout_s=1, max_bytes=1000)
+async def test_an_oversized_answer_is_garbage(metadata_server, session) -> None:
+    await metadata_server.set("instance/attributes/big", "x" * 5000)
+    client = MetadataClient(metadata_server.url, session, timeout_s=1, max_bytes=1000)
     with pytest.raises(ProbeError) as err:
         await client.get("instance/attributes/big")
     assert err.value.code == "garbage"
 
 
 # --- watcher -----------------------------------------------------------------------
-async def test_watcher_delivers_the_first_value_and_each_change_once(server, client) -> None:
+async def test_watcher_delivers_the_first_value_and_each_change_once(metadata_server, client) -> None:
     snapshot, seen = Snapshot(), []
     async with running(watcher(client, snapshot, seen).run()):
-        await until(lambda: seen == [False] and server.parked(PREEMPTED) == 1, 2)
-        etag_false = server.etag(PREEMPTED)
-        await server.set(PREEMPTED, "TRUE")
+        await until(lambda: seen == [False] and metadata_server.parked(PREEMPTED) == 1, 2)
+        etag_false = metadata_server.etag(PREEMPTED)
+        await metadata_server.set(PREEMPTED, "TRUE")
         await until(lambda: seen == [False, True], 2)
-        await until(lambda: len(server.served(PREEMPTED)) >= 4, 3)  # a timeout_sec round trip, unchanged
+        await until(lambda: len(metadata_server.served(PREEMPTED)) >= 4, 3)  # a timeout_sec round trip, unchanged
         assert seen == [False, True] and snapshot.value("metadata.test") is True
-    queries = [r.query for r in server.served(PREEMPTED)]
+    queries = [r.query for r in metadata_server.served(PREEMPTED)]
     assert queries[0] == {} and queries[1] == {"wait_for_change": "true", "last_etag": etag_false, "timeout_sec": "1"}
-    assert queries[2]["last_etag"] == server.etag(PREEMPTED)
+    assert queries[2]["last_etag"] == metadata_server.etag(PREEMPTED)
 
 
-async def test_a_change_between_two_hanging_gets_is_not_missed(server, client) -> None:
+async def test_a_change_between_two_hanging_gets_is_not_missed(metadata_server, client) -> None:
     snapshot, seen = Snapshot(), []
     watch = watcher(client, snapshot, seen, backoff_base_s=0.2, backoff_cap_s=0.4)
     async with running(watch.run()):
-        await until(lambda: seen == [False] and server.parked(PREEMPTED) == 1, 2)
-        etag_false = server.etag(PREEMPTED)
+        await until(lambda: seen == [False] and metadata_server.parked(PREEMPTED) == 1, 2)
+        etag_false = metadata_server.etag(PREEMPTED)
 
         def dropped() -> bool:
-            server.reset_parked(PREEMPTED)  # aiohttp retries a dropped idempotent GET once: drop that too
+            metadata_server.reset_parked(PREEMPTED)  # aiohttp retries a dropped idempotent GET once: drop that too
             return watch.failures == 1
 
         await until(dropped, 2)
-        assert server.parked(PREEMPTED) == 0  # the watcher is backing off: nothing is waiting
-        before = len(server.served(PREEMPTED))
-        await server.set(PREEMPTED, "TRUE")
+        assert metadata_server.parked(PREEMPTED) == 0  # the watcher is backing off: nothing is waiting
+        before = len(metadata_server.served(PREEMPTED))
+        await metadata_server.set(PREEMPTED, "TRUE")
         await until(lambda: seen == [False, True], 2)
-    # The retry carried the ETag of the last value read, so the server answered the change at once.
-    assert server.served(PREEMPTED)[before].query["last_etag"] == etag_false
+    # The retry carried the ETag of the last value read, so the metadata server answered the change at once.
+    assert metadata_server.served(PREEMPTED)[before].query["last_etag"] == etag_false
 
 
-async def test_faults_make_the_value_unknown_and_deliver_nothing_until_recovery(server, client) -> None:
+async def test_faults_make_the_value_unknown_and_deliver_nothing_until_recovery(metadata_server, client) -> None:
     snapshot, journal = Snapshot(), []
     snapshot.subscribe(
         lambda _key, reading: journal.append(("failed", reading.code, reading.is_stale(snapshot.now())))
         if reading.failed_at is not None
         else journal.append(("read", reading.value, False))
     )
-    server.inject(PREEMPTED, "503", "reset", "reset", "garbage", "no_etag")
+    metadata_server.inject(PREEMPTED, "503", "reset", "reset", "garbage", "no_etag")
     deliver = lambda value, _etag: journal.append(("delivered", value, False))
     watch = MetadataWatcher(
         client, PREEMPTED, parse_preempted, deliver, snapshot, "metadata.test", 1, backoff_base_s=0.01,
@@ -275,21 +261,21 @@ async def test_faults_make_the_value_unknown_and_deliver_nothing_until_recovery(
     assert not snapshot.get("metadata.test").is_stale(snapshot.now())
 
 
-async def test_an_unreadable_preempted_value_is_neither_safe_nor_preempted(server, client) -> None:
-    await server.set(PREEMPTED, "MAYBE")
+async def test_an_unreadable_preempted_value_is_neither_safe_nor_preempted(metadata_server, client) -> None:
+    await metadata_server.set(PREEMPTED, "MAYBE")
     snapshot, seen = Snapshot(), []
     watch = watcher(client, snapshot, seen)
     async with running(watch.run()):
         await until(lambda: watch.failures >= 3, 2)
         reading = snapshot.get("metadata.test")
         assert seen == [] and reading.value is None and reading.code == "garbage" and reading.is_stale(snapshot.now())
-        await server.set(PREEMPTED, "TRUE")
+        await metadata_server.set(PREEMPTED, "TRUE")
         await until(lambda: seen == [True], 2)
 
 
-async def test_a_hanging_server_is_given_up_and_retried(server, session) -> None:
-    client = MetadataClient(server.url, session, timeout_s=0.2, wait_slack_s=0.2)
-    server.inject(PREEMPTED, "hang")
+async def test_a_hanging_server_is_given_up_and_retried(metadata_server, session) -> None:
+    client = MetadataClient(metadata_server.url, session, timeout_s=0.2, wait_slack_s=0.2)
+    metadata_server.inject(PREEMPTED, "hang")
     snapshot, seen, journal = Snapshot(), [], []
     snapshot.subscribe(lambda _key, reading: journal.append((reading.code, list(seen))))
     async with running(watcher(client, snapshot, seen).run()):
@@ -297,19 +283,19 @@ async def test_a_hanging_server_is_given_up_and_retried(server, session) -> None
     assert journal[:2] == [("timeout", []), (None, [])]  # given up, nothing delivered, then read
 
 
-async def test_retries_back_off_with_jitter(server, client) -> None:
-    server.inject(PREEMPTED, "503", times=4)
+async def test_retries_back_off_with_jitter(metadata_server, client) -> None:
+    metadata_server.inject(PREEMPTED, "503", times=4)
     seen: list[Any] = []
     watch = watcher(client, Snapshot(), seen, backoff_base_s=0.05, backoff_cap_s=0.2, rng=random.Random(7))
     async with running(watch.run()):
         await until(lambda: seen == [False], 3)
-    times = [r.at_mono for r in server.served(PREEMPTED)[:5]]
+    times = [r.at_mono for r in metadata_server.served(PREEMPTED)[:5]]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert all(0.05 <= gap < 0.35 for gap in gaps), gaps
     assert len({round(gap, 3) for gap in gaps}) > 1  # jittered, not a fixed beat
 
 
-async def test_upcoming_maintenance_no_notice_is_a_known_none_then_the_notice(server, client) -> None:
+async def test_upcoming_maintenance_no_notice_is_a_known_none_then_the_notice(metadata_server, client) -> None:
     snapshot, seen = Snapshot(), []
     watch = watcher(client, snapshot, seen, path=UPCOMING, parse=parse_upcoming_maintenance,
                     none_codes=NO_NOTICE_CODES, none_poll_s=0.05)  # fmt: skip
@@ -318,29 +304,29 @@ async def test_upcoming_maintenance_no_notice_is_a_known_none_then_the_notice(se
         await until(lambda: seen == [None], 2)
         reading = snapshot.get("metadata.test")
         assert reading.value is None and not reading.is_stale(snapshot.now())  # known: no notice
-        await server.set(UPCOMING, json.dumps(notice))
+        await metadata_server.set(UPCOMING, json.dumps(notice))
         await until(lambda: seen == [None, notice], 2)
-        await server.set(UPCOMING, None)
+        await metadata_server.set(UPCOMING, None)
         await until(lambda: seen == [None, notice, None], 2)
 
 
 # --- presence and identity ---------------------------------------------------------
-async def test_detect_tells_present_restricted_and_absent(server, client, session) -> None:
+async def test_detect_tells_present_restricted_and_absent(metadata_server, client, session) -> None:
     assert await detect_metadata(client) is MetadataPresence.PRESENT
-    server.restricted = True
+    metadata_server.restricted = True
     assert await detect_metadata(client) is MetadataPresence.RESTRICTED
     nowhere = MetadataClient(f"http://127.0.0.1:{closed_port()}/computeMetadata/v1/", session, timeout_s=1)
     assert await detect_metadata(nowhere) is MetadataPresence.ABSENT
 
 
-async def test_detect_raises_when_a_server_answers_badly(server, client) -> None:
-    server.inject("project/project-id", "503")
+async def test_detect_raises_when_a_server_answers_badly(metadata_server, client) -> None:
+    metadata_server.inject("project/project-id", "503")
     with pytest.raises(ProbeError) as err:
         await detect_metadata(client)
     assert err.value.code == "http_503"
 
 
-async def test_serves_is_false_only_for_a_404(server, client) -> None:
+async def test_serves_is_false_only_for_a_404(metadata_server, client) -> None:
     assert await serves(client, UPCOMING)  # 503 "no notifications": offered, nothing scheduled
     assert not await serves(client, "instance/attributes/cluster-name")
 
@@ -359,15 +345,15 @@ async def test_identity_gives_resource_labels_with_a_short_zone(session) -> None
     assert identity.hostname and identity.unreadable == ()
 
 
-async def test_identity_fields_the_server_lacks_are_none_and_failures_are_named(server, client) -> None:
-    server.inject("instance/id", "503", times=3)
+async def test_identity_fields_the_server_lacks_are_none_and_failures_are_named(metadata_server, client) -> None:
+    metadata_server.inject("instance/id", "503", times=3)
     identity = await fetch_identity(client, attempts=3, retry_base_s=0.01)
     assert identity.cluster_name is None and identity.cluster_location is None
     assert identity.instance_id is None and identity.unreadable == ("instance_id",)
     assert identity.project_id == "demo-project"
 
 
-async def test_identity_of_an_absent_server_asks_nothing(server, client) -> None:
+async def test_identity_of_an_absent_server_asks_nothing(metadata_server, client) -> None:
     identity = await fetch_identity(client, MetadataPresence.ABSENT)
     assert identity.presence is MetadataPresence.ABSENT and identity.project_id is None
-    assert server.requests == []
+    assert metadata_server.requests == []

@@ -12,8 +12,8 @@ import pytest
 
 from agent.sim.vllm import FakeVllm, Fault
 from probes.base import ProbeError
-from probes.prom_text import PromParseError, PromParser
 from probes.histogram import Histogram
+from probes.prom_text import PromParseError, PromParser
 from probes.vllm import VllmMetricsProbe, kv_capacity
 from probes.vllm_metrics import VllmScrape, VllmWindow, summarize
 
@@ -294,12 +294,6 @@ async def vllm() -> AsyncIterator[FakeVllm]:
     await fake.start()
     yield fake
     await fake.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 def make_probe(vllm: FakeVllm, session: aiohttp.ClientSession, clock: Clock, **kwargs: object) -> VllmMetricsProbe:

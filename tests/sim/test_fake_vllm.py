@@ -17,12 +17,6 @@ from tests.harness import until
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s:
-        yield s
-
-
-@pytest.fixture
 async def vllm() -> AsyncIterator[FakeVllm]:
     fake = FakeVllm(engines=2)
     await fake.start()
