@@ -25,8 +25,9 @@ from prometheus_client import CollectorRegistry
 
 from agent import __version__
 from agent.config import AgentConfig
-from agent.demand import DemandGauge, DemandTargets
+from agent.demand import DemandGauge, DemandTargets, Series
 from agent.drain import DrainController
+from agent.exporter.series import VllmSource, gpu_view, vllm_view
 from agent.gpu_faults import GpuFaultPolicy
 from agent.idle import IdleWatchdog
 from agent.logs import lifecycle_context
@@ -89,7 +90,7 @@ class Daemon:
                 Exporter,  # light; monitoring_v3 loads at the first push
             )
 
-            self.exporter = Exporter(cfg.export, self.snapshot, self.lifecycle, environ=self.environ, demand=self.demand_now)
+            self.exporter = Exporter(cfg.export, self.snapshot, self.lifecycle, environ=self.environ, autoscaling=self.autoscaling_now)
         auto = cfg.autoscaling
         self.demand = DemandGauge(
             DemandTargets(
@@ -326,13 +327,21 @@ class Daemon:
         self._runners[probe.name] = runner
         supervisor.add(f"probe.{probe.name}", runner.run, critical=critical)
 
+    def autoscaling_now(self) -> dict[Series, float | None]:
+        """The autoscaling series for this moment under the lifecycle rule (agent/demand.py),
+        from the same vLLM and GPU views the exporter writes from."""
+        vllm, source = vllm_view(self.snapshot)
+        gpu = gpu_view(self.snapshot)
+        return self.demand.values(
+            self.lifecycle.state,
+            None if source is VllmSource.DOWN else vllm,
+            stale=source is VllmSource.HELD,
+            gpu_usage_percent=None if gpu is None else gpu.utilization_percent_mean,
+        )
+
     def demand_now(self) -> float | None:
-        """node/demand for this moment (exporter round or /metrics scrape)."""
-        reading = self.snapshot.get("vllm")
-        fresh = self.snapshot.value("vllm")
-        refused = reading is not None and reading.failed_with("refused")
-        vllm = fresh if fresh is not None or refused or reading is None else reading.value
-        return self.demand.value(self.lifecycle.state, vllm, stale=fresh is None and vllm is not None)
+        """node/demand for this moment (/metrics scrape)."""
+        return self.autoscaling_now()[Series.DEMAND]
 
     def _metadata_hold(self) -> str | None:
         """Hold READY until instance/preempted has been read once, so an agent restarted

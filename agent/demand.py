@@ -27,8 +27,11 @@ full as its fullest limit (GKE's guidance: scale on whichever of queue and KV ca
 further over its target). A term whose input is unknown is left out, never taken as 0.
 
 Lifecycle rule (`autoscaling_values`), the same for every autoscaling series
-(node/demand, vllm/queue_length, queue/pending_requests, vllm/ttft_ms p95,
-gpu/usage_percent):
+(node/demand, vllm/queue_length, queue/pending_requests, vllm/ttft_ms,
+gpu/usage_percent). vllm/ttft_ms is scaled on at p95; its p50 and p99 follow the same
+rule, so one metric type never mixes held and live quantiles. The exporter writes
+these values (agent/exporter/series.py); the other series (tps, tpot_ms,
+kv_cache_usage_gb, memory_used_gb) stay plain facts.
 
 - READY: the node's own values. A held (stale) vLLM reading keeps its last values
   and the demand is at least 1.0: a node whose vLLM hangs cannot show spare capacity.
@@ -63,6 +66,8 @@ from typing import Any
 from state_machine import State
 
 __all__ = [
+    "TTFT_SERIES",
+    "DemandGauge",
     "DemandResult",
     "DemandTargets",
     "NodeLoad",
@@ -191,8 +196,13 @@ class Series(StrEnum):
     DEMAND = "node/demand"
     QUEUE_LENGTH = "vllm/queue_length"
     PENDING_REQUESTS = "queue/pending_requests"
+    TTFT_P50_MS = "vllm/ttft_ms{quantile=p50}"
     TTFT_P95_MS = "vllm/ttft_ms{quantile=p95}"
+    TTFT_P99_MS = "vllm/ttft_ms{quantile=p99}"
     GPU_USAGE_PERCENT = "gpu/usage_percent"
+
+
+TTFT_SERIES = {"p50": Series.TTFT_P50_MS, "p95": Series.TTFT_P95_MS, "p99": Series.TTFT_P99_MS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +215,24 @@ class NodeLoad:
     ttft_p95_s: float | None = None
     gpu_usage_percent: float | None = None
     stale: bool = False
+    ttft_p50_s: float | None = None
+    ttft_p99_s: float | None = None
+
+    @classmethod
+    def from_reading(cls, vllm: Any, *, gpu_usage_percent: float | None = None, stale: bool = False) -> NodeLoad:
+        """From a probes.vllm VllmReading (None: vLLM not read, or refusing connections)."""
+        if vllm is None:
+            return cls(gpu_usage_percent=gpu_usage_percent)
+        return cls(
+            waiting=vllm.requests_waiting,
+            running=vllm.requests_running,
+            kv_cache_usage_ratio=vllm.kv_cache_usage_ratio,
+            ttft_p95_s=vllm.ttft_s.get("p95"),
+            gpu_usage_percent=gpu_usage_percent,
+            stale=stale,
+            ttft_p50_s=vllm.ttft_s.get("p50"),
+            ttft_p99_s=vllm.ttft_s.get("p99"),
+        )
 
 
 def autoscaling_values(
@@ -227,12 +255,13 @@ def autoscaling_values(
     gpu_known = _known(load.gpu_usage_percent)
     if state is State.READY:
         waiting = _known(load.waiting) or 0.0
-        ttft_s = _known(load.ttft_p95_s) or 0.0  # no request finished: no latency pressure
+        # No request finished in the window: no latency pressure, 0.
+        ttft_s = {"p50": load.ttft_p50_s, "p95": load.ttft_p95_s, "p99": load.ttft_p99_s}
         return {
             Series.DEMAND: 1.0 if demand.value is None else demand.value,
             Series.QUEUE_LENGTH: waiting,
             Series.PENDING_REQUESTS: waiting + (_known(load.running) or 0.0),
-            Series.TTFT_P95_MS: ttft_s * 1000.0,
+            **{series: (_known(ttft_s[q]) or 0.0) * 1000.0 for q, series in TTFT_SERIES.items()},
             Series.GPU_USAGE_PERCENT: gpu_known,
         }
     zero: dict[Series, float | None] = {series: 0.0 for series in Series}
@@ -254,22 +283,18 @@ def next_held(
 
 
 class DemandGauge:
-    """The node/demand value the agent publishes (on /metrics and to Cloud Monitoring),
-    with the values held from the last READY round. `vllm` is the VllmReading (or None),
-    `stale` True when it is the last good one of an unreadable vLLM."""
+    """The autoscaling values the agent publishes this moment (node/demand on /metrics;
+    every autoscaling series to Cloud Monitoring), with the values held from the last
+    READY round. `vllm` is the VllmReading (None: not read, or refusing connections),
+    `stale` True when it is the last good one of an unreadable vLLM. Every caller must
+    pass the GPU utilization too: what a READY round holds is what DRAINING writes."""
 
     def __init__(self, targets: DemandTargets) -> None:
         self.targets = targets
         self._held: dict[Series, float | None] = {}
 
-    def value(self, state: State, vllm: Any, *, stale: bool) -> float | None:
-        load = NodeLoad() if vllm is None else NodeLoad(
-            waiting=vllm.requests_waiting,
-            running=vllm.requests_running,
-            kv_cache_usage_ratio=vllm.kv_cache_usage_ratio,
-            ttft_p95_s=vllm.ttft_s.get("p95"),
-            stale=stale,
-        )
+    def values(self, state: State, vllm: Any, *, stale: bool, gpu_usage_percent: float | None) -> dict[Series, float | None]:
+        load = NodeLoad.from_reading(vllm, gpu_usage_percent=gpu_usage_percent, stale=stale)
         values = autoscaling_values(state, load, self.targets, self._held)
         self._held = next_held(state, values, self._held)
-        return values[Series.DEMAND]
+        return values

@@ -24,7 +24,7 @@ def render(status: dict[str, Any]) -> str:
     broken = [name for name, task in status.get("tasks", {}).items() if task.get("last_error")]
     if broken:
         lines.append("tasks      restarted: " + ", ".join(f"{n} ({status['tasks'][n]['last_error']})" for n in broken))
-    for extra in ("exporter", "preemption"):
+    for extra in ("autoscaling", "exporter", "preemption"):
         if status.get(extra):
             lines.append(f"{extra:<10} {_compact(status[extra])}")
     history = status.get("history", [])[-5:]

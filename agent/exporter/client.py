@@ -22,12 +22,13 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from agent.config import ExportConfig, ExportResource
+from agent.demand import Series
 from agent.exporter.api import (
     DEFAULT_ENDPOINT,
     RETRYABLE,
@@ -95,11 +96,13 @@ class Exporter:
         environ: dict[str, str] | None = None,
         hostname: str | None = None,
         tuning: Tuning = Tuning(),
-        demand: Callable[[], float | None] | None = None,
+        autoscaling: Callable[[], Mapping[Series, float | None]] | None = None,
     ) -> None:
         self.cfg = cfg
         self._snapshot, self._lifecycle = snapshot, lifecycle
-        self._demand = demand  # node/demand for this round (agent/demand.py), or not written
+        # The autoscaling series for this round under the lifecycle rule (agent/demand.py);
+        # without it they are written as plain facts and node/demand is not written.
+        self._autoscaling = autoscaling
         self._client_factory = client_factory or build_client
         self._clock, self._wall = clock, wall
         self._environ = dict(os.environ if environ is None else environ)
@@ -217,7 +220,7 @@ class Exporter:
             log.log(logging.INFO if final else logging.WARNING, "export sample skipped: the previous one is under 5 s old",
                     extra={"previous_age_s": round(end - self._last_end_wall, 3)})
             return
-        self._backlog.append(Batch(end, series_points(node_metrics_from_snapshot(self._snapshot, self._lifecycle, self._demand))))
+        self._backlog.append(Batch(end, series_points(node_metrics_from_snapshot(self._snapshot, self._lifecycle, None if self._autoscaling is None else self._autoscaling()))))
         self._last_end_wall = end
 
     def _report_time(self, report: TerminationReport) -> float:

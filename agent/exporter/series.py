@@ -19,6 +19,11 @@ autoscaling series while the node serves; a missing series blocks HPA scale-down
   (GPU utilization is not the scaling signal for LLM servers, and a wedged driver
   drains the node anyway). usage_percent is also absent when no GPU reports
   utilization (MIG).
+- The autoscaling series (node/demand, queue_length, pending_requests, ttft_ms,
+  usage_percent) then follow the lifecycle rule of agent/demand.py when the daemon
+  passes its values: 0 while INIT/WARMING, the last READY round's values held while
+  DRAINING/TERMINATED, so a warming or leaving node neither adds phantom load nor
+  drags the fleet's sum down.
 
 The protobuf modules (google.cloud.monitoring_v3, ~33 MB) are imported only by
 the functions that build protos, so importing this module stays cheap.
@@ -27,10 +32,11 @@ the functions that build protos, so importing this module stays cheap.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
+from agent.demand import TTFT_SERIES, Series
 from state_machine import State
 
 PREFIX = "custom.googleapis.com/"
@@ -148,17 +154,19 @@ class NodeMetrics:
     node_demand: float | None = None
 
 
-def node_metrics_from_snapshot(snapshot: Any, lifecycle: Any, demand: Any = None) -> NodeMetrics:
-    """Read the snapshot keys "vllm" and "gpu" and the lifecycle state (rules in the module docstring)."""
-    gpu = snapshot.value("gpu")
-    gpu_live = gpu is not None and gpu.gpu_count > 0
-    vllm, source = _vllm_view(snapshot)
+def node_metrics_from_snapshot(
+    snapshot: Any, lifecycle: Any, autoscaling: Mapping[Series, float | None] | None = None
+) -> NodeMetrics:
+    """Read the snapshot keys "vllm" and "gpu" and the lifecycle state; `autoscaling`
+    (agent/demand.py's values for this round) replaces the autoscaling series."""
+    gpu_live = gpu_view(snapshot)
+    vllm, source = vllm_view(snapshot)
     zero = source is VllmSource.DOWN
     quantiles_zero = dict.fromkeys(QUANTILES, 0.0)
-    return NodeMetrics(
+    metrics = NodeMetrics(
         state=lifecycle.state,
-        gpu_usage_percent=gpu.utilization_percent_mean if gpu_live else None,
-        gpu_memory_used_bytes=gpu.memory_used_bytes_total if gpu_live else None,
+        gpu_usage_percent=None if gpu_live is None else gpu_live.utilization_percent_mean,
+        gpu_memory_used_bytes=None if gpu_live is None else gpu_live.memory_used_bytes_total,
         vllm_source=source,
         queue_length=0.0 if zero else _or_zero(vllm.requests_waiting),
         pending_requests=0.0 if zero else _or_zero(vllm.in_flight),
@@ -166,11 +174,27 @@ def node_metrics_from_snapshot(snapshot: Any, lifecycle: Any, demand: Any = None
         kv_cache_used_bytes=_kv_used(vllm, zero),
         ttft_s=quantiles_zero if zero else _quantiles(vllm.ttft_s),
         tpot_s=quantiles_zero if zero else _quantiles(vllm.tpot_s),
-        node_demand=None if demand is None else demand(),
+    )
+    if autoscaling is None:
+        return metrics
+    return replace(
+        metrics,
+        gpu_usage_percent=autoscaling.get(Series.GPU_USAGE_PERCENT),
+        queue_length=autoscaling.get(Series.QUEUE_LENGTH),
+        pending_requests=autoscaling.get(Series.PENDING_REQUESTS),
+        ttft_s={q: None if (ms := autoscaling.get(series)) is None else ms / 1000.0 for q, series in TTFT_SERIES.items()},
+        node_demand=autoscaling.get(Series.DEMAND),
     )
 
 
-def _vllm_view(snapshot: Any) -> tuple[Any, VllmSource]:
+def gpu_view(snapshot: Any) -> Any:
+    """The fresh GPU reading of a node with GPUs, else None (stale or failing NVML is unknown)."""
+    gpu = snapshot.value("gpu")
+    return gpu if gpu is not None and gpu.gpu_count > 0 else None
+
+
+def vllm_view(snapshot: Any) -> tuple[Any, VllmSource]:
+    """The vLLM reading this round writes from, and where it came from."""
     fresh = snapshot.value("vllm")
     if fresh is not None:
         return fresh, VllmSource.FRESH

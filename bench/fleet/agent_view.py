@@ -60,16 +60,7 @@ class NodeAgent:
     def export(self, state: State, gpu_usage_percent: float | None) -> dict[Series, float | None]:
         """The values the exporter writes this round for the autoscaling series."""
         reading = self.reading()
-        if reading is None:
-            load = NodeLoad(gpu_usage_percent=gpu_usage_percent)
-        else:
-            load = NodeLoad(
-                waiting=reading.requests_waiting,
-                running=reading.requests_running,
-                kv_cache_usage_ratio=reading.kv_cache_usage_ratio,
-                ttft_p95_s=reading.ttft_s.get("p95"),
-                gpu_usage_percent=gpu_usage_percent,
-            )
+        load = NodeLoad.from_reading(reading, gpu_usage_percent=gpu_usage_percent)
         if self.rule is StateRule.LIVE and state is not State.READY and reading is not None:
             values = autoscaling_values(State.READY, load, self.targets)
         else:

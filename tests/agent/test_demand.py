@@ -81,12 +81,16 @@ def test_targets_defaults_put_the_gauge_at_one_at_its_targets() -> None:
     assert node_demand(None, None, t.ttft_p95_s, t).value == pytest.approx(1.0)
 
 
-READY_LOAD = NodeLoad(waiting=4.0, running=20.0, kv_cache_usage_ratio=0.3, ttft_p95_s=0.8, gpu_usage_percent=97.0)
+READY_LOAD = NodeLoad(
+    waiting=4.0, running=20.0, kv_cache_usage_ratio=0.3, ttft_p95_s=0.8, gpu_usage_percent=97.0, ttft_p50_s=0.3, ttft_p99_s=1.5
+)
 READY_VALUES = {
     Series.DEMAND: 0.6,
     Series.QUEUE_LENGTH: 4.0,
     Series.PENDING_REQUESTS: 24.0,
+    Series.TTFT_P50_MS: 300.0,
     Series.TTFT_P95_MS: 800.0,
+    Series.TTFT_P99_MS: 1500.0,
     Series.GPU_USAGE_PERCENT: 97.0,
 }
 ZEROS = dict.fromkeys(Series, 0.0)
@@ -149,9 +153,17 @@ def test_demand_gauge_warming_zero_ready_live_draining_held() -> None:
         ttft_s: dict
 
     gauge = DemandGauge(DemandTargets(queue_per_node=10, kv_usage_ratio=0.5, ttft_p95_s=2.0, max_demand=3.0))
-    busy = V(20, 8, 0.25, {"p95": 1.0})
-    assert gauge.value(State.WARMING, busy, stale=False) == 0.0  # capacity on its way, not demand
-    assert gauge.value(State.READY, busy, stale=False) == 2.0  # waiting 20 / 10 dominates
+
+    def values(state: State, vllm: V, gpu: float | None = 60.0) -> dict[Series, float | None]:
+        return gauge.values(state, vllm, stale=False, gpu_usage_percent=gpu)
+
+    busy = V(20, 8, 0.25, {"p50": 0.2, "p95": 1.0, "p99": 1.8})
+    assert values(State.WARMING, busy) == dict.fromkeys(Series, 0.0)  # capacity on its way, not demand
+    serving = values(State.READY, busy, gpu=91.0)
+    assert serving[Series.DEMAND] == 2.0  # waiting 20 / 10 dominates
+    assert (serving[Series.QUEUE_LENGTH], serving[Series.PENDING_REQUESTS], serving[Series.GPU_USAGE_PERCENT]) == (20, 28, 91.0)
+    assert [serving[Series.TTFT_P50_MS], serving[Series.TTFT_P95_MS], serving[Series.TTFT_P99_MS]] == pytest.approx([200, 1000, 1800])
     emptying = V(0, 1, 0.01, {"p95": 0.1})
-    assert gauge.value(State.DRAINING, emptying, stale=False) == 2.0  # held from the last READY round
-    assert gauge.value(State.READY, V(100, 8, 0.9, {"p95": 9.0}), stale=False) == 3.0  # capped
+    assert values(State.DRAINING, emptying, gpu=5.0) == serving  # every series held from the last READY round
+    assert values(State.READY, V(100, 8, 0.9, {"p95": 9.0}))[Series.DEMAND] == 3.0  # capped
+    assert gauge.values(State.READY, None, stale=False, gpu_usage_percent=None)[Series.DEMAND] == 1.0  # nothing read: neutral

@@ -17,6 +17,7 @@ from agent.sim.vllm import FakeVllm
 from tests.harness import AgentProcess, get_json, until
 
 QUEUE = "custom.googleapis.com/vllm/queue_length"
+DEMAND = "custom.googleapis.com/node/demand"
 REPORT = "custom.googleapis.com/agent/termination/count"
 
 
@@ -58,7 +59,7 @@ async def test_pushes_autoscaling_series_and_the_report_on_sigterm(tmp_path, wor
         assert point.resource_type == "generic_node"
         assert point.resource_labels["node_id"] == "node-a"
         assert point.metric_labels == {}  # label-free: autoscalers sum one series per node
-        demand = sink.series("custom.googleapis.com/node/demand")[-1]
+        demand = sink.series(DEMAND)[-1]
         state = next(
             p.metric_labels["state"] for p in sink.series("custom.googleapis.com/agent/state")
             if p.end_wall == demand.end_wall and p.value == 1
@@ -67,6 +68,12 @@ async def test_pushes_autoscaling_series_and_the_report_on_sigterm(tmp_path, wor
         assert demand.value == (0.7 if state == "READY" else 0.0) and demand.metric_labels == {}
         async with aiohttp.ClientSession() as http:
             await until(lambda: _metric_is(http, agent, "gpu_node_agent_node_demand_ratio 0.7"), 10, 0.1, "demand on /metrics")
+        # The raw autoscaling series follow the same rule, round by round: the queue is 0
+        # in a WARMING round (capacity on its way) and the node's own 7 in a READY one.
+        await until(lambda: any(p.value == 0.7 for p in sink.series(DEMAND)), 15, 0.1, "a READY round")
+        for point in sink.series(DEMAND):
+            queue = next(q.value for q in sink.series(QUEUE) if q.end_wall == point.end_wall)
+            assert queue == (7 if point.value == 0.7 else 0), (point, queue)
         vllm.set_load(0, 0)
         agent.send(signal.SIGTERM)
         assert await agent.exited(20) == 0

@@ -243,3 +243,37 @@ def test_termination_report_comes_from_the_drain_and_becomes_labelled_points() -
     unknown = report_points(replace(report, in_flight_at_notice=None))
     assert s.TERMINATION + "in_flight_at_notice" not in {p.metric_type for p in unknown}
     assert not any(math.isnan(p.value) for p in unknown)
+
+
+def test_autoscaling_series_follow_the_lifecycle_rule_and_the_facts_do_not() -> None:
+    from agent.demand import DemandGauge, DemandTargets
+
+    gauge = DemandGauge(DemandTargets())
+    node = Node()
+
+    def written(state: State) -> dict[tuple[str, tuple], float]:
+        node.lifecycle.state = state
+        source, fresh = s.vllm_view(node.snapshot), s.gpu_view(node.snapshot)
+        autoscaling = gauge.values(
+            state, source[0], stale=False, gpu_usage_percent=None if fresh is None else fresh.utilization_percent_mean
+        )
+        return {(p.metric_type, p.labels): p.value for p in s.series_points(s.node_metrics_from_snapshot(node.snapshot, node.lifecycle, autoscaling))}
+
+    p95 = (s.TTFT, (("quantile", "p95"),))
+    node.snapshot.put("vllm", vllm(), stale_after_s=5)
+    node.snapshot.put("gpu", gpus(90.0, 70.0), stale_after_s=5)
+    warming = written(State.WARMING)
+    assert (warming[(s.VLLM_QUEUE, ())], warming[(s.PENDING, ())], warming[p95], warming[(s.GPU_USAGE, ())], warming[(s.NODE_DEMAND, ())]) == (0, 0, 0, 0, 0)
+    assert warming[(s.VLLM_TPS, ())] == 250  # tps is a fact, not an autoscaling series
+    ready = written(State.READY)
+    assert (ready[(s.VLLM_QUEUE, ())], ready[(s.PENDING, ())], ready[(s.GPU_USAGE, ())]) == (5, 8, 80.0)
+    assert ready[p95] == pytest.approx(400.0) and ready[(s.NODE_DEMAND, ())] == pytest.approx(1.0)  # kv 0.5 / 0.5
+    # Draining: the LB sends nothing new, the node empties; the autoscaling series hold.
+    node.snapshot.put("vllm", vllm(requests_waiting=0, requests_running=1, in_flight=1, ttft_s={"p50": 0.01, "p95": 0.02, "p99": 0.03}), stale_after_s=5)
+    node.snapshot.put("gpu", gpus(3.0, 1.0), stale_after_s=5)
+    draining = written(State.DRAINING)
+    for series in [(s.VLLM_QUEUE, ()), (s.PENDING, ()), (s.GPU_USAGE, ()), (s.NODE_DEMAND, ())] + [
+        (s.TTFT, (("quantile", q),)) for q in s.QUANTILES
+    ]:
+        assert draining[series] == pytest.approx(ready[series]), series
+    assert draining[(s.GPU_MEMORY, ())] == 80.0  # memory stays a fact

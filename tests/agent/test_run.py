@@ -273,6 +273,12 @@ async def test_cli_drain_wait_returns_once_drained_and_status_renders(tmp_path, 
     status = subprocess.run([sys.executable, "-m", "agent", "status", "--url", agent.url], cwd=REPO, capture_output=True, text=True, timeout=20)
     assert status.returncode == 0
     assert "DRAINING" in status.stdout and "admin (drained)" in status.stdout
+    # The node is empty now, but what it tells the autoscalers is held from its last READY
+    # round (1 request in flight), so a drain does not read as demand going away.
+    assert "queue/pending_requests=1.0" in status.stdout
+    _, full = await get_json(http, f"{agent.url}/status")
+    assert full["readings"]["vllm"]["value"]["in_flight"] == 0
+    assert full["autoscaling"]["queue/pending_requests"] == 1.0
 
 
 async def test_status_cli_says_when_the_agent_is_unreachable() -> None:
