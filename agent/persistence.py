@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from state_machine import Lifecycle, Source
 from state_machine.persist import DrainStore, SavedDrain, StateFileError
@@ -35,7 +36,7 @@ class DrainPersistence:
         self._lifecycle.begin_drain(
             saved.reason,
             Source.STATE_FILE,
-            deadline_s=self._restore_deadline_s,
+            deadline_s=saved.deadline_s(self._restore_deadline_s, time.time()),
             detail=saved.detail or f"restored {saved.reason.value} drain",
         )
         return saved
@@ -59,7 +60,8 @@ class DrainPersistence:
                 if drain is None:
                     await asyncio.to_thread(self.store.clear)
                 elif self.store.persists(drain.reason):
-                    await asyncio.to_thread(self.store.save, drain.reason, drain.detail, drain.started_at_wall)
+                    deadline_wall = drain.started_at_wall + (drain.deadline_mono - drain.started_at_mono)
+                    await asyncio.to_thread(self.store.save, drain.reason, drain.detail, drain.started_at_wall, deadline_wall)
             except OSError as exc:
                 self.error = f"{self.store.path}: {exc.strerror or exc}"
                 log.error("cannot persist the drain state", extra={"error": self.error})

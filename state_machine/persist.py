@@ -1,6 +1,8 @@
 """The persisted drain: an admin drain survives an agent restart; a terminal drain
 (preemption, maintenance, GPU fault) survives one within the same boot only, so a
-Spot VM that is stopped and started again is not held back by its last life.
+Spot VM that is stopped and started again is not held back by its last life. The
+record carries the drain's deadline (wall clock), so a terminal drain restored after
+an agent crash keeps what was left of its notice instead of starting a fresh timeout.
 
 Written atomically: temp file, fsync, rename, fsync of the directory.
 """
@@ -31,6 +33,15 @@ class SavedDrain:
     detail: str
     started_at_wall: float
     boot_id: str
+    deadline_wall: float | None = None  # when the drain must end (wall clock); absent in old records
+
+    def deadline_s(self, default_s: float, now_wall: float) -> float:
+        """The deadline a restored drain gets. A terminal drain keeps what is left of its
+        saved deadline (a preemption notice does not restart because the agent did), never
+        more than `default_s`; an admin drain, restored maybe days later, starts afresh."""
+        if self.reason is DrainReason.ADMIN or self.deadline_wall is None:
+            return default_s
+        return max(0.0, min(default_s, self.deadline_wall - now_wall))
 
 
 def current_boot_id() -> str:
@@ -66,6 +77,7 @@ class DrainStore:
                 detail=str(data.get("detail", "")),
                 started_at_wall=float(data["started_at_wall"]),
                 boot_id=str(data.get("boot_id", "")),
+                deadline_wall=None if data.get("deadline_wall") is None else float(data["deadline_wall"]),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise StateFileError(f"{self.path}: not a drain record ({exc})") from None
@@ -74,8 +86,14 @@ class DrainStore:
             return None
         return saved
 
-    def save(self, reason: DrainReason, detail: str, started_at_wall: float) -> None:
-        record = {"reason": reason.value, "detail": detail, "started_at_wall": started_at_wall, "boot_id": self.boot_id}
+    def save(self, reason: DrainReason, detail: str, started_at_wall: float, deadline_wall: float | None = None) -> None:
+        record = {
+            "reason": reason.value,
+            "detail": detail,
+            "started_at_wall": started_at_wall,
+            "boot_id": self.boot_id,
+            "deadline_wall": deadline_wall,
+        }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with open(tmp, "w") as fh:

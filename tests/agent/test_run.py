@@ -4,9 +4,11 @@ warm-up, readiness, signals, drains, admin calls and bad vLLM answers."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -185,6 +187,24 @@ async def test_admin_drain_survives_a_restart(tmp_path, vllm, http, agents) -> N
     assert (await post_json(http, f"{again.url}/resume"))[0] == 200
     await wait_state(http, again, "READY")
     assert not (tmp_path / "state" / "drain.json").exists()
+
+
+async def test_an_agent_restarted_mid_preemption_keeps_the_notices_deadline(tmp_path, vllm, http, agents) -> None:
+    from state_machine.persist import current_boot_id
+
+    agent = await start_agent(agents, tmp_path, vllm, drain__timeout_s="300", drain__propagation_delay_s="0")
+    await wait_state(http, agent, "READY")
+    agent.kill()
+    # What the first life wrote when the notice came (20 s of it left), as the file holds it.
+    record = {"reason": "preemption", "detail": "instance/preempted TRUE", "started_at_wall": time.time() - 10,
+              "boot_id": current_boot_id(), "deadline_wall": time.time() + 20}
+    (tmp_path / "state").mkdir(exist_ok=True)
+    (tmp_path / "state" / "drain.json").write_text(json.dumps(record))
+    vllm.set_load(running=1)  # never empties: only the deadline ends this drain
+    again = await start_agent(agents, tmp_path, vllm, drain__timeout_s="300", drain__propagation_delay_s="0")
+    _, full = await get_json(http, f"{again.url}/status")
+    assert full["state"] == "DRAINING" and full["drain"]["reason"] == "preemption" and full["drain"]["terminal"]
+    assert 10 < full["drain"]["deadline_in_s"] <= 20  # the notice's remainder, not a fresh 300 s
 
 
 async def test_resume_refused_for_a_signal_drain(tmp_path, vllm, http, agents) -> None:

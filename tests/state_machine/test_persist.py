@@ -48,3 +48,20 @@ def test_signal_and_idle_drains_are_not_persisted() -> None:
     assert not DrainStore.persists(DrainReason.IDLE)
     assert DrainStore.persists(DrainReason.ADMIN)
     assert DrainStore.persists(DrainReason.PREEMPTION)
+
+
+@pytest.mark.parametrize(
+    ("reason", "deadline_wall", "expected_s"),
+    [
+        (DrainReason.PREEMPTION, 1012.0, 12.0),  # what is left of the notice
+        (DrainReason.MAINTENANCE, 990.0, 0.0),  # already past: end at once
+        (DrainReason.GPU_FAULT, 5000.0, 120.0),  # never longer than the configured timeout
+        (DrainReason.PREEMPTION, None, 120.0),  # a record from before deadlines were saved
+        (DrainReason.ADMIN, 990.0, 120.0),  # an admin drain restored days later starts afresh
+    ],
+)
+def test_a_restored_drain_keeps_what_is_left_of_its_deadline(tmp_path: Path, reason, deadline_wall, expected_s) -> None:
+    DrainStore(tmp_path, boot_id="b").save(reason, "x", 900.0, deadline_wall)
+    saved = DrainStore(tmp_path, boot_id="b").load()
+    assert saved is not None and saved.deadline_wall == deadline_wall
+    assert saved.deadline_s(120.0, now_wall=1000.0) == pytest.approx(expected_s)
