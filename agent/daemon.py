@@ -86,9 +86,7 @@ class Daemon:
         self.xid_watcher: XidWatcher | None = None
         self.exporter: Any = None
         if cfg.export.enabled:
-            from agent.exporter.client import (
-                Exporter,  # light; monitoring_v3 loads at the first push
-            )
+            from agent.exporter.client import Exporter  # light; monitoring_v3 loads at the first push
 
             self.exporter = Exporter(cfg.export, self.snapshot, self.lifecycle, environ=self.environ, autoscaling=self.autoscaling_now)
         auto = cfg.autoscaling
@@ -221,7 +219,7 @@ class Daemon:
             raise StartupError(
                 f"cannot listen on {self.cfg.service.host}:{self.cfg.service.port} (service.port): {exc.strerror}"
             ) from None
-        server = site._server
+        server = site._server  # private, but the only way to learn an ephemeral port
         sockets = getattr(server, "sockets", None) or []
         self.bound_port = sockets[0].getsockname()[1] if sockets else self.cfg.service.port
 

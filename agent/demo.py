@@ -112,7 +112,7 @@ class Demo:
         preempted = False
         while not serving.done():
             elapsed = time.monotonic() - self.t0
-            if elapsed >= _LOADING_S and self.vllm._runner is None:
+            if elapsed >= _LOADING_S and self.vllm._runner is None:  # private: the demo owns the fake
                 await self.vllm.accept()
                 self.say("vLLM finished loading: /health answers 200")
             await self._load_balancer(http, readyz)

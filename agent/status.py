@@ -100,7 +100,6 @@ def node_status(daemon: Any) -> dict[str, Any]:
     }
 
 
-
 def _process_figures() -> dict[str, Any]:
     """Cheap self-inspection for leak hunting: tasks, threads and open descriptors."""
     try:

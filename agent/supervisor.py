@@ -68,7 +68,7 @@ class Supervisor:
                 await record.factory()
                 log.warning("task returned; restarting", extra={"task": record.name})
                 error = "returned unexpectedly"
-            except Exception as exc:
+            except Exception as exc:  # broad on purpose: restart, never tear the group down
                 error = f"{type(exc).__name__}: {exc}"
                 log.exception("task failed; restarting", extra={"task": record.name})
             record.running = False

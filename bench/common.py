@@ -17,7 +17,7 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.harness import AgentProcess, until
+from tests.harness import AgentProcess, until  # after the sys.path line; reused: one way to run the agent
 
 __all__ = ["AgentProcess", "fixed_rate_latencies", "machine_header", "percentile", "until"]
 

@@ -30,13 +30,12 @@ async def get_capped(
 ) -> Any:
     """GET `url`; the body of a 200, at most `max_bytes` (with `with_etag`: body and
     the ETag header). `what` names it in messages."""
-    progress = _Progress()
     try:
         async with asyncio.timeout(timeout_s):
             async with session.get(url, headers=headers, allow_redirects=False) as resp:
                 if resp.status != 200:
                     raise ProbeError(f"{what} answered {resp.status}", code=f"http_{resp.status}")
-                body = await _read_capped(resp, what, max_bytes, progress)
+                body = await _read_capped(resp, what, max_bytes)
                 return (body, resp.headers.get("ETag")) if with_etag else body
     except TimeoutError:
         raise ProbeError(f"{what} did not answer within {timeout_s:g}s", code="timeout") from None
@@ -46,34 +45,28 @@ async def get_capped(
         raise ProbeError(f"{what}: {exc}", code="connection") from None
     except aiohttp.ClientError as exc:
         raise ProbeError(f"{what}: {type(exc).__name__}: {exc}", code="connection") from None
-    finally:
-        if not progress.done and progress.bytes_read >= _TRIM_AFTER_BYTES:
-            # An abandoned big body (over the cap, or cut by the deadline) leaves megabytes
-            # of freed 64 KiB chunks scattered in the heap, which glibc keeps: without
-            # this, each such fault raised the daemon's RSS by 2-9 MB for good (soak).
-            release_free_memory()
 
 
-class _Progress:
-    __slots__ = ("bytes_read", "done")
-
-    def __init__(self) -> None:
-        self.bytes_read, self.done = 0, False
-
-
-async def _read_capped(resp: aiohttp.ClientResponse, what: str, max_bytes: int, progress: _Progress) -> bytes:
+async def _read_capped(resp: aiohttp.ClientResponse, what: str, max_bytes: int) -> bytes:
     if resp.content_length is not None and resp.content_length > max_bytes:
         resp.close()
         raise ProbeError(f"{what} announces {resp.content_length} bytes, over {max_bytes}", code="too_large")
     body = bytearray()  # one growing buffer, not a list of chunks to join: fewer, larger allocations
-    async for chunk in resp.content.iter_chunked(_CHUNK_BYTES):
-        progress.bytes_read += len(chunk)
-        if progress.bytes_read > max_bytes:
-            resp.close()  # drop the connection: the rest of the body is not worth reading
-            raise ProbeError(f"{what} is over {max_bytes} bytes", code="too_large")
-        body += chunk
-    progress.done = True
-    return bytes(body)
+    try:
+        async for chunk in resp.content.iter_chunked(_CHUNK_BYTES):
+            if len(body) + len(chunk) > max_bytes:
+                resp.close()  # drop the connection: the rest of the body is not worth reading
+                raise ProbeError(f"{what} is over {max_bytes} bytes", code="too_large")
+            body += chunk
+        return bytes(body)
+    except BaseException:  # over the cap, or cut by the deadline (a cancellation)
+        if len(body) >= _TRIM_AFTER_BYTES:
+            # An abandoned big body leaves megabytes of freed memory in the heap, which
+            # glibc keeps: without this, each such fault raised the daemon's RSS by
+            # 2-9 MB for good (soak).
+            body.clear()
+            release_free_memory()
+        raise
 
 
 _TRIM_AFTER_BYTES = 1024 * 1024

@@ -74,7 +74,7 @@ async def run_soak(duration_s: float, *, seed: int = 1, interval_s: float = 0.05
                     vllm.observe_request(engine=rng.randint(0, 1), ttft_s=rng.random(), tpot_s=rng.random() / 10)
                     await asyncio.sleep(0.5)
                 vllm.set_fault(Fault.OK)
-                if vllm._runner is None:
+                if vllm._runner is None:  # private: the soak owns the fake
                     await vllm.accept()
                 await post_json(http, f"{agent.url}/resume")
                 await _ready(http, agent, settle_s)
