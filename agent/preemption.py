@@ -157,7 +157,11 @@ class WatchTuning:
 
     timeout_sec: int | None = None  # hanging-GET timeout_sec; None: preemption.watch_timeout_s
     backoff_base_s: float = 1.0
-    backoff_cap_s: float = 30.0
+    backoff_cap_s: float = 30.0  # maintenance paths: an hour's notice affords patience
+    # instance/preempted: a 30 s notice affords none. A failing watch retries at least
+    # every second, so a notice right after a run of bad answers is still seen in time.
+    preempted_backoff_base_s: float = 0.25
+    preempted_backoff_cap_s: float = 1.0
     redetect_s: float = 60.0  # auto mode: look again for a server that did not answer
     upcoming_poll_s: float = 60.0  # "no notice" has no ETag to hang on
     identity_retry_s: float = 0.5
@@ -198,18 +202,26 @@ class MetadataWatch:
             self.settled.set()
             await asyncio.Event().wait()  # nothing to do; park (a return would be restarted)
         self.presence = await self._detect()
-        paths = [PREEMPTED] if self.presence is MetadataPresence.PRESENT else []
-        paths += [p for p in (UPCOMING_MAINTENANCE, MAINTENANCE_EVENT) if await serves(self._client, p)]
-        self.watchers = {path: self._watcher(path) for path in paths}
-        self._publish(paths, BLIND_NOTE if self.presence is MetadataPresence.RESTRICTED else "")
         async with asyncio.TaskGroup() as group:
-            for path, watcher in self.watchers.items():
-                group.create_task(self._start(watcher), name=f"metadata:{path}")
+            if self.presence is MetadataPresence.PRESENT:
+                # First and at once: asking which maintenance paths exist can take a
+                # few seconds on a struggling server, a preemption notice cannot wait.
+                self._watch(group, [PREEMPTED])
             group.create_task(self._identity(self.presence), name="metadata:identity")
+            self._watch(group, [p for p in (UPCOMING_MAINTENANCE, MAINTENANCE_EVENT) if await serves(self._client, p)])
+            self._publish(list(self.watchers), BLIND_NOTE if self.presence is MetadataPresence.RESTRICTED else "")
             preempted = self.watchers.get(PREEMPTED)
             if preempted is not None:
                 await preempted.attempted.wait()
             self.settled.set()
+
+    def _watch(self, group: asyncio.TaskGroup, paths: list[str]) -> None:
+        """Start one watcher per path (all registered before any starts: maintenance-event
+        looks for the upcoming-maintenance watcher when it starts)."""
+        watchers = {path: self._watcher(path) for path in paths}
+        self.watchers.update(watchers)
+        for path, watcher in watchers.items():
+            group.create_task(self._start(watcher), name=f"metadata:{path}")
 
     async def _detect(self) -> MetadataPresence:
         """Until a server answers; in auto mode an absent one is looked for again every redetect_s."""
@@ -221,7 +233,8 @@ class MetadataWatch:
                 failures += 1
                 error = f"cannot tell what serves at {self._client.base_url}: {exc}"
                 self._snapshot.fail(WATCH_KEY, error, math.inf, code=exc.code)
-                await asyncio.sleep(self._backoff(failures, self._tuning.backoff_cap_s))
+                # instance/preempted is not watched until this succeeds: retry as briskly as its watch.
+                await asyncio.sleep(self._preempted_backoff(failures))
                 continue
             if presence is not MetadataPresence.ABSENT:
                 return presence
@@ -264,10 +277,14 @@ class MetadataWatch:
             UPCOMING_MAINTENANCE: (parse_upcoming_maintenance, policy.on_upcoming_maintenance,
                                    "metadata.upcoming_maintenance", NO_NOTICE_CODES),
         }[path]  # fmt: skip
+        base_s, cap_s = (
+            (tuning.preempted_backoff_base_s, tuning.preempted_backoff_cap_s)
+            if path == PREEMPTED
+            else (tuning.backoff_base_s, tuning.backoff_cap_s)
+        )
         return MetadataWatcher(
-            self._client, path, parse, on_value, self._snapshot, key,
-            tuning.timeout_sec or self._cfg.watch_timeout_s,
-            backoff_base_s=tuning.backoff_base_s, backoff_cap_s=tuning.backoff_cap_s,
+            self._client, path, parse, on_value, self._snapshot, key, self._timeout_sec(path),
+            backoff_base_s=base_s, backoff_cap_s=cap_s,
             none_codes=none_codes, none_poll_s=tuning.upcoming_poll_s, errors=self._errors, rng=self._rng,
         )  # fmt: skip
 
@@ -293,3 +310,16 @@ class MetadataWatch:
 
     def _backoff(self, failures: int, cap_s: float) -> float:
         return backoff_s(failures, min(self._tuning.backoff_base_s, cap_s), cap_s, self._rng)
+
+    def _preempted_backoff(self, failures: int) -> float:
+        tuning = self._tuning
+        return backoff_s(failures, tuning.preempted_backoff_base_s, tuning.preempted_backoff_cap_s, self._rng)
+
+    def _timeout_sec(self, path: str) -> int:
+        """The hanging GET's timeout_sec. For instance/preempted at most a third of the
+        notice budget: a connection that silently stops answering is abandoned at
+        timeout_sec + a small slack, and must cost at most a third of the notice."""
+        timeout_sec = self._tuning.timeout_sec or self._cfg.watch_timeout_s
+        if path == PREEMPTED:
+            timeout_sec = min(timeout_sec, max(1, int(self._cfg.notice_budget_s // 3)))
+        return timeout_sec

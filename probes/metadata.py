@@ -74,8 +74,11 @@ class MetadataClient:
         base_url: str,
         session: aiohttp.ClientSession,
         *,
-        timeout_s: float = 5.0,
-        wait_slack_s: float = 10.0,  # above timeout_sec, like Google's guest agent (60 s + 10 s)
+        timeout_s: float = 3.0,  # the server answers plain GETs in milliseconds
+        # A hanging GET that has not answered by timeout_sec + this is abandoned: the
+        # server returns the unchanged value at timeout_sec, so a longer silence means a
+        # dead connection, and a preemption notice cannot wait behind it.
+        wait_slack_s: float = 2.0,
         max_bytes: int = _MAX_BYTES,
     ) -> None:
         self.base_url = base_url

@@ -70,6 +70,51 @@ async def test_notice_turns_readyz_503_drains_within_the_deadline_and_stays_up(t
         agent.kill()
 
 
+@pytest.mark.parametrize("prelude", [("503", "reset", "garbage", "503", "reset"), ("garbage",) * 5, ("503",) * 8])
+async def test_a_notice_right_after_a_run_of_bad_answers_is_seen_within_two_seconds(tmp_path, servers, prelude) -> None:
+    """The watch of instance/preempted never backs off more than ~1 s: after a run of
+    bad answers a real TRUE is still seen at once (GCE gives 30 s in all)."""
+    meta, vllm = servers
+    agent = await start(tmp_path, meta, vllm)
+    try:
+        async with aiohttp.ClientSession() as http:
+            await until(lambda: _is(http, agent, "READY"), 10)
+            await until(lambda: meta.parked("instance/preempted") == 1, 5, what="hanging GET parked")
+            meta.inject("instance/preempted", *prelude)
+            meta.reset_parked("instance/preempted")  # the hanging GET dies; the bad answers follow
+            await until(lambda: not meta.faults.get("instance/preempted"), 15, what="bad answers served")
+            await meta.set("instance/preempted", "TRUE")
+            noticed = time.monotonic()
+            await until(lambda: status_is(http, f"{agent.url}/readyz", 503), 5, 0.005, "503")
+            assert time.monotonic() - noticed <= 2.0
+            _, full = await get_json(http, f"{agent.url}/status")
+            assert full["drain"]["reason"] == "preemption"
+            # Each bad answer was a failed read (aiohttp retries a GET once on a reused
+            # connection that drops, so two resets can be one failed read).
+            assert full["probe_errors"]["metadata.preempted"] >= len(prelude) // 2
+    finally:
+        agent.kill()
+
+
+async def test_a_hanging_get_that_stops_answering_is_abandoned_at_timeout_sec_plus_a_small_slack(tmp_path, servers) -> None:
+    meta, vllm = servers
+    agent = await start(tmp_path, meta, vllm)  # watch_timeout_s 2
+    try:
+        async with aiohttp.ClientSession() as http:
+            await until(lambda: _is(http, agent, "READY"), 10)
+            meta.inject("instance/preempted", "hang")  # the next request is held and never answered
+            meta.reset_parked("instance/preempted")
+            await until(lambda: meta.parked("instance/preempted") == 0 and not meta.faults.get("instance/preempted"), 5)
+            hung_at = time.monotonic()
+            await meta.set("instance/preempted", "TRUE")  # the held request will never tell
+            await until(lambda: status_is(http, f"{agent.url}/readyz", 503), 10, 0.01, "503")
+            # timeout_sec (2) + slack (2) + one backoff (<= 1) + a scheduling margin.
+            assert time.monotonic() - hung_at <= 5.5
+            meta.release_hangs()
+    finally:
+        agent.kill()
+
+
 async def test_faults_and_flapping_never_cause_a_false_drain(tmp_path, servers) -> None:
     meta, vllm = servers
     agent = await start(tmp_path, meta, vllm)
