@@ -78,7 +78,10 @@ def _run(cfg: AgentConfig) -> int:
     from agent.daemon import StartupError
     from agent.logs import configure_logging
 
+    from agent.limits import raise_fd_limit
+
     configure_logging(cfg.logging.level, cfg.logging.format.value)
+    raise_fd_limit()
     try:
         import uvloop
 

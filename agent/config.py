@@ -44,6 +44,10 @@ class ServiceConfig(_Section):
     admin_token_file: Path | None = None
     state_dir: Path = Path("/var/lib/gpu-node-agent")
     shutdown_timeout_s: float = Field(2.0, gt=0, le=60)
+    # Inbound connections held at once (also kept below the open-file limit); past it
+    # the oldest idle connection is closed. Probes and scrapes need a handful.
+    max_connections: int = Field(256, ge=8, le=65_536)
+    keepalive_timeout_s: float = Field(5.0, gt=0, le=3600)  # idle keep-alive, and time to send a request head
 
 
 class InferenceConfig(_Section):

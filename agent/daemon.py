@@ -12,6 +12,7 @@ Read top to bottom, this file is the life of the process:
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from agent.drain import DrainController
 from agent.exporter.series import VllmSource, gpu_view, vllm_view
 from agent.gpu_faults import GpuFaultPolicy
 from agent.idle import IdleWatchdog
+from agent.limits import connection_cap
 from agent.logs import lifecycle_context
 from agent.persistence import DrainPersistence
 from agent.preemption import MetadataWatch, PreemptionPolicy
@@ -48,6 +50,7 @@ from probes.vllm import VllmMetricsProbe
 from probes.xid import XidWatcher
 from service.app import build_app
 from service.auth import AdminAuth
+from service.connections import ConnectionGuard, ConnectionLimits, GuardedSite
 from service.metrics import AgentCollector
 from state_machine import DrainReason, Lifecycle, Source, State, Transition
 from state_machine.persist import DrainStore
@@ -106,6 +109,7 @@ class Daemon:
         self.registry.register(AgentCollector(self))
         self.signals_received = 0
         self.bound_port: int | None = None
+        self.http_guard: ConnectionGuard | None = None
         self._stop_requested = asyncio.Event()
         self._changed = asyncio.Event()
         self._transitioned = asyncio.Event()
@@ -151,7 +155,19 @@ class Daemon:
         if saved is None:
             self.lifecycle.start_warming()
         self.notifier.ready(self._systemd_status())
-        log.info("agent started", extra={"version": __version__, "port": self.bound_port, "pid": os.getpid()})
+        # Everything built so far lives as long as the process: keep it out of the
+        # collector's way, so a collection (after bad requests, or the periodic ones)
+        # walks only what was made since and never stalls the loop for long.
+        gc.freeze()
+        log.info(
+            "agent started",
+            extra={
+                "version": __version__,
+                "port": self.bound_port,
+                "pid": os.getpid(),
+                "max_connections": None if self.http_guard is None else self.http_guard.limits.max_connections,
+            },
+        )
 
     async def main_loop(self) -> None:
         interval = min(_TICK_S, self.notifier.watchdog_interval_s or _TICK_S)
@@ -206,22 +222,20 @@ class Daemon:
 
     # --- HTTP --------------------------------------------------------------------
     async def start_http(self) -> None:
-        app = build_app(self, AdminAuth(self.cfg.service.admin_token_file))
-        self._http = web.AppRunner(
-            app, handle_signals=False, access_log=None, shutdown_timeout=self.cfg.service.shutdown_timeout_s
-        )
+        service = self.cfg.service
+        app = build_app(self, AdminAuth(service.admin_token_file))
+        self._http = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=service.shutdown_timeout_s)
         await self._http.setup()
-        site = web.TCPSite(self._http, self.cfg.service.host, self.cfg.service.port, reuse_address=True)
+        cap = connection_cap(service.max_connections)
+        self.http_guard = ConnectionGuard(ConnectionLimits(max_connections=cap, keepalive_timeout_s=service.keepalive_timeout_s))
+        site = GuardedSite(self._http, service.host, service.port, self.http_guard)
         try:
             await site.start()
         except OSError as exc:
             await self._http.cleanup()
-            raise StartupError(
-                f"cannot listen on {self.cfg.service.host}:{self.cfg.service.port} (service.port): {exc.strerror}"
-            ) from None
-        server = site._server  # private, but the only way to learn an ephemeral port
-        sockets = getattr(server, "sockets", None) or []
-        self.bound_port = sockets[0].getsockname()[1] if sockets else self.cfg.service.port
+            raise StartupError(f"cannot listen on {service.host}:{service.port} (service.port): {exc.strerror}") from None
+        addresses = self._http.addresses
+        self.bound_port = addresses[0][1] if addresses else service.port
 
     async def stop_http(self) -> None:
         if self._http is not None:

@@ -42,6 +42,9 @@ class AgentCollector(Collector):
         exporter = getattr(self._source, "exporter", None)
         if exporter is not None:
             yield from exporter.collect()
+        guard = getattr(self._source, "http_guard", None)
+        if guard is not None:
+            yield from guard.collect()
 
     def _lifecycle(self) -> Iterator[Metric]:
         lifecycle = self._source.lifecycle

@@ -105,3 +105,9 @@ def test_hardening_keeps_the_nvidia_devices_reachable() -> None:
 @pytest.mark.parametrize("name", sorted(UNITS))
 def test_units_install_into_multi_user(name: str) -> None:
     assert unit(name)["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_the_agent_unit_raises_the_open_file_limit_above_systemds_1024() -> None:
+    # A 1024 soft limit lets 1,000 idle client connections stop every probe.
+    service = unit("gpu-node-agent.service")["Service"]
+    assert int(service["LimitNOFILE"].split(":")[-1]) >= 65536

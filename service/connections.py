@@ -1,0 +1,229 @@
+"""The listening socket, guarded against clients that misbehave: a cap on open
+connections (the oldest idle ones are closed first), a short keep-alive, small
+header limits, a byte budget per request head, and bad requests counted and logged
+at a bounded rate instead of a traceback each.
+
+Why: /readyz and /healthz are what load balancers, kubelet and the MIG autohealer
+act on. Left to aiohttp's defaults, 1,000 idle connections use up a 1024-fd limit
+(every later probe fails: autohealing recreates a healthy VM), idle keep-alives are
+held for an hour, and a few clients sending megabyte headers grow the heap by
+hundreds of MB (each rejected head leaves its read buffers in reference cycles).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_request import BaseRequest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+log = logging.getLogger(__name__)
+
+# Nothing this service answers needs more: probes and scrapes send a few hundred
+# bytes of head, admin calls a bearer token and a small JSON body.
+MAX_LINE_BYTES = 4096
+MAX_FIELD_BYTES = 8190
+MAX_HEADERS = 64
+MAX_HEAD_BYTES = 64 * 1024  # unparsed bytes a connection may send before a request is complete
+_LOG_EVERY_S = 10.0
+_COLLECT_AFTER_BAD = 32  # a rejected head's buffers sit in reference cycles: collect them soon
+_TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    max_connections: int = 256
+    keepalive_timeout_s: float = 5.0
+
+
+class ConnectionGuard:
+    """Tracks the service's connections; closes the oldest idle one when a new
+    connection would exceed the cap, and counts what it refused."""
+
+    def __init__(self, limits: ConnectionLimits, *, clock: Any = time.monotonic) -> None:
+        self.limits = limits
+        self._clock = clock
+        self._open: dict[GuardedRequestHandler, None] = {}  # insertion order: oldest first
+        self.closed: Counter[str] = Counter()  # why: idle_evicted, refused_busy
+        self.bad_requests: Counter[str] = Counter()  # kind: malformed, too_large, handler_error
+        self._suppressed: Counter[str] = Counter()
+        self._last_logged: dict[str, float] = {}
+        self._bad_since_collect = 0
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
+
+    def opened(self, handler: GuardedRequestHandler) -> None:
+        if len(self._open) >= self.limits.max_connections and not self._evict_idle():
+            # Every connection is busy with a request: refuse the new one rather than
+            # run out of descriptors. (Our handlers answer in microseconds, so this
+            # needs a flood of slow admin calls.)
+            self.closed["refused_busy"] += 1
+            asyncio.get_running_loop().call_soon(handler.force_close)
+        self._open[handler] = None
+
+    def closed_one(self, handler: GuardedRequestHandler) -> None:
+        self._open.pop(handler, None)
+
+    def _evict_idle(self) -> bool:
+        for victim in self._open:
+            if not victim.busy:
+                self._open.pop(victim)
+                victim.force_close()
+                self.closed["idle_evicted"] += 1
+                return True
+        return False
+
+    def bad_request(self, kind: str, remote: str | None, detail: str, exc: BaseException | None = None) -> None:
+        """Count it; log one line per kind every few seconds, saying how many were not
+        logged in between (a traceback only for our own handler errors)."""
+        self.bad_requests[kind] += 1
+        now = self._clock()
+        last = self._last_logged.get(kind)
+        if last is not None and now - last < _LOG_EVERY_S:
+            self._suppressed[kind] += 1
+        else:
+            log.log(
+                logging.ERROR if kind == "handler_error" else logging.WARNING,
+                "bad HTTP request",
+                exc_info=exc,
+                extra={"kind": kind, "remote": remote, "detail": detail[:200], "not_logged_since_last": self._suppressed[kind]},
+            )
+            self._last_logged[kind] = now
+            self._suppressed[kind] = 0
+        self._bad_since_collect += 1
+        if self._bad_since_collect >= _COLLECT_AFTER_BAD:
+            self._bad_since_collect = 0
+            gc.collect()
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("gpu_node_agent_http_connections", "open connections to the agent's HTTP service", value=len(self._open))
+        closed = CounterMetricFamily("gpu_node_agent_http_connections_closed", "connections the guard closed, by why", labels=["why"])
+        for why in ("idle_evicted", "refused_busy"):
+            closed.add_metric([why], float(self.closed[why]))
+        yield closed
+        bad = CounterMetricFamily("gpu_node_agent_http_bad_requests", "requests refused as malformed or too large", labels=["kind"])
+        for kind in ("malformed", "too_large", "handler_error"):
+            bad.add_metric([kind], float(self.bad_requests[kind]))
+        yield bad
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "open": len(self._open),
+            "max_connections": self.limits.max_connections,
+            "keepalive_timeout_s": self.limits.keepalive_timeout_s,
+            "closed": dict(self.closed),
+            "bad_requests": dict(self.bad_requests),
+        }
+
+
+class GuardedRequestHandler(web.RequestHandler):
+    """aiohttp's protocol with the guard's hooks. `busy` and the head budget use two
+    of aiohttp's private fields (`_request_in_progress`, `_request_count`);
+    tests/service/test_connections.py fails if aiohttp changes them."""
+
+    def __init__(self, manager: web.Server, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._guard = guard
+        self._head_bytes = 0
+        self._seen_requests = 0
+        self._logged_by_us = False
+
+    @property
+    def busy(self) -> bool:
+        return bool(getattr(self, "_request_in_progress", False))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._guard.opened(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._guard.closed_one(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        requests = getattr(self, "_request_count", 0)
+        if requests != self._seen_requests:  # a request head was parsed since: a new budget
+            self._seen_requests, self._head_bytes = requests, 0
+        self._head_bytes += len(data)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            # Refused before the parser sees it: parsing a megabyte head costs far more.
+            transport = self.transport
+            self._guard.bad_request("too_large", _peer(transport), f"over {MAX_HEAD_BYTES} bytes before a complete request")
+            if transport is not None and not transport.is_closing():
+                transport.write(_TOO_LARGE)
+            self.force_close()
+            return
+        super().data_received(data)
+
+    def handle_error(
+        self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        malformed = isinstance(exc, HttpProcessingError)
+        if malformed:  # counted here: aiohttp logs a first garbage request (TLS, say) at debug only
+            self._guard.bad_request("malformed", _peer(self.transport), f"{type(exc).__name__}: {exc}")
+        self._logged_by_us = malformed
+        try:
+            return super().handle_error(request, status, exc, message)
+        finally:
+            self._logged_by_us = False
+            if exc is not None:
+                exc.__traceback__ = None  # its frames hold the rejected read buffers
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        if self._logged_by_us:
+            return
+        exc = kw.get("exc_info")
+        exc = exc if isinstance(exc, BaseException) else None
+        # One of our handlers raised, or the connection broke mid-answer: worth a
+        # traceback (rate-limited like the rest).
+        self._guard.bad_request("handler_error", _peer(self.transport), f"{type(exc).__name__}: {exc}", exc)
+
+
+def _peer(transport: asyncio.BaseTransport | None) -> str | None:
+    peer = None if transport is None else transport.get_extra_info("peername")
+    return None if not peer else str(peer[0])
+
+
+class GuardedSite(web.BaseSite):
+    """A TCP site whose connections are GuardedRequestHandlers (aiohttp's BaseSite is
+    the documented way to bring your own listener)."""
+
+    __slots__ = ("_host", "_port", "_guard", "_handler_kwargs")
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard, *, backlog: int = 512) -> None:
+        super().__init__(runner, backlog=backlog)
+        self._host, self._port, self._guard = host, port, guard
+        self._handler_kwargs = {
+            "keepalive_timeout": guard.limits.keepalive_timeout_s,
+            "max_line_size": MAX_LINE_BYTES,
+            "max_field_size": MAX_FIELD_BYTES,
+            "max_headers": MAX_HEADERS,
+            "access_log": None,
+            "lingering_time": 1.0,  # after an error answer, read what is left for 1 s, not 10
+        }
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+
+        def protocol() -> GuardedRequestHandler:
+            return GuardedRequestHandler(server, self._guard, loop=loop, **self._handler_kwargs)
+
+        self._server = await loop.create_server(protocol, self._host, self._port, reuse_address=True, backlog=self._backlog)
