@@ -76,10 +76,10 @@ def _config(path: Path | None) -> AgentConfig:
 
 def _run(cfg: AgentConfig) -> int:
     from agent.daemon import StartupError
-    from agent.logs import configure_logging
-
     from agent.limits import raise_fd_limit
+    from agent.logs import configure_logging, ensure_standard_fds, stop_logging
 
+    ensure_standard_fds()
     configure_logging(cfg.logging.level, cfg.logging.format.value)
     raise_fd_limit()
     try:
@@ -98,6 +98,8 @@ def _run(cfg: AgentConfig) -> int:
     except Exception:
         log.exception("agent crashed")
         return EXIT_ERROR
+    finally:
+        stop_logging()
     return EXIT_OK
 
 

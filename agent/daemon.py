@@ -32,7 +32,7 @@ from agent.exporter.series import VllmSource, gpu_view, vllm_view
 from agent.gpu_faults import GpuFaultPolicy
 from agent.idle import IdleWatchdog
 from agent.limits import connection_cap
-from agent.logs import lifecycle_context
+from agent.logs import LOG_STATS, lifecycle_context
 from agent.persistence import DrainPersistence
 from agent.preemption import MetadataWatch, PreemptionPolicy
 from agent.readiness import ReadinessPolicy
@@ -110,6 +110,7 @@ class Daemon:
         self.signals_received = 0
         self.bound_port: int | None = None
         self.http_guard: ConnectionGuard | None = None
+        self.log_stats = LOG_STATS
         self._stop_requested = asyncio.Event()
         self._changed = asyncio.Event()
         self._transitioned = asyncio.Event()

@@ -45,6 +45,10 @@ class AgentCollector(Collector):
         guard = getattr(self._source, "http_guard", None)
         if guard is not None:
             yield from guard.collect()
+        logs = getattr(self._source, "log_stats", None)
+        if logs is not None:
+            yield CounterMetricFamily("gpu_node_agent_log_records_dropped", "log records dropped: the log writer could not keep up (stdout blocked?)", value=float(logs.dropped))
+            yield CounterMetricFamily("gpu_node_agent_log_write_errors", "log records that could not be written (stdout closed?)", value=float(logs.write_errors))
 
     def _lifecycle(self) -> Iterator[Metric]:
         lifecycle = self._source.lifecycle
