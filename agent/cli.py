@@ -79,6 +79,10 @@ def _run(cfg: AgentConfig) -> int:
     from agent.limits import raise_fd_limit
     from agent.logs import configure_logging, ensure_standard_fds, stop_logging
 
+    from agent.signals import EarlySignals
+
+    early = EarlySignals()
+    early.install()  # from here on no signal kills the process; stop signals wait for the loop
     ensure_standard_fds()
     configure_logging(cfg.logging.level, cfg.logging.format.value)
     raise_fd_limit()
@@ -91,7 +95,7 @@ def _run(cfg: AgentConfig) -> int:
         runner = asyncio.Runner()
     try:
         with runner:
-            runner.run(_serve(cfg))
+            runner.run(_serve(cfg, early.pending))
     except StartupError as exc:
         log.error("cannot start", extra={"error": str(exc)})
         return EXIT_ERROR
@@ -99,15 +103,16 @@ def _run(cfg: AgentConfig) -> int:
         log.exception("agent crashed")
         return EXIT_ERROR
     finally:
+        early.ignore()  # the process is on its way out: a late signal changes nothing
         stop_logging()
     return EXIT_OK
 
 
-async def _serve(cfg: AgentConfig) -> None:
+async def _serve(cfg: AgentConfig, pending_signals: list[str]) -> None:
     from agent.daemon import Daemon
 
     daemon = Daemon(cfg)
-    daemon.install_signal_handlers(asyncio.get_running_loop())
+    daemon.install_signal_handlers(asyncio.get_running_loop(), pending_signals)
     await daemon.serve()
 
 

@@ -36,6 +36,7 @@ from agent.logs import LOG_STATS, lifecycle_context
 from agent.persistence import DrainPersistence
 from agent.preemption import MetadataWatch, PreemptionPolicy
 from agent.readiness import ReadinessPolicy
+from agent.signals import LoopSignals, stack_dump
 from agent.status import node_status
 from agent.supervisor import Supervisor
 from agent.systemd import SystemdNotifier
@@ -111,6 +112,8 @@ class Daemon:
         self.bound_port: int | None = None
         self.http_guard: ConnectionGuard | None = None
         self.log_stats = LOG_STATS
+        self.admin_auth = AdminAuth(cfg.service.admin_token_file)
+        self._signals: LoopSignals | None = None
         self._stop_requested = asyncio.Event()
         self._changed = asyncio.Event()
         self._transitioned = asyncio.Event()
@@ -138,6 +141,8 @@ class Daemon:
                 await self.gpu_probe.close(timeout_s=2.0)
         finally:
             await self.stop_http()
+            if self._signals is not None:
+                self._signals.remove()  # back to the pre-loop handlers: a late signal is ignored
 
     async def startup(self, supervisor: Supervisor) -> None:
         saved = await self.persistence.restore()
@@ -201,10 +206,17 @@ class Daemon:
             if session is not None:
                 await session.close()
 
-    # --- signals ---------------------------------------------------------------
-    def install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.on_stop_signal, sig.name)
+    # --- signals (what each does: agent/signals.py) ---------------------------------
+    def install_signal_handlers(self, loop: asyncio.AbstractEventLoop, pending: list[str] | None = None) -> None:
+        """Handlers on the loop; `pending` are stop signals that came before it ran."""
+        stop = self.on_stop_signal
+        self._signals = LoopSignals({
+            signal.SIGTERM: stop, signal.SIGINT: stop, signal.SIGHUP: self.on_reload_signal,
+            signal.SIGUSR1: self.on_status_signal, signal.SIGUSR2: self.on_stack_signal,
+        })  # fmt: skip
+        self._signals.install(loop)
+        for name in pending or ():
+            self.on_stop_signal(name)
 
     def on_stop_signal(self, name: str = "SIGTERM") -> None:
         """First signal starts the drain; the second skips the waiting. No I/O here."""
@@ -217,14 +229,29 @@ class Daemon:
                 DrainReason.SIGNAL, Source.SIGNAL, deadline_s=self.cfg.drain.timeout_s, detail=name
             )
             self.notifier.stopping(self._systemd_status())
-        else:
+        elif self.signals_received == 2:
             log.warning("second stop signal: skipping the wait", extra={"signal": name})
             self.drainer.skip_waiting()
+        else:
+            log.info("stop signal received again; already stopping", extra={"signal": name, "count": self.signals_received})
+
+    def on_reload_signal(self, name: str = "SIGHUP") -> None:
+        self.admin_auth.reload()
+        log.info(
+            "SIGHUP: the admin token file is read again at the next admin call; other settings take effect at restart",
+            extra={"signal": name},
+        )
+
+    def on_status_signal(self, name: str = "SIGUSR1") -> None:
+        log.info("status (SIGUSR1)", extra={"signal": name, "status": self.status()})
+
+    def on_stack_signal(self, name: str = "SIGUSR2") -> None:
+        log.info("stacks (SIGUSR2)", extra={"signal": name, **stack_dump()})
 
     # --- HTTP --------------------------------------------------------------------
     async def start_http(self) -> None:
         service = self.cfg.service
-        app = build_app(self, AdminAuth(service.admin_token_file))
+        app = build_app(self, self.admin_auth)
         self._http = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=service.shutdown_timeout_s)
         await self._http.setup()
         cap = connection_cap(service.max_connections)

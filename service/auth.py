@@ -20,6 +20,9 @@ class AdminAuth:
     def __init__(self, token_file: Path | None) -> None:
         self._token_file = token_file
 
+    def reload(self) -> None:
+        """SIGHUP: read the token file again at the next call."""
+
     def _token(self) -> str | None:
         # Read on each call: rotating the token file needs no restart.
         if self._token_file is None:
