@@ -151,7 +151,9 @@ class _Seq:
 
 class FakeVllm:
     """Controls are plain attributes: running/waiting/kv_cache_usage (one entry per
-    engine), health_status, health_fault/metrics_fault, delay_s, ttft_s, tpot_s."""
+    engine), health_status, health_fault/metrics_fault, delay_s, ttft_s, tpot_s,
+    shutdown_timeout_s (how long stop() lets requests in progress finish: vLLM's
+    --shutdown-timeout, whose default 0 aborts them at once)."""
 
     def __init__(
         self,
@@ -176,6 +178,7 @@ class FakeVllm:
         self.health_fault = Fault.OK
         self.metrics_fault = Fault.OK
         self.delay_s = 5.0
+        self.shutdown_timeout_s = 0.5
         self.oversized_bytes = 16 * 1024 * 1024
         self.ttft_s, self.tpot_s, self.completion_tokens = 0.02, 0.002, 16
         self.sleeping = False
@@ -202,7 +205,8 @@ class FakeVllm:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._completions)
         self._released = asyncio.Event()
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5, access_log=None)
+        # aiohttp reads a shutdown timeout of 0 as "wait for ever": the smallest positive one aborts.
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=max(self.shutdown_timeout_s, 0.001), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.host, port or self.port, reuse_address=True)
         try:

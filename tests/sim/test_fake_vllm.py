@@ -188,6 +188,33 @@ async def test_a_client_leaving_a_stream_counts_as_an_abort(vllm: FakeVllm, sess
     assert vllm.in_flight == 0
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_stop_with_no_shutdown_timeout_aborts_what_is_in_flight_like_vllm_by_default(vllm: FakeVllm, session: aiohttp.ClientSession, streamed: bool) -> None:
+    vllm.ttft_s, vllm.shutdown_timeout_s = 0.0, 0.0
+    vllm.tpot_s = 0.1  # 1.5 s per completion
+    await vllm.stop()
+    await vllm.start(vllm.port)  # the timeout is the server's, read at start
+
+    async def complete() -> None:
+        async with session.post(f"{vllm.url}/v1/completions", json={"model": vllm.model, "prompt": "hi", "stream": streamed}) as resp:
+            await resp.read()
+
+    request = asyncio.create_task(complete())
+    await until(lambda: vllm.in_flight == 1, 2, what="the completion in flight")
+    await vllm.stop()
+    with pytest.raises(aiohttp.ClientError):
+        await request
+
+
+async def test_stop_lets_a_short_request_finish_within_the_default_shutdown_timeout(vllm: FakeVllm, session: aiohttp.ClientSession) -> None:
+    vllm.ttft_s, vllm.tpot_s = 0.1, 0.01
+    request = asyncio.create_task(session.post(f"{vllm.url}/v1/completions", json={"model": vllm.model, "prompt": "hi"}))
+    await until(lambda: vllm.in_flight == 1, 2, what="the completion in flight")
+    await vllm.stop()
+    resp = await request
+    assert resp.status == 200 and (await resp.json())["object"] == "text_completion"
+
+
 @pytest.mark.parametrize("target", ["health", "metrics"])
 @pytest.mark.parametrize(("fault", "status"), [(Fault.HTTP_500, 500), (Fault.HTTP_503, 503), (Fault.GARBAGE, 200)])
 async def test_status_faults_apply_to_their_endpoint_only(vllm: FakeVllm, session: aiohttp.ClientSession, target: str, fault: Fault, status: int) -> None:
