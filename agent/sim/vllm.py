@@ -30,7 +30,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from agent.sim.completion_stream import CONTENT_TYPE, CompletionStream
+from agent.sim.completions import CONTENT_TYPE, CompletionStream, completion_json
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -399,7 +399,7 @@ class FakeVllm:
         finally:
             self._served[engine] -= 1
         self.observe_request(engine, prompt_tokens, tokens, reason=reason)
-        return web.json_response(_completion_json(request.path, self.model, "ok " * tokens, reason, prompt_tokens, tokens))
+        return web.json_response(completion_json(request.path, self.model, "ok " * tokens, reason, prompt_tokens, tokens))
 
     async def _stream(self, request: web.Request, stream: CompletionStream, engine: int, tokens: int, reason: str) -> web.StreamResponse:
         """One SSE chunk per token (the first after ttft_s, then one every tpot_s); the
@@ -424,20 +424,6 @@ class FakeVllm:
                 await response.write(chunk)
             await response.write_eof()
         return response
-
-
-def _completion_json(path: str, model: str, text: str, reason: str, prompt_tokens: int, tokens: int) -> dict[str, Any]:
-    chat = path.endswith("/chat/completions")
-    choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
-    choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-    return {
-        "id": f"{'chatcmpl' if chat else 'cmpl'}-{random.getrandbits(64):016x}",
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens},
-    }
 
 
 def _error(status: int, kind: str, message: str) -> web.Response:

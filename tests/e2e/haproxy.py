@@ -86,11 +86,6 @@ class HAProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    @property
-    def down_after_s(self) -> float:
-        """How long a server that stops answering 200 may still be sent requests."""
-        return self.fall * self.inter_ms / 1000
-
     async def start(self, timeout_s: float = 10.0) -> HAProxy:
         # A file, not a pipe: nobody must have to read HAProxy's log for it to go on.
         with self.log_path.open("wb") as log:
@@ -125,8 +120,18 @@ class HAProxy:
     async def states(self) -> dict[str, str]:
         """Each server's check status as HAProxy holds it: UP, DOWN, or a transition
         such as `UP 1/2` (one failed check, still taking traffic)."""
+        return {name: row["status"] for name, row in (await self._rows()).items() if name != "BACKEND"}
+
+    async def errors(self) -> dict[str, int]:
+        """HAProxy's own count, for the whole backend, of what went wrong: connection
+        and response errors, aborts by a server, 5xx answers, retries, redispatches."""
+        backend = (await self._rows())["BACKEND"]
+        return {key: int(backend[key] or 0) for key in ("econ", "eresp", "srv_abrt", "hrsp_5xx", "wretr", "wredis")}
+
+    async def _rows(self) -> dict[str, dict[str, str]]:
+        """`show stat` for the vllm backend: one row per server, and BACKEND."""
         rows = csv.DictReader((await self._stats("show stat")).removeprefix("# ").splitlines())
-        return {row["svname"]: row["status"] for row in rows if row["pxname"] == "vllm" and row["svname"] not in ("FRONTEND", "BACKEND")}
+        return {row["svname"]: row for row in rows if row["pxname"] == "vllm"}
 
     async def reaches(self, server: str, status: str, timeout_s: float = 10.0) -> float:
         """Waits until `server` is exactly `status` (UP or DOWN); returns when it was seen."""

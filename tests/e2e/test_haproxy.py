@@ -37,19 +37,13 @@ PROPAGATION_DELAY_S = 1.0  # HAProxy takes a server out after fall x inter = 0.2
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        yield session
-
-
-@pytest.fixture
-async def fleet(tmp_path: Path, http: aiohttp.ClientSession) -> AsyncIterator[tuple[list[Node], HAProxy]]:
+async def fleet(tmp_path: Path, session: aiohttp.ClientSession) -> AsyncIterator[tuple[list[Node], HAProxy]]:
     haproxy_binary()  # skip before starting anything where haproxy is absent
     nodes = [Node(tmp_path, f"node{i}", propagation_delay_s=PROPAGATION_DELAY_S) for i in range(3)]
     lb: HAProxy | None = None
     try:
         await asyncio.gather(*(node.start() for node in nodes))
-        await asyncio.gather(*(node.ready(http) for node in nodes))
+        await asyncio.gather(*(node.ready(session) for node in nodes))
         # Started once every node is READY, so no check ever sees a warming node.
         lb = HAProxy(tmp_path, [Backend(n.name, n.vllm.port, n.agent_port) for n in nodes])
         await lb.start()
@@ -73,14 +67,20 @@ async def all_took_traffic(load: SteadyLoad, nodes: list[Node], after: float = 0
     await until(lambda: all(load.served_by(n.name, after=after) >= least for n in nodes), 15, 0.05, f"every node to serve {least} requests")
 
 
-def assert_load_ok(load: SteadyLoad, lb: HAProxy) -> None:
-    print("load through haproxy:", load.summary())  # shown with -rP, and on failure
+async def terminated(session: aiohttp.ClientSession, node: Node) -> bool:
+    return await state_of(session, node.agent) == "TERMINATED"
+
+
+async def assert_load_ok(load: SteadyLoad, lb: HAProxy) -> None:
+    errors = await lb.errors()
+    print("load through haproxy:", load.summary(), "haproxy's errors:", errors)  # shown with -rP, and on failure
     assert not load.failures(), describe(load.failures(), lb)
+    assert not any(errors.values()), errors  # HAProxy saw nothing fail and retried nothing
     assert load.count(lambda o: o.streamed) > 0 and load.count(lambda o: not o.streamed) > 0
     assert {o.path for o in load.outcomes} == {"/v1/completions", "/v1/chat/completions"}
 
 
-async def test_sigterm_rolling_restart_behind_haproxy_fails_no_request(fleet: tuple[list[Node], HAProxy], http: aiohttp.ClientSession) -> None:
+async def test_sigterm_rolling_restart_behind_haproxy_fails_no_request(fleet: tuple[list[Node], HAProxy]) -> None:
     nodes, lb = fleet
     load = SteadyLoad(lb.url, rate_rps=40)
     marks: dict[str, tuple[float, float]] = {}  # node -> (SIGTERM sent, back UP)
@@ -97,7 +97,7 @@ async def test_sigterm_rolling_restart_behind_haproxy_fails_no_request(fleet: tu
             marks[node.name] = (sigterm_at, await lb.reaches(node.name, "UP", 20))
             print(f"{node.name}: DOWN {down_after_s:.2f} s after SIGTERM, back UP after {marks[node.name][1] - sigterm_at:.2f} s")
         await all_took_traffic(load, nodes, after=max(up for _, up in marks.values()))
-    assert_load_ok(load, lb)
+    await assert_load_ok(load, lb)
     for node in nodes:
         sigterm_at, up_at = marks[node.name]
         assert load.served_by(node.name, before=sigterm_at) > 0 and load.served_by(node.name, after=up_at) > 0
@@ -111,7 +111,7 @@ async def test_sigterm_rolling_restart_behind_haproxy_fails_no_request(fleet: tu
     assert any(n.agents[0].logs("agent stopping")[0]["termination_report"]["in_flight_at_notice"] > 0 for n in nodes)
 
 
-async def test_spot_preemption_behind_haproxy_fails_no_request(fleet: tuple[list[Node], HAProxy], http: aiohttp.ClientSession) -> None:
+async def test_spot_preemption_behind_haproxy_fails_no_request(fleet: tuple[list[Node], HAProxy], session: aiohttp.ClientSession) -> None:
     nodes, lb = fleet
     victim, others = nodes[1], [nodes[0], nodes[2]]
     load = SteadyLoad(lb.url, rate_rps=40)
@@ -121,12 +121,12 @@ async def test_spot_preemption_behind_haproxy_fails_no_request(fleet: tuple[list
         await victim.metadata.set("instance/preempted", "TRUE")
         down_at = await lb.reaches(victim.name, "DOWN")
         print(f"{victim.name}: DOWN {down_at - notice_at:.2f} s after the notice")
-        await until(lambda: _is_terminated(http, victim), 20, 0.05, "victim TERMINATED")
-        assert victim.agent.proc.poll() is None and await status_is(http, f"{victim.agent.url}/readyz", 503)
+        await until(lambda: terminated(session, victim), 20, 0.05, "victim TERMINATED")
+        assert victim.agent.proc.poll() is None and await status_is(session, f"{victim.agent.url}/readyz", 503)
         await victim.power_off()  # GCE's hard stop, ~30 s after the notice
         off_at = time.monotonic()
         await all_took_traffic(load, others, after=off_at, least=10)
-    assert_load_ok(load, lb)
+    await assert_load_ok(load, lb)
     assert (await lb.states())[victim.name] == "DOWN"
     assert load.served_by(victim.name, before=notice_at) > 0
     assert load.served_by(victim.name, after=down_at) == 0  # the other two took all traffic
@@ -134,7 +134,3 @@ async def test_spot_preemption_behind_haproxy_fails_no_request(fleet: tuple[list
     (drain,) = victim.agent.logs("drain finished")
     print(f"{victim.name} drain:", drain["drain"])
     assert drain["drain"]["reason"] == "preemption" and drain["drain"]["outcome"] == "emptied" and drain["drain"]["aborted"] == 0, drain
-
-
-async def _is_terminated(http: aiohttp.ClientSession, node: Node) -> bool:
-    return await state_of(http, node.agent) == "TERMINATED"

@@ -1,7 +1,8 @@
-"""The chunks of a streamed (`"stream": true`) completion as vLLM's OpenAI server
-sends them: server-sent events `data: {json}\\n\\n`, one per token, the last token's
-chunk carrying finish_reason, an optional usage chunk, then `data: [DONE]\\n\\n`.
-Pure: FakeVllm decides when each chunk goes out."""
+"""Completion answers shaped as vLLM's OpenAI server sends them, for /v1/completions
+and /v1/chat/completions: one JSON body (`completion_json`), or with `"stream": true`
+server-sent events (`CompletionStream`): `data: {json}\\n\\n` per token, the last
+token's chunk carrying finish_reason, an optional usage chunk, then `data: [DONE]\\n\\n`.
+Pure: FakeVllm decides when each piece goes out."""
 
 from __future__ import annotations
 
@@ -14,16 +15,42 @@ DONE = b"data: [DONE]\n\n"
 CONTENT_TYPE = "text/event-stream"
 
 
+def _is_chat(path: str) -> bool:
+    return path.endswith("/chat/completions")
+
+
+def _new_id(chat: bool) -> str:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{random.getrandbits(64):016x}"
+
+
+def _usage(prompt_tokens: int, tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens}
+
+
+def completion_json(path: str, model: str, text: str, reason: str, prompt_tokens: int, tokens: int) -> dict[str, Any]:
+    chat = _is_chat(path)
+    choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
+    choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+    return {
+        "id": _new_id(chat),
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": _usage(prompt_tokens, tokens),
+    }
+
+
 class CompletionStream:
-    """One streamed answer; chat (`/v1/chat/completions`) chunks carry a `delta`,
-    plain completions a `text`, as in vLLM."""
+    """One streamed answer; chat chunks carry a `delta`, plain completions a `text`,
+    every chunk the same id, as in vLLM."""
 
     def __init__(self, path: str, model: str, prompt_tokens: int, *, include_usage: bool = False) -> None:
-        self.chat = path.endswith("/chat/completions")
+        self.chat = _is_chat(path)
         self.model = model
         self.prompt_tokens = prompt_tokens
         self.include_usage = include_usage
-        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{random.getrandbits(64):016x}"
+        self.id = _new_id(self.chat)
         self.created = int(time.time())
 
     def opening(self) -> list[bytes]:
@@ -39,8 +66,7 @@ class CompletionStream:
         """After the last token: the usage chunk (with `stream_options.include_usage`), then [DONE]."""
         if not self.include_usage:
             return [DONE]
-        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": tokens, "total_tokens": self.prompt_tokens + tokens}
-        return [self._event([], usage=usage), DONE]
+        return [self._event([], usage=_usage(self.prompt_tokens, tokens)), DONE]
 
     def _event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         chunk = {
