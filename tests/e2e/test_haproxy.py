@@ -2,6 +2,10 @@
 steady open-loop load through it, plain and SSE-streamed completions: a SIGTERM
 rolling restart and a Spot preemption fail no request. This proves the agent's
 drain works with a real load balancer's health checks, not only with our stand-in.
+Each fake vLLM aborts what is in flight when it is stopped (vLLM's default
+--shutdown-timeout 0), so a drain that ends too early shows as failed requests:
+stopping vLLM right after HAProxy marks the node DOWN, without waiting for the
+agent, failed 15-16 of ~350 requests (plain and streamed) when this was written.
 
 The haproxy.cfg settings that matter (tests/e2e/haproxy.py):
 - `option httpchk GET /readyz`, `http-check expect status 200`, `check port
