@@ -30,6 +30,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from agent.sim.completions import CONTENT_TYPE, CompletionStream, completion_json
+
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
@@ -149,7 +151,9 @@ class _Seq:
 
 class FakeVllm:
     """Controls are plain attributes: running/waiting/kv_cache_usage (one entry per
-    engine), health_status, health_fault/metrics_fault, delay_s, ttft_s, tpot_s."""
+    engine), health_status, health_fault/metrics_fault, delay_s, ttft_s, tpot_s,
+    shutdown_timeout_s (how long stop() lets requests in progress finish: vLLM's
+    --shutdown-timeout, whose default 0 aborts them at once)."""
 
     def __init__(
         self,
@@ -174,6 +178,7 @@ class FakeVllm:
         self.health_fault = Fault.OK
         self.metrics_fault = Fault.OK
         self.delay_s = 5.0
+        self.shutdown_timeout_s = 0.5
         self.oversized_bytes = 16 * 1024 * 1024
         self.ttft_s, self.tpot_s, self.completion_tokens = 0.02, 0.002, 16
         self.sleeping = False
@@ -200,7 +205,8 @@ class FakeVllm:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._completions)
         self._released = asyncio.Event()
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5, access_log=None)
+        # aiohttp reads a shutdown timeout of 0 as "wait for ever": the smallest positive one aborts.
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=max(self.shutdown_timeout_s, 0.001), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.host, port or self.port, reuse_address=True)
         try:
@@ -370,7 +376,7 @@ class FakeVllm:
             pass  # the client stopped reading at its cap: what the test wants
         return response
 
-    async def _completions(self, request: web.Request) -> web.Response:
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await request.json()
         except json.JSONDecodeError:
@@ -382,28 +388,42 @@ class FakeVllm:
         prompt = body.get("prompt") or " ".join(str(m.get("content", "")) for m in body.get("messages", []))
         prompt_tokens = max(1, len(str(prompt).split()))
         engine, self._next_engine = self._next_engine, (self._next_engine + 1) % self.engines
+        reason = "length" if tokens == max_tokens else "stop"
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            stream = CompletionStream(request.path, self.model, prompt_tokens, include_usage=include_usage)
+            return await self._stream(request, stream, engine, tokens, reason)
         self._served[engine] += 1
         try:
             await asyncio.sleep(self.ttft_s + self.tpot_s * (tokens - 1))
         finally:
             self._served[engine] -= 1
-        reason = "length" if tokens == max_tokens else "stop"
         self.observe_request(engine, prompt_tokens, tokens, reason=reason)
-        return web.json_response(_completion_json(request.path, self.model, "ok " * tokens, reason, prompt_tokens, tokens))
+        return web.json_response(completion_json(request.path, self.model, "ok " * tokens, reason, prompt_tokens, tokens))
 
-
-def _completion_json(path: str, model: str, text: str, reason: str, prompt_tokens: int, tokens: int) -> dict[str, Any]:
-    chat = path.endswith("/chat/completions")
-    choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
-    choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-    return {
-        "id": f"{'chatcmpl' if chat else 'cmpl'}-{random.getrandbits(64):016x}",
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens},
-    }
+    async def _stream(self, request: web.Request, stream: CompletionStream, engine: int, tokens: int, reason: str) -> web.StreamResponse:
+        """One SSE chunk per token (the first after ttft_s, then one every tpot_s); the
+        request counts as running until its last token, and as aborted if the client goes."""
+        response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE, "Cache-Control": "no-cache"})
+        self._served[engine] += 1
+        try:
+            await response.prepare(request)
+            for chunk in stream.opening():
+                await response.write(chunk)
+            for i in range(tokens):
+                await asyncio.sleep(self.ttft_s if i == 0 else self.tpot_s)
+                await response.write(stream.token("ok ", reason if i == tokens - 1 else None))
+        except ConnectionError:
+            self._metrics.success.labels(*self._metrics.series[engine], "abort").inc()
+            return response
+        finally:
+            self._served[engine] -= 1
+        self.observe_request(engine, stream.prompt_tokens, tokens, reason=reason)
+        with contextlib.suppress(ConnectionError):  # gone after its last token: still a success
+            for chunk in stream.closing(tokens):
+                await response.write(chunk)
+            await response.write_eof()
+        return response
 
 
 def _error(status: int, kind: str, message: str) -> web.Response:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -121,6 +122,97 @@ async def test_chat_completion_is_openai_shaped_and_an_unknown_model_is_404(vllm
     assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 4
     async with session.post(f"{vllm.url}/v1/chat/completions", json={"model": "other", "messages": []}) as resp:
         assert resp.status == 404 and (await resp.json())["type"] == "NotFoundError"
+
+
+async def sse_events(resp: aiohttp.ClientResponse) -> list[bytes]:
+    """The `data:` payloads of a server-sent event stream, in order."""
+    events = []
+    async for line in resp.content:
+        if line.startswith(b"data: "):
+            events.append(line[len(b"data: "):].rstrip(b"\n"))
+        else:
+            assert line == b"\n"  # every event is one data line and a blank line
+    return events
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/completions", {"prompt": "one two three"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "one two three"}]}),
+])
+async def test_streamed_completion_sends_one_chunk_per_token_paced_counts_as_running_then_done(vllm: FakeVllm, session: aiohttp.ClientSession, path: str, body: dict) -> None:
+    vllm.ttft_s, vllm.tpot_s, vllm.completion_tokens = 0.2, 0.02, 5
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    request = {"model": vllm.model, "max_tokens": 50, "stream": True, "stream_options": {"include_usage": True}, **body}
+    async with session.post(f"{vllm.url}{path}", json=request) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+        assert sum(s.value for s in (await families(session, vllm))["vllm:num_requests_running"]) == 1
+        events = await sse_events(resp)
+    assert loop.time() - started >= 0.2 + 4 * 0.02
+    assert events[-1] == b"[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    chat = path.endswith("/chat/completions")
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk" if chat else "text_completion"} and len({c["id"] for c in chunks}) == 1
+    *tokens, usage = chunks
+    if chat:
+        assert tokens.pop(0)["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    texts = [c["choices"][0]["delta"]["content"] if chat else c["choices"][0]["text"] for c in tokens]
+    assert texts == ["ok "] * 5
+    assert [c["choices"][0]["finish_reason"] for c in tokens] == [None] * 4 + ["stop"]
+    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    fams = await families(session, vllm)
+    assert sum(s.value for s in fams["vllm:num_requests_running"]) == 0
+    assert sum(s.value for s in fams["vllm:request_success"] if s.labels.get("finished_reason") == "stop" and s.name.endswith("_total")) == 1
+    assert sum(s.value for s in fams["vllm:generation_tokens"] if s.name.endswith("_total")) == 5
+
+
+async def test_streamed_completion_without_usage_option_ends_with_done_after_the_last_token(vllm: FakeVllm, session: aiohttp.ClientSession) -> None:
+    vllm.ttft_s = vllm.tpot_s = 0.0
+    async with session.post(f"{vllm.url}/v1/completions", json={"model": vllm.model, "prompt": "hi", "max_tokens": 3, "stream": True}) as resp:
+        events = await sse_events(resp)
+    assert len(events) == 4 and events[-1] == b"[DONE]"
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+
+
+async def test_a_client_leaving_a_stream_counts_as_an_abort(vllm: FakeVllm, session: aiohttp.ClientSession) -> None:
+    vllm.ttft_s, vllm.tpot_s, vllm.completion_tokens = 0.0, 0.05, 200
+    async with session.post(f"{vllm.url}/v1/completions", json={"model": vllm.model, "prompt": "hi", "stream": True, "max_tokens": 500}) as resp:
+        await resp.content.readline()
+        resp.close()  # drop the connection mid-stream
+
+    async def aborted() -> bool:
+        fams = await families(session, vllm)
+        return sum(s.value for s in fams["vllm:request_success"] if s.labels.get("finished_reason") == "abort" and s.name.endswith("_total")) == 1
+
+    await until(aborted, 5, what="the stream to count as aborted")
+    assert vllm.in_flight == 0
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_stop_with_no_shutdown_timeout_aborts_what_is_in_flight_like_vllm_by_default(vllm: FakeVllm, session: aiohttp.ClientSession, streamed: bool) -> None:
+    vllm.ttft_s, vllm.shutdown_timeout_s = 0.0, 0.0
+    vllm.tpot_s = 0.1  # 1.5 s per completion
+    await vllm.stop()
+    await vllm.start(vllm.port)  # the timeout is the server's, read at start
+
+    async def complete() -> None:
+        async with session.post(f"{vllm.url}/v1/completions", json={"model": vllm.model, "prompt": "hi", "stream": streamed}) as resp:
+            await resp.read()
+
+    request = asyncio.create_task(complete())
+    await until(lambda: vllm.in_flight == 1, 2, what="the completion in flight")
+    await vllm.stop()
+    with pytest.raises(aiohttp.ClientError):
+        await request
+
+
+async def test_stop_lets_a_short_request_finish_within_the_default_shutdown_timeout(vllm: FakeVllm, session: aiohttp.ClientSession) -> None:
+    vllm.ttft_s, vllm.tpot_s = 0.1, 0.01
+    request = asyncio.create_task(session.post(f"{vllm.url}/v1/completions", json={"model": vllm.model, "prompt": "hi"}))
+    await until(lambda: vllm.in_flight == 1, 2, what="the completion in flight")
+    await vllm.stop()
+    resp = await request
+    assert resp.status == 200 and (await resp.json())["object"] == "text_completion"
 
 
 @pytest.mark.parametrize("target", ["health", "metrics"])
