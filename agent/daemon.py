@@ -286,6 +286,10 @@ class Daemon:
         await self.persistence.sync()
         self.readiness.successes = 0
 
+    def persistence_warning(self) -> str | None:
+        """Said in every admin answer while the disk does not hold what a restart needs."""
+        return self.persistence.warning()
+
     async def wait_drained(self, timeout_s: float) -> bool:
         """True once the drain finished (admin drained or TERMINATED) within `timeout_s`."""
         try:

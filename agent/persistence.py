@@ -1,17 +1,30 @@
 """Keeps the persisted drain (state_machine/persist.py) in step with the lifecycle:
-restore at start, write on every change. Blocking file work runs in a thread; a
-failing disk is reported in /status, never fatal."""
+restore at start, write on every change, and retry a failed write until it lands.
+Blocking file work runs in a thread with a deadline; a failing disk is reported
+(/status, the admin answer, the log), never fatal and never silent.
+
+An unusable state file (unreadable, corrupt, not a regular file, huge) is moved
+aside and reported; the agent starts without it. It is never deleted: it may be
+the only record of why an SRE cordoned the node. If it cannot even be moved aside,
+it is left alone and nothing is written over it (persistence is then off, and says
+so) rather than destroyed.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
+from pathlib import Path
 
 from state_machine import Lifecycle, Source
 from state_machine.persist import DrainStore, SavedDrain, StateFileError
 
 log = logging.getLogger(__name__)
+
+_IO_DEADLINE_S = 5.0  # a hung disk (NFS, a dying device) must not hang the caller
+_RETRY_BASE_S, _RETRY_CAP_S = 1.0, 30.0
 
 
 class DrainPersistence:
@@ -20,15 +33,33 @@ class DrainPersistence:
         self.store = store
         self._restore_deadline_s = restore_deadline_s
         self._lock = asyncio.Lock()
-        self.error: str | None = None
+        self._changed = asyncio.Event()
+        self.error: str | None = None  # the last write's failure, None once one succeeds
+        self.pending = False  # the lifecycle has a change the disk does not have yet
+        self.quarantined: list[str] = []  # unusable state files moved aside at start
+        self.blocked: str | None = None  # why nothing may be written (an unmovable bad file)
+        self.unwritable: str | None = None  # the state dir refused a write at start
+        lifecycle.subscribe(lambda _t: self._changed.set())
+
+    @property
+    def persisted(self) -> bool:
+        """True when what the next start would restore matches the lifecycle now."""
+        return not self.pending and self.blocked is None
+
+    def warning(self) -> str | None:
+        """What a caller of an admin endpoint must be told, or None."""
+        if self.persisted:
+            return None
+        why = self.blocked or self.error or "the write has not finished yet"
+        return f"not persisted: {why}; an agent restart would not restore it (retrying)"
 
     async def restore(self) -> SavedDrain | None:
         """Start the drain the last run left, if any (the node then never warms up)."""
+        await self._check_writable()
         try:
-            saved = await asyncio.to_thread(self.store.load)
-        except StateFileError as exc:
-            # A corrupt record must not keep a healthy node out of service, nor be lost.
-            log.error("state file unusable; starting without it", extra={"error": str(exc)})
+            saved = await self._io(self.store.load)
+        except (StateFileError, TimeoutError) as exc:
+            await self._set_aside(str(exc) or "reading it timed out")
             return None
         if saved is None:
             return None
@@ -42,29 +73,84 @@ class DrainPersistence:
         return saved
 
     async def run(self) -> None:
-        """Write after every transition (admin calls also `sync()` before they answer)."""
-        changed = asyncio.Event()
-        self._lifecycle.subscribe(lambda _t: changed.set())
+        """Write after every transition; while a write keeps failing, try again with
+        backoff (a full disk or a read-only remount can clear up)."""
+        failures = 0
         while True:
-            await changed.wait()
-            changed.clear()
-            await self.sync()
+            if self.pending:
+                delay = random.uniform(_RETRY_BASE_S, min(_RETRY_CAP_S, _RETRY_BASE_S * 2**min(failures, 8)))
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._changed.wait()
+                except TimeoutError:
+                    pass
+            else:
+                await self._changed.wait()
+            self._changed.clear()
+            failures = 0 if await self.sync() else failures + 1
 
     async def sync(self) -> bool:
         """Write the drain the next start must restore (admin, or terminal this boot);
         a signal or idle drain leaves the record alone, so an admin drain survives a
-        restart that a SIGTERM caused."""
+        restart that a SIGTERM caused. True when the disk now agrees."""
         async with self._lock:
+            if self.blocked is not None:
+                self.pending = True
+                return False
+            self.pending = True
             drain = self._lifecycle.drain
             try:
                 if drain is None:
-                    await asyncio.to_thread(self.store.clear)
+                    await self._io(self.store.clear)
                 elif self.store.persists(drain.reason):
                     deadline_wall = drain.started_at_wall + (drain.deadline_mono - drain.started_at_mono)
-                    await asyncio.to_thread(self.store.save, drain.reason, drain.detail, drain.started_at_wall, deadline_wall)
-            except OSError as exc:
-                self.error = f"{self.store.path}: {exc.strerror or exc}"
-                log.error("cannot persist the drain state", extra={"error": self.error})
+                    await self._io(self.store.save, drain.reason, drain.detail, drain.started_at_wall, deadline_wall)
+                    self.unwritable = None
+            except (OSError, TimeoutError) as exc:
+                error = f"{self.store.path}: {getattr(exc, 'strerror', None) or exc or 'timed out'}"
+                if error != self.error:
+                    log.error("cannot persist the drain state; retrying", extra={"error": error})
+                self.error = error
                 return False
+            if self.error is not None:
+                log.info("drain state persisted again", extra={"path": str(self.store.path)})
             self.error = None
+            self.pending = False
             return True
+
+    async def _check_writable(self) -> None:
+        try:
+            await self._io(self.store.writable)
+        except (OSError, TimeoutError) as exc:
+            self.unwritable = f"{self.store.path.parent}: {getattr(exc, 'strerror', None) or exc or 'timed out'}"
+            log.warning(
+                "state dir not writable: admin drains will not survive an agent restart",
+                extra={"error": self.unwritable, "setting": "service.state_dir"},
+            )
+
+    async def _set_aside(self, problem: str) -> None:
+        try:
+            moved: Path = await self._io(self.store.quarantine)
+        except (OSError, TimeoutError) as exc:
+            self.blocked = f"{self.store.path} is unusable ({problem}) and cannot be moved aside ({exc}); it is kept as is"
+            log.error("state file unusable; starting without it and writing nothing over it", extra={"error": self.blocked})
+            return
+        self.quarantined.append(str(moved))
+        log.error(
+            "state file unusable; moved aside, starting without it",
+            extra={"error": problem, "moved_to": str(moved), "path": str(self.store.path)},
+        )
+
+    async def _io(self, fn, *args):  # type: ignore[no-untyped-def]
+        async with asyncio.timeout(_IO_DEADLINE_S):
+            return await asyncio.to_thread(fn, *args)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "path": str(self.store.path),
+            "persisted": self.persisted,
+            "error": self.blocked or self.error,
+            "writable": self.unwritable is None,
+            "unwritable_reason": self.unwritable,
+            "quarantined": list(self.quarantined),
+        }

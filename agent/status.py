@@ -91,7 +91,7 @@ def node_status(daemon: Any) -> dict[str, Any]:
             "action_result": daemon.idle.action_result,
         },
         "tasks": {} if daemon.supervisor is None else daemon.supervisor.describe(),
-        "state_file": {"path": str(daemon.persistence.store.path), "error": daemon.persistence.error},
+        "state_file": daemon.persistence.describe(),
         "http": None if daemon.http_guard is None else daemon.http_guard.describe(),
         "systemd": {"notify": daemon.notifier.enabled, "watchdog_interval_s": daemon.notifier.watchdog_interval_s},
         "process": _process_figures(),

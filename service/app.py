@@ -37,6 +37,8 @@ class AgentControl(Protocol):
 
     async def wait_drained(self, timeout_s: float) -> bool: ...
 
+    def persistence_warning(self) -> str | None: ...
+
 
 CONTROL = web.AppKey("control", AgentControl)
 AUTH = web.AppKey("auth", AdminAuth)
@@ -121,10 +123,14 @@ async def resume(request: web.Request) -> web.Response:
 def _drain_view(control: AgentControl) -> dict[str, Any]:
     lifecycle = control.lifecycle
     drain = lifecycle.drain
+    warning = control.persistence_warning()
     return {
         "state": lifecycle.state.value,
         "reason": lifecycle.reason,
         "drain": None if drain is None else {"reason": drain.reason.value, "drained": drain.drained, "detail": drain.detail},
+        # A drain the disk does not hold is lost at the next agent restart: the caller must know.
+        "persisted": warning is None,
+        **({"warning": warning} if warning else {}),
     }
 
 

@@ -4,7 +4,11 @@ Spot VM that is stopped and started again is not held back by its last life. The
 record carries the drain's deadline (wall clock), so a terminal drain restored after
 an agent crash keeps what was left of its notice instead of starting a fresh timeout.
 
-Written atomically: temp file, fsync, rename, fsync of the directory.
+Written atomically: temp file, fsync, rename, fsync of the directory; a failed write
+leaves no temp file behind. Read defensively: only a regular file, at most
+`MAX_RECORD_BYTES`, never blocking on a FIFO. A file that cannot be used is evidence
+(another user's, a bad disk, a bug of ours): `quarantine()` moves it aside, never
+deletes it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +26,7 @@ from state_machine.states import DrainReason
 log = logging.getLogger(__name__)
 
 STATE_FILE = "drain.json"
+MAX_RECORD_BYTES = 64 * 1024  # a record is ~300 bytes; anything near this is not ours
 _PERSISTED = {DrainReason.ADMIN, DrainReason.PREEMPTION, DrainReason.MAINTENANCE, DrainReason.GPU_FAULT}
 
 
@@ -63,13 +70,11 @@ class DrainStore:
         return reason in _PERSISTED
 
     def load(self) -> SavedDrain | None:
-        """The drain to restore now, or None. Raises StateFileError on a corrupt file."""
-        try:
-            raw = self.path.read_text()
-        except FileNotFoundError:
+        """The drain to restore now, or None. Raises StateFileError when the file exists
+        but cannot be used (unreadable, not a regular file, too big, not a record)."""
+        raw = self._read()
+        if raw is None:
             return None
-        except OSError as exc:
-            raise StateFileError(f"{self.path}: cannot read: {exc.strerror}") from None
         try:
             data = json.loads(raw)
             saved = SavedDrain(
@@ -79,12 +84,54 @@ class DrainStore:
                 boot_id=str(data.get("boot_id", "")),
                 deadline_wall=None if data.get("deadline_wall") is None else float(data["deadline_wall"]),
             )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StateFileError(f"{self.path}: not a drain record ({exc})") from None
+        except (ValueError, KeyError, TypeError, RecursionError, OverflowError) as exc:
+            raise StateFileError(f"{self.path}: not a drain record ({type(exc).__name__}: {str(exc)[:100]})") from None
         if saved.reason is not DrainReason.ADMIN and saved.boot_id != self.boot_id:
             log.info("ignoring a terminal drain from an earlier boot", extra={"reason": saved.reason.value})
             return None
         return saved
+
+    def _read(self) -> bytes | None:
+        try:
+            # O_NONBLOCK: a FIFO planted here must not hang the start; O_NOFOLLOW: nor a link.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):  # no file, or no state dir at all
+            return None
+        except OSError as exc:
+            raise StateFileError(f"{self.path}: cannot open: {exc.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise StateFileError(f"{self.path}: not a regular file (mode {stat.filemode(info.st_mode)})")
+            if info.st_size > MAX_RECORD_BYTES:
+                raise StateFileError(f"{self.path}: {info.st_size} bytes, over the {MAX_RECORD_BYTES} a drain record can be")
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                return fh.read(MAX_RECORD_BYTES + 1)
+        except OSError as exc:
+            raise StateFileError(f"{self.path}: cannot read: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+
+    def quarantine(self, now_wall: float | None = None) -> Path:
+        """Move an unusable state file aside (same directory, so a rename) and return
+        where it went; raises OSError when it cannot be moved."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now_wall is None else now_wall))
+        target = self.path.with_name(f"{self.path.name}.unreadable-{stamp}")
+        suffix = 0
+        while target.exists() or target.is_symlink():
+            suffix += 1
+            target = self.path.with_name(f"{self.path.name}.unreadable-{stamp}-{suffix}")
+        os.rename(self.path, target)
+        self._fsync_dir()
+        return target
+
+    def writable(self) -> None:
+        """Raises OSError when a record could not be written here now."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        probe = self.path.with_name(f".{self.path.name}.{os.getpid()}.probe")
+        with open(probe, "w") as fh:
+            fh.write("ok")
+        probe.unlink()
 
     def save(self, reason: DrainReason, detail: str, started_at_wall: float, deadline_wall: float | None = None) -> None:
         record = {
@@ -96,11 +143,15 @@ class DrainStore:
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w") as fh:
-            json.dump(record, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as fh:
+                json.dump(record, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not also leave a 0-byte file
+            raise
         self._fsync_dir()
 
     def clear(self) -> None:
