@@ -15,6 +15,7 @@ from probes.http import get_capped
 from probes.prom_text import PromParseError, PromParser
 from probes.vllm_metrics import (
     CACHE_INFO,
+    InvalidScrape,
     VllmScrape,
     VllmWindow,
     WindowStats,
@@ -175,6 +176,8 @@ class VllmMetricsProbe:
         taken_at = self._clock()
         try:
             scrape = summarize(self._parser.parse_bytes(body).samples)
+        except InvalidScrape as exc:
+            raise ProbeError(f"/metrics reports impossible values, scrape dropped: {exc}", code="invalid") from None
         except PromParseError as exc:
             raise ProbeError(f"/metrics is not a usable vLLM exposition: {exc}", code="garbage") from None
         if self.window.add(taken_at, scrape):

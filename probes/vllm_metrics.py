@@ -17,6 +17,7 @@ named `<name>_created` are only ever ignored: names are matched exactly.
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,6 +40,20 @@ _HISTOGRAMS = (TTFT, TPOT_V1, TPOT_V0, REQUEST_TPOT, E2E)
 _BUCKETS = {f"{name}_bucket": name for name in _HISTOGRAMS}
 _GAUGES = frozenset({RUNNING, WAITING, KV_V1, KV_V0, SLEEP})
 QUANTILES = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
+# finished_reason values re-exported as they are (vLLM's own set); any other value is
+# folded into "other", so a misbehaving server cannot grow our /metrics or /status.
+FINISHED_REASONS = frozenset({"stop", "length", "abort", "error", "repetition"})
+MAX_MODELS = 16  # model names kept in a reading; more are counted, not listed
+
+
+class InvalidScrape(PromParseError):
+    """Well-formed text whose numbers cannot be true (negative or non-finite gauges, a
+    KV usage outside 0-1): the scrape is dropped, never read as "empty"."""
+
+
+def _check_gauge(name: str, labels: object, value: float, top: float = math.inf) -> None:
+    if not (math.isfinite(value) and 0.0 <= value <= top):
+        raise InvalidScrape(f"{name}{labels} = {value}: not a possible value")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,17 +95,22 @@ def summarize(samples: Iterable[Sample]) -> VllmScrape:
     cache_info: list[dict[str, str]] = []
     for name, labels, value, _ in samples:
         if name in _BUCKETS:
+            _check_gauge(name, dict(labels), value)
             key = (labels.get("engine"), labels.get("model_name"), labels.get("pid"))
             buckets[_BUCKETS[name]].setdefault(key, {})[labels.get("le", "")] = value
         elif name in _GAUGES:
+            _check_gauge(name, dict(labels), value, 1.0 if name in (KV_V1, KV_V0) else math.inf)
             key = tuple(f"{k}={v}" for k, v in labels.items() if k != "pid")
             series = gauges[name]
             series[key] = max(value, series.get(key, value))
         elif name in counters:
+            _check_gauge(name, dict(labels), value)
             counters[name] += value
             seen.add(name)
         elif name == SUCCESS:
+            _check_gauge(name, dict(labels), value)
             reason = labels.get("finished_reason", "unknown")
+            reason = reason if reason in FINISHED_REASONS else "other"
             finished[reason] = finished.get(reason, 0.0) + value
         elif name == CACHE_INFO:
             cache_info.append(dict(labels))
@@ -106,11 +126,18 @@ def summarize(samples: Iterable[Sample]) -> VllmScrape:
         finished_total=finished,
         histograms=histograms,
         engines=len({_label(key, "engine") for key in gauges[RUNNING]}),
-        models=tuple(sorted({m for key in gauges[RUNNING] if (m := _label(key, "model_name")) is not None})),
+        models=_models(gauges[RUNNING]),
         metric_names=_generation(gauges, histograms, gauges[RUNNING]),
         engine_sleeping=_sleeping(gauges[SLEEP]),
         cache_info=tuple(cache_info),
     )
+
+
+def _models(running: dict[tuple[str, ...], float]) -> tuple[str, ...]:
+    names = sorted({m for key in running if (m := _label(key, "model_name")) is not None})
+    if len(names) <= MAX_MODELS:
+        return tuple(names)
+    return (*names[:MAX_MODELS], f"... and {len(names) - MAX_MODELS} more")
 
 
 def _label(key: tuple[str, ...], name: str) -> str | None:

@@ -15,7 +15,7 @@ from probes.base import ProbeError
 from probes.histogram import Histogram
 from probes.prom_text import PromParseError, PromParser
 from probes.vllm import VllmMetricsProbe, kv_capacity
-from probes.vllm_metrics import VllmScrape, VllmWindow, summarize
+from probes.vllm_metrics import MAX_MODELS, InvalidScrape, VllmScrape, VllmWindow, summarize
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "vllm"
 NONE3 = {"p50": None, "p95": None, "p99": None}
@@ -118,6 +118,42 @@ def test_created_samples_are_never_taken_for_token_counts() -> None:
 def test_unusable_exposition_raises_parse_error(text: str, match: str) -> None:
     with pytest.raises(PromParseError, match=match):
         scrape_of(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        vllm_text(running=-5, waiting=5),
+        vllm_text(running=2, waiting="+Inf"),
+        vllm_text(running="NaN", waiting=0),
+        vllm_text(extra='vllm:kv_cache_usage_perc{engine="0",model_name="m"} 1.5\n'),
+        vllm_text(extra='vllm:kv_cache_usage_perc{engine="0",model_name="m"} -0.01\n'),
+        vllm_text(prompt=-3),
+        vllm_text(extra='vllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} NaN\n'),
+        vllm_text(extra=hist("vllm:time_to_first_token_seconds", [0.1], [-1, 2])),
+    ],
+)
+def test_impossible_numbers_make_the_scrape_invalid_never_empty(text: str) -> None:
+    with pytest.raises(InvalidScrape, match="not a possible value"):
+        scrape_of(text)
+
+
+def test_unknown_finished_reasons_are_folded_into_other() -> None:
+    extra = "".join(
+        f'vllm:request_success_total{{engine="0",finished_reason="{r}",model_name="m"}} 1\n'
+        for r in ["stop", "length", "abort", "error", "repetition", *(f"r{i}" for i in range(1000))]
+    )
+    scrape = scrape_of(vllm_text(extra=extra))
+    assert scrape.finished_total == {"stop": 1, "length": 1, "abort": 1, "error": 1, "repetition": 1, "other": 1000}
+
+
+def test_many_models_are_counted_not_listed() -> None:
+    lines = "".join(
+        f'vllm:num_requests_running{{engine="0",model_name="m{i:03d}"}} 0\nvllm:num_requests_waiting{{engine="0",model_name="m{i:03d}"}} 0\n'
+        for i in range(100)
+    )
+    models = scrape_of(lines).models
+    assert len(models) == MAX_MODELS + 1 and models[-1] == f"... and {100 - MAX_MODELS} more"
 
 
 @pytest.mark.parametrize(("awake", "sleeping"), [(None, None), ("1.0", False), ("0.0", True)])
