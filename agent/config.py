@@ -58,6 +58,9 @@ class InferenceConfig(_Section):
     lost_after: int = Field(3, ge=1, le=100)
     check_models: bool = True
     metrics_max_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    # A 4-engine vLLM serves ~1,400 lines. More than this is a label explosion: the
+    # scrape is dropped (counted, too_large) instead of costing the agent seconds of CPU.
+    metrics_max_lines: int = Field(20_000, ge=100)
     pid_file: Path | None = None
     process_name: str = "vllm"
     # vLLM exposes no KV-cache bytes gauge: give the capacity, or the per-token size, to get GB.

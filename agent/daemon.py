@@ -327,6 +327,7 @@ class Daemon:
             interval_s=inference.poll_interval_s,
             timeout_s=inference.timeout_s,
             max_bytes=inference.metrics_max_bytes,
+            max_lines=inference.metrics_max_lines,
             slo_ttft_ms=self.cfg.slo.ttft_ms,
             slo_tpot_ms=self.cfg.slo.tpot_ms,
             window_s=self.cfg.slo.window_s,

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from types import MappingProxyType
 from typing import NamedTuple
 
-__all__ = ["Exposition", "PromParseError", "PromParser", "Sample", "parse", "parse_bytes"]
+__all__ = ["Exposition", "ExpositionTooLarge", "PromParseError", "PromParser", "Sample", "parse", "parse_bytes"]
 
 _NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
 _LABEL = r'[ \t]*([a-zA-Z_][a-zA-Z0-9_]*)[ \t]*=[ \t]*"((?:[^"\\\n]|\\.)*)"[ \t]*'
@@ -38,6 +39,10 @@ class PromParseError(ValueError):
     """The body is not valid exposition text; the message names the line."""
 
 
+class ExpositionTooLarge(PromParseError):
+    """A line longer than the parser takes: nothing a sane exporter writes."""
+
+
 class Sample(NamedTuple):
     """One sample line. `labels` is read-only: it is shared by every scrape of the series."""
 
@@ -53,32 +58,52 @@ class Exposition(NamedTuple):
 
 
 class PromParser:
-    """Parser with a bounded cache of parsed series; one per scraped target."""
+    """Parser with a bounded cache of parsed series; one per scraped target.
 
-    def __init__(self, max_cached_series: int = 50_000) -> None:
+    `batches()` yields the samples a few hundred lines at a time, so a caller on an
+    event loop can yield between batches; `parse()` is all of it at once.
+    """
+
+    def __init__(self, max_cached_series: int = 50_000, max_line_chars: int = 64 * 1024) -> None:
         self._series: dict[str, tuple[str, MappingProxyType[str, str]]] = {}
         self._max_cached_series = max_cached_series
+        self._max_line_chars = max_line_chars
 
     def parse_bytes(self, body: bytes) -> Exposition:
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PromParseError(f"not UTF-8 text: {exc}") from None
-        return self.parse(text)
+        return self.parse(decode(body))
 
     def parse(self, text: str) -> Exposition:
+        types: dict[str, str] = {}
+        samples: list[Sample] = []
+        for batch in self.batches(text, types=types):
+            samples.extend(batch)
+        return Exposition(samples, types)
+
+    def batches(self, text: str, batch_lines: int = 0, types: dict[str, str] | None = None) -> Iterator[list[Sample]]:
+        """The samples of `text`, `batch_lines` lines at a time (0: all in one batch);
+        `types` collects the # TYPE lines."""
         if text and not text.endswith("\n"):
             # The format requires a final line feed; without it the body was cut short.
             raise PromParseError("body does not end with a line feed (truncated?)")
         if len(self._series) > self._max_cached_series:
             self._series.clear()  # a target with ever-new series must not grow us without bound
+        lines = text.split("\n")
+        step = batch_lines or len(lines) or 1
+        types = {} if types is None else types
+        for start in range(0, len(lines), step):
+            yield self._parse_lines(lines, start, min(start + step, len(lines)), types)
+
+    def _parse_lines(self, lines: list[str], start: int, end: int, types: dict[str, str]) -> list[Sample]:
         samples: list[Sample] = []
-        types: dict[str, str] = {}
         series_cache = self._series
         append = samples.append
-        for lineno, line in enumerate(text.split("\n"), 1):
+        max_chars = self._max_line_chars
+        for lineno in range(start + 1, end + 1):
+            line = lines[lineno - 1]
             if not line:
                 continue
+            if len(line) > max_chars:  # before any regex: a 7 MB line would take seconds
+                raise ExpositionTooLarge(f"line {lineno}: {len(line)} characters, over {max_chars}")
             if line[0] == "#":
                 _comment(line, lineno, types)
                 continue
@@ -104,7 +129,14 @@ class PromParser:
                     pass
             value, timestamp = _value_and_timestamp(line, cut, lineno)
             append(Sample(series[0], series[1], value, timestamp))
-        return Exposition(samples, types)
+        return samples
+
+
+def decode(body: bytes) -> str:
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PromParseError(f"not UTF-8 text: {exc}") from None
 
 
 _DEFAULT = PromParser()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from probes.histogram import Histogram, goodput, merge_series
@@ -44,6 +44,7 @@ QUANTILES = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
 # folded into "other", so a misbehaving server cannot grow our /metrics or /status.
 FINISHED_REASONS = frozenset({"stop", "length", "abort", "error", "repetition"})
 MAX_MODELS = 16  # model names kept in a reading; more are counted, not listed
+MAX_ENGINES = 64  # cache_config_info entries kept (one per engine)
 
 
 class InvalidScrape(PromParseError):
@@ -51,9 +52,10 @@ class InvalidScrape(PromParseError):
     KV usage outside 0-1): the scrape is dropped, never read as "empty"."""
 
 
-def _check_gauge(name: str, labels: object, value: float, top: float = math.inf) -> None:
-    if not (math.isfinite(value) and 0.0 <= value <= top):
-        raise InvalidScrape(f"{name}{labels} = {value}: not a possible value")
+def _check(name: str, labels: Mapping[str, str], value: float, top: float = math.inf) -> None:
+    # NaN fails every comparison; a bound of inf still needs +Inf caught by name.
+    if not 0.0 <= value <= top or value == math.inf:
+        raise InvalidScrape(f"{name}{dict(labels)} = {value}: not a possible value")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,50 +89,66 @@ class VllmScrape:
 
 def summarize(samples: Iterable[Sample]) -> VllmScrape:
     """Aggregate one scrape. Raises PromParseError when it is not a usable vLLM exposition."""
-    gauges: dict[str, dict[tuple[str, ...], float]] = {name: {} for name in _GAUGES}
-    counters = {PROMPT: 0.0, GENERATION: 0.0}
-    seen: set[str] = set()
-    finished: dict[str, float] = {}
-    buckets: dict[str, dict[tuple[str | None, ...], dict[str, float]]] = {name: {} for name in _HISTOGRAMS}
-    cache_info: list[dict[str, str]] = []
-    for name, labels, value, _ in samples:
-        if name in _BUCKETS:
-            _check_gauge(name, dict(labels), value)
-            key = (labels.get("engine"), labels.get("model_name"), labels.get("pid"))
-            buckets[_BUCKETS[name]].setdefault(key, {})[labels.get("le", "")] = value
-        elif name in _GAUGES:
-            _check_gauge(name, dict(labels), value, 1.0 if name in (KV_V1, KV_V0) else math.inf)
-            key = tuple(f"{k}={v}" for k, v in labels.items() if k != "pid")
-            series = gauges[name]
-            series[key] = max(value, series.get(key, value))
-        elif name in counters:
-            _check_gauge(name, dict(labels), value)
-            counters[name] += value
-            seen.add(name)
-        elif name == SUCCESS:
-            _check_gauge(name, dict(labels), value)
-            reason = labels.get("finished_reason", "unknown")
-            reason = reason if reason in FINISHED_REASONS else "other"
-            finished[reason] = finished.get(reason, 0.0) + value
-        elif name == CACHE_INFO:
-            cache_info.append(dict(labels))
-    if not gauges[RUNNING] or not gauges[WAITING]:
-        raise PromParseError(f"no {RUNNING} / {WAITING}: not a vLLM exposition (or its stats are disabled)")
-    histograms = {name: merge_series(name, series) for name, series in buckets.items() if series}
-    return VllmScrape(
-        requests_running=sum(gauges[RUNNING].values()),
-        requests_waiting=sum(gauges[WAITING].values()),
-        kv_usage_by_engine=_by_engine(gauges[KV_V1] or gauges[KV_V0]),
-        prompt_tokens_total=counters[PROMPT] if PROMPT in seen else None,
-        generation_tokens_total=counters[GENERATION] if GENERATION in seen else None,
-        finished_total=finished,
-        histograms=histograms,
-        engines=len({_label(key, "engine") for key in gauges[RUNNING]}),
-        models=_models(gauges[RUNNING]),
-        metric_names=_generation(gauges, histograms, gauges[RUNNING]),
-        engine_sleeping=_sleeping(gauges[SLEEP]),
-        cache_info=tuple(cache_info),
-    )
+    acc = ScrapeAccumulator()
+    acc.feed(samples)
+    return acc.finish()
+
+
+class ScrapeAccumulator:
+    """`summarize` in steps: `feed()` batches of samples as they are parsed (the probe
+    yields to the event loop between batches), then `finish()`."""
+
+    def __init__(self) -> None:
+        self._gauges: dict[str, dict[tuple[str, ...], float]] = {name: {} for name in _GAUGES}
+        self._counters = {PROMPT: 0.0, GENERATION: 0.0}
+        self._seen: set[str] = set()
+        self._finished: dict[str, float] = {}
+        self._buckets: dict[str, dict[tuple[str | None, ...], dict[str, float]]] = {name: {} for name in _HISTOGRAMS}
+        self._cache_info: list[dict[str, str]] = []
+
+    def feed(self, samples: Iterable[Sample]) -> None:
+        gauges, counters, buckets = self._gauges, self._counters, self._buckets
+        for name, labels, value, _ in samples:
+            if name in _BUCKETS:
+                _check(name, labels, value)
+                key = (labels.get("engine"), labels.get("model_name"), labels.get("pid"))
+                buckets[_BUCKETS[name]].setdefault(key, {})[labels.get("le", "")] = value
+            elif name in _GAUGES:
+                _check(name, labels, value, 1.0 if name in (KV_V1, KV_V0) else math.inf)
+                key = tuple(f"{k}={v}" for k, v in labels.items() if k != "pid")
+                series = gauges[name]
+                series[key] = max(value, series.get(key, value))
+            elif name in counters:
+                _check(name, labels, value)
+                counters[name] += value
+                self._seen.add(name)
+            elif name == SUCCESS:
+                _check(name, labels, value)
+                reason = labels.get("finished_reason", "unknown")
+                reason = reason if reason in FINISHED_REASONS else "other"
+                self._finished[reason] = self._finished.get(reason, 0.0) + value
+            elif name == CACHE_INFO and len(self._cache_info) < MAX_ENGINES:
+                self._cache_info.append(dict(labels))
+
+    def finish(self) -> VllmScrape:
+        gauges, counters = self._gauges, self._counters
+        if not gauges[RUNNING] or not gauges[WAITING]:
+            raise PromParseError(f"no {RUNNING} / {WAITING}: not a vLLM exposition (or its stats are disabled)")
+        histograms = {name: merge_series(name, series) for name, series in self._buckets.items() if series}
+        return VllmScrape(
+            requests_running=sum(gauges[RUNNING].values()),
+            requests_waiting=sum(gauges[WAITING].values()),
+            kv_usage_by_engine=_by_engine(gauges[KV_V1] or gauges[KV_V0]),
+            prompt_tokens_total=counters[PROMPT] if PROMPT in self._seen else None,
+            generation_tokens_total=counters[GENERATION] if GENERATION in self._seen else None,
+            finished_total=self._finished,
+            histograms=histograms,
+            engines=len({_label(key, "engine") for key in gauges[RUNNING]}),
+            models=_models(gauges[RUNNING]),
+            metric_names=_generation(gauges, histograms, gauges[RUNNING]),
+            engine_sleeping=_sleeping(gauges[SLEEP]),
+            cache_info=tuple(self._cache_info),
+        )
 
 
 def _models(running: dict[tuple[str, ...], float]) -> tuple[str, ...]:

@@ -180,6 +180,7 @@ class FakeVllm:
         self.delay_s = 5.0
         self.shutdown_timeout_s = 0.5
         self.oversized_bytes = 16 * 1024 * 1024
+        self.extra_metrics = b""  # appended to every /metrics body (label explosions in tests)
         self.ttft_s, self.tpot_s, self.completion_tokens = 0.02, 0.002, 16
         self.sleeping = False
         self.requests: deque[RecordedRequest] = deque(maxlen=10_000)
@@ -338,7 +339,7 @@ class FakeVllm:
         return await self._faulted(request, self.health_fault, lambda: b"", self.health_status)
 
     async def _metrics_handler(self, request: web.Request) -> web.StreamResponse:
-        return await self._faulted(request, self.metrics_fault, self.render_metrics, 200)
+        return await self._faulted(request, self.metrics_fault, lambda: self.render_metrics() + self.extra_metrics, 200)
 
     async def _models(self, request: web.Request) -> web.Response:
         card = {"id": self.model, "object": "model", "created": int(time.time()), "owned_by": "vllm", "root": self.model, "parent": None, "max_model_len": 8192, "permission": []}
