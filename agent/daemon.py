@@ -400,10 +400,10 @@ class Daemon:
             return "instance/preempted not read yet"
         return None
 
-    def _refresh_in_flight(self) -> None:
+    async def _refresh_in_flight(self) -> None:
         runner = self._runners.get("vllm")
         if runner is not None:
-            runner.poll_now()
+            await runner.refresh()
 
     async def _report_when_terminated(self) -> None:
         """Write the termination report as soon as the node is TERMINATED: after a

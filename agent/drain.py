@@ -8,9 +8,10 @@ It observes the lifecycle and never runs inside a transition callback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -88,7 +89,7 @@ class DrainController:
         snapshot: Snapshot,
         cfg: DrainConfig,
         *,
-        refresh: Callable[[], None] = lambda: None,
+        refresh: Callable[[], Awaitable[object]],  # take a vLLM reading now (into the snapshot)
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -124,9 +125,11 @@ class DrainController:
         if self._origin is None or self._origin[0] != first.started_at_mono:
             # A drain taken over after it emptied (admin drained, then SIGTERM) keeps the
             # notice and baseline of its start, so the report covers the whole drain.
-            self._origin = (first.started_at_mono, self._in_flight.since(first.started_at_mono - 5.0), self._in_flight.counters())
+            # Both come from a reading taken at the notice, not one up to a poll old:
+            # requests that finished just before it are not the drain's.
+            await self._fresh(first)
+            self._origin = (first.started_at_mono, self._in_flight.since(first.started_at_mono), self._in_flight.counters())
         _, notice, baseline = self._origin
-        self._refresh()
         empty_since: float | None = None
         last_known: float | None = notice
         outcome = "emptied"
@@ -136,8 +139,12 @@ class DrainController:
                 self.progress = None
                 return  # resumed
             now = self._clock()
-            in_propagation = now < drain.started_at_mono + self._cfg.propagation_delay_s
-            count = None if in_propagation else self._in_flight.since(drain.started_at_mono + self._cfg.propagation_delay_s)
+            propagated_at = drain.started_at_mono + self._cfg.propagation_delay_s
+            in_propagation = now < propagated_at
+            count = None if in_propagation else self._in_flight.since(propagated_at)
+            if count is None and not in_propagation and not self.force.is_set():
+                await self._fresh(drain)  # the probe may be backing off: read now
+                count = self._in_flight.since(propagated_at)
             if count is not None:
                 last_known = count
             empty_since = (empty_since or now) if count == 0 else None
@@ -156,7 +163,7 @@ class DrainController:
             if self.force.is_set():
                 outcome = "forced"
                 break
-            if empty_since is not None and now - empty_since >= self._cfg.settle_s:
+            if empty_since is not None and now - empty_since >= self._cfg.settle_s and await self._still_empty(drain):
                 break
             if now >= drain.deadline_mono and drain.terminal:
                 outcome = "deadline"
@@ -168,6 +175,28 @@ class DrainController:
             except TimeoutError:
                 pass
         self._finish(drain, outcome, notice, last_known, baseline)
+
+    async def _still_empty(self, drain: Drain) -> bool:
+        """The decision, on a reading taken now: still nothing in flight (and the final
+        counters for the report are as of the end)."""
+        decided_at = self._clock()
+        await self._fresh(drain)
+        return self._in_flight.since(decided_at) == 0
+
+    async def _fresh(self, drain: Drain) -> None:
+        """Take a reading now; bounded by the probe's own deadline and the drain's, and
+        cut short by a second signal."""
+        budget_s = drain.deadline_mono - self._clock() if drain.terminal else None
+        reading = asyncio.ensure_future(self._refresh())
+        forced = asyncio.ensure_future(self.force.wait())
+        try:
+            await asyncio.wait({reading, forced}, timeout=None if budget_s is None else max(0.0, budget_s), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (reading, forced):
+                waiter.cancel()
+            for waiter in (reading, forced):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
 
     def _finish(
         self,

@@ -71,14 +71,23 @@ class ProbeRunner:
         self._on_sample = on_sample
         self.consecutive_failures = 0
         self._wake = asyncio.Event()
+        self._sampling = asyncio.Lock()  # one sample at a time: the window must see them in order
 
     def poll_now(self) -> None:
-        """Cut the current wait short (e.g. the drain wants a fresh in-flight count)."""
+        """Cut the current wait short."""
         self._wake.set()
+
+    async def refresh(self) -> bool:
+        """A reading taken now, whatever the backoff says (the drain deciding whether the
+        node is empty cannot wait 30 s for a probe backing off from a dead vLLM). Waits
+        for a sample already under way, then takes its own."""
+        async with self._sampling:
+            return await self.run_once()
 
     async def run(self) -> None:
         while True:
-            await self.run_once()
+            async with self._sampling:
+                await self.run_once()
             delay = backoff_s(self.consecutive_failures, self.probe.interval_s, self._backoff_cap_s)
             self._wake.clear()
             try:

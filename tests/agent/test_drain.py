@@ -23,7 +23,9 @@ class Vllm:
 
 
 class Node:
-    """A lifecycle, a snapshot and a running DrainController."""
+    """A lifecycle, a snapshot and a running DrainController. `vllm()` / `vllm_fails()`
+    set what vLLM would answer now and record it as a probe reading; the drain's own
+    fresh reads (`refresh`) record the same answer again, at the time they ask."""
 
     def __init__(self, **drain: float) -> None:
         self.snapshot = Snapshot()
@@ -31,13 +33,27 @@ class Node:
         self.lifecycle.start_warming()
         self.lifecycle.mark_ready("test")
         cfg = DrainConfig(**{"propagation_delay_s": 0.05, "settle_s": 0.1, **drain})
-        self.drainer = DrainController(self.lifecycle, self.snapshot, cfg)
+        self.refreshes = 0
+        self._answer: Vllm | str | None = None
+        self.drainer = DrainController(self.lifecycle, self.snapshot, cfg, refresh=self.refresh)
 
     def vllm(self, in_flight: float, completed: float = 0, aborted: float = 0) -> None:
-        self.snapshot.put("vllm", Vllm(in_flight, completed, aborted), stale_after_s=5)
+        self._answer = Vllm(in_flight, completed, aborted)
+        self._record()
 
     def vllm_fails(self, code: str) -> None:
-        self.snapshot.fail("vllm", f"failed: {code}", stale_after_s=5, code=code)
+        self._answer = code
+        self._record()
+
+    async def refresh(self) -> None:
+        self.refreshes += 1
+        self._record()
+
+    def _record(self) -> None:
+        if isinstance(self._answer, Vllm):
+            self.snapshot.put("vllm", self._answer, stale_after_s=5)
+        elif self._answer is not None:
+            self.snapshot.fail("vllm", f"failed: {self._answer}", stale_after_s=5, code=self._answer)
 
 
 @pytest.fixture
@@ -105,10 +121,23 @@ async def test_hung_or_garbage_vllm_is_never_taken_as_empty(code: str) -> None:
 
 async def test_old_zero_reading_from_before_the_drain_does_not_count(node: Node) -> None:
     node.vllm(0)  # taken before the drain and the propagation delay
+    node._answer = "timeout"  # from now on vLLM hangs: the drain's own reads fail
     node.lifecycle.begin_drain(DrainReason.SIGNAL, Source.SIGNAL, deadline_s=10)
     await asyncio.sleep(0.4)
     assert node.lifecycle.state is State.DRAINING
     assert node.drainer.progress.in_flight_known is False
+    assert node.refreshes >= 2  # it kept asking (at the notice, and after the propagation delay)
+
+
+async def test_the_drain_reads_vllm_itself_at_the_notice_and_before_it_decides(node: Node) -> None:
+    node.vllm(3, completed=50)  # a reading from before the notice, counters now stale
+    node._answer = Vllm(2, 51, 0)  # what vLLM says at the notice: one more finished since
+    node.lifecycle.begin_drain(DrainReason.SIGNAL, Source.SIGNAL, deadline_s=10)
+    await until(lambda: node.drainer.progress is not None, 2)
+    assert node.drainer.progress.in_flight_at_notice == 2  # read at the notice, not 3
+    await feed_until_state(node, State.TERMINATED, lambda: node.vllm(0, completed=53))
+    assert node.drainer.report.completed == 2  # 53 - 51: the one before the notice is not the drain's
+    assert node.refreshes >= 2
 
 
 async def test_admin_drain_stays_draining_marked_drained(node: Node) -> None:

@@ -323,3 +323,22 @@ async def test_metrics_endpoint_speaks_prometheus_text(tmp_path, vllm, http, age
     assert families["gpu_node_agent_vllm_requests_running"].samples[0].value == 3
     transitions = {(s.labels["from"], s.labels["to"]) for s in families["gpu_node_agent_transitions"].samples}
     assert ("WARMING", "READY") in transitions
+
+
+async def test_sigterm_long_after_vllm_died_ends_the_drain_in_propagation_plus_settle(tmp_path, vllm) -> None:
+    """The metrics probe has backed off from the dead vLLM (up to 30 s); the drain reads
+    vLLM itself, so it ends after the propagation delay and the settle time."""
+    agent = await AgentProcess(tmp_path, {"GPU_AGENT_INFERENCE__BASE_URL": vllm.url}).start().started()
+    try:
+        async with aiohttp.ClientSession() as http:
+            await until(lambda: status_is(http, f"{agent.url}/readyz", 200), 10)
+            await vllm.refuse()  # vLLM is gone
+            await asyncio.sleep(6)  # long enough for the probe's backoff to grow past 6 s
+            started = time.monotonic()
+            agent.send(signal.SIGTERM)
+            assert await agent.exited(40) == 0
+            assert time.monotonic() - started < 3.0  # propagation 0.3 + settle 0.3 + slack; was up to 30 s
+        report = agent.logs("drain finished")[0]["drain"]
+        assert report["outcome"] == "emptied"
+    finally:
+        agent.kill()

@@ -20,6 +20,7 @@ class Outcomes:
     failed: int = 0
     admitted_while_unhealthy: int = 0
     last_completion_at: float = 0.0
+    completion_times: list[float] = field(default_factory=list)  # monotonic, one per completed request
     healthy_changes: list[tuple[float, bool]] = field(default_factory=list)
 
 
@@ -109,5 +110,6 @@ class LoadBalancer:
         if ok:
             self.out.completed += 1
             self.out.last_completion_at = time.monotonic()
+            self.out.completion_times.append(self.out.last_completion_at)
         else:
             self.out.failed += 1

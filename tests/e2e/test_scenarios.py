@@ -61,6 +61,28 @@ async def test_rolling_restart_by_sigterm_loses_no_request(tmp_path, vllm) -> No
     assert report["completed"] >= 1
 
 
+async def test_the_termination_report_agrees_with_what_the_load_balancer_saw(tmp_path, vllm) -> None:
+    """completed = requests vLLM finished after the notice; the LB stand-in counts the
+    same thing from its side. They must agree within 5 % (the baseline is read at the
+    notice, not taken from a reading up to a poll interval old)."""
+    agent = await ready_agent(tmp_path, vllm, inference__poll_interval_s="1")
+    lb = LoadBalancer(f"{agent.url}/readyz", vllm.url, rate_rps=40)
+    try:
+        traffic = asyncio.create_task(lb.run(duration_s=4.0))
+        await until(lambda: lb.out.completed >= 40, 5, what="traffic flowing")
+        noticed = time.monotonic()
+        agent.send(signal.SIGTERM)
+        assert await agent.exited(15) == 0
+        out = await traffic
+    finally:
+        agent.kill()
+    report = agent.logs("agent stopping")[0]["termination_report"]
+    seen_by_lb = sum(1 for t in out.completion_times if t > noticed)
+    assert out.failed == 0 and report["outcome"] == "emptied"
+    assert seen_by_lb >= 10
+    assert abs(report["completed"] - seen_by_lb) <= max(1, 0.05 * seen_by_lb), (report, seen_by_lb)
+
+
 async def test_vllm_crash_and_recovery_under_traffic(tmp_path, vllm) -> None:
     agent = await ready_agent(tmp_path, vllm)
     lb = LoadBalancer(f"{agent.url}/readyz", vllm.url, rate_rps=20)
