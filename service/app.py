@@ -19,6 +19,7 @@ from state_machine import Lifecycle, ResumeRefused, State
 
 _MAX_ADMIN_BODY_BYTES = 16 * 1024
 _MAX_REASON_CHARS = 200
+_DRAIN_FIELDS = frozenset({"reason", "wait", "timeout"})
 
 
 class AgentControl(Protocol):
@@ -91,8 +92,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def drain(request: web.Request) -> web.Response:
-    request.app[AUTH].check(request)
-    params = await _admin_params(request)
+    await request.app[AUTH].check(request)
+    params = await _admin_params(request, _DRAIN_FIELDS)
     control = request.app[CONTROL]
     reason = params.get("reason", "admin drain")
     if not isinstance(reason, str) or not reason.strip() or len(reason) > _MAX_REASON_CHARS:
@@ -111,7 +112,8 @@ async def drain(request: web.Request) -> web.Response:
 
 
 async def resume(request: web.Request) -> web.Response:
-    request.app[AUTH].check(request)
+    await request.app[AUTH].check(request)
+    await _admin_params(request, frozenset())
     control = request.app[CONTROL]
     try:
         await control.admin_resume()
@@ -134,20 +136,30 @@ def _drain_view(control: AgentControl) -> dict[str, Any]:
     }
 
 
-async def _admin_params(request: web.Request) -> dict[str, Any]:
-    """Admin calls take a JSON object body, or query parameters, or nothing."""
+async def _admin_params(request: web.Request, fields: frozenset[str]) -> dict[str, Any]:
+    """Admin calls take a JSON object body (Content-Type application/json), query
+    parameters, or nothing; anything else is refused with the reason."""
+    unknown = set(request.query) - fields
+    if unknown:
+        raise _bad_request(f"unknown query parameter(s): {', '.join(sorted(unknown))}")
     params: dict[str, Any] = dict(request.query)
-    if request.can_read_body:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise _bad_request("body must be a JSON object") from None
-        if not isinstance(body, dict):
-            raise _bad_request("body must be a JSON object")
-        unknown = set(body) - {"reason", "wait", "timeout"}
-        if unknown:
-            raise _bad_request(f"unknown field(s): {', '.join(sorted(unknown))}")
-        params.update(body)
+    raw = await request.read() if request.can_read_body else b""
+    if not raw.strip():
+        return params  # no body (or an empty one) is fine whatever its type says
+    if request.content_type != "application/json":
+        raise _error(web.HTTPUnsupportedMediaType, f"a body must be application/json, not {request.content_type}")
+    try:
+        body = json.loads(raw.decode(request.charset or "utf-8"))
+    except LookupError:
+        raise _bad_request(f"unknown charset {request.charset!r}") from None
+    except (ValueError, RecursionError):  # bad JSON, bad bytes for the charset, nesting bombs
+        raise _bad_request("body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise _bad_request("body must be a JSON object")
+    unknown = set(body) - fields
+    if unknown:
+        raise _bad_request(f"unknown field(s): {', '.join(sorted(unknown))}")
+    params.update(body)
     return params
 
 
@@ -162,15 +174,19 @@ def _as_bool(value: Any, name: str) -> bool:
 def _as_seconds(value: Any, name: str) -> float:
     try:
         seconds = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer like 10**400
         raise _bad_request(f"{name} must be a number of seconds, not {value!r}") from None
     if isinstance(value, bool) or not math.isfinite(seconds) or not 0 < seconds <= 86_400:
         raise _bad_request(f"{name} must be between 0 and 86400 seconds, not {value!r}")
     return seconds
 
 
-def _bad_request(reason: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(text=json.dumps({"error": reason}), content_type="application/json")
+def _bad_request(reason: str) -> web.HTTPException:
+    return _error(web.HTTPBadRequest, reason)
+
+
+def _error(cls: type[web.HTTPException], reason: str) -> web.HTTPException:
+    return cls(text=json.dumps({"error": reason}), content_type="application/json")
 
 
 def _finite(value: Any) -> Any:

@@ -216,17 +216,36 @@ async def test_resume_refused_for_a_signal_drain(tmp_path, vllm, http, agents) -
     assert status == 409 and "signal drain" in body["error"]
 
 
-@pytest.mark.parametrize(
-    "body, expected",
-    [("not json", "JSON object"), ('{"reason": 5}', "reason"), ('{"wait": "maybe"}', "wait"),
-     ('{"timeout": -1}', "timeout"), ('{"bogus": 1}', "unknown field"), ("[1]", "JSON object")],
-)
-async def test_bad_admin_request_is_400_with_a_reason(tmp_path, vllm, http, agents, body, expected) -> None:
+_JSON = {"Content-Type": "application/json"}
+BAD_ADMIN_CALLS = [
+    # (path, headers, body, status, words in the error)
+    ("/drain", _JSON, "not json", 400, "JSON object"),
+    ("/drain", _JSON, '{"reason": 5}', 400, "reason"),
+    ("/drain", _JSON, '{"wait": "maybe"}', 400, "wait"),
+    ("/drain", _JSON, '{"timeout": -1}', 400, "timeout"),
+    ("/drain", _JSON, '{"bogus": 1}', 400, "unknown field"),
+    ("/drain", _JSON, "[1]", 400, "JSON object"),
+    ("/drain", {"Content-Type": "application/json; charset=foobar"}, '{"reason": "x"}', 400, "unknown charset"),
+    ("/drain", _JSON, '{"wait": true, "timeout": 1' + "0" * 400 + "}", 400, "timeout"),  # 10**400: was a 500
+    ("/drain", _JSON, '{"wait": true, "timeout": 1e400}', 400, "timeout"),
+    ("/drain", _JSON, "[" * 5000 + "]" * 5000, 400, "JSON object"),  # nesting bomb
+    ("/drain", {"Content-Type": "text/plain"}, "reason=because", 415, "application/json"),
+    ("/drain?reason=x&force=1", {}, "", 400, "unknown query parameter(s): force"),
+    ("/resume", _JSON, '{"please": true}', 400, "unknown field"),
+    ("/resume?now=1", {}, "", 400, "unknown query parameter(s): now"),
+]
+
+
+async def test_bad_admin_requests_get_a_4xx_with_a_reason_and_change_nothing(tmp_path, vllm, http, agents) -> None:
     agent = await start_agent(agents, tmp_path, vllm)
-    async with http.post(f"{agent.url}/drain", data=body, headers={"Content-Type": "application/json"}) as resp:
-        assert resp.status == 400
-        assert expected in (await resp.json())["error"]
+    for path, headers, body, status, expected in BAD_ADMIN_CALLS:
+        async with http.post(f"{agent.url}{path}", data=body, headers=headers) as resp:
+            answer = await resp.json()
+            assert (resp.status, expected in answer["error"]) == (status, True), (path, body[:40], resp.status, answer)
     assert await state_of(http, agent) != "DRAINING"
+    # An empty body is allowed whatever its Content-Type says.
+    async with http.post(f"{agent.url}/drain", data=b"", headers={"Content-Type": "text/plain"}) as resp:
+        assert resp.status == 202
 
 
 @pytest.mark.parametrize(
