@@ -351,7 +351,9 @@ class Daemon:
             timeout=aiohttp.ClientTimeout(total=None), connector=aiohttp.TCPConnector(limit=4)
         )
         client = MetadataClient(metadata_base_url(cfg.metadata_host, self.environ), self._metadata_session)
-        watch = MetadataWatch(client, self.snapshot, self.preemption, cfg, errors=self.probe_errors)
+        watch = MetadataWatch(
+            client, self.snapshot, self.preemption, cfg, errors=self.probe_errors, identity_wanted=self.cfg.export.enabled
+        )
         self._metadata_watch = watch
         supervisor.add("metadata", watch.run)  # "false" contacts nothing and says so
 

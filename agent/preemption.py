@@ -183,7 +183,9 @@ class MetadataWatch:
         tuning: WatchTuning = WatchTuning(),
         errors: Any = None,
         rng: random.Random | None = None,
+        identity_wanted: bool = False,  # export labels its series with it: read it even when not watching
     ) -> None:
+        self._identity_wanted = identity_wanted
         self._client = client
         self._snapshot = snapshot
         self._policy = policy
@@ -198,9 +200,18 @@ class MetadataWatch:
 
     async def run(self) -> None:
         if self._cfg.enabled == "false":
-            self._publish([], "preemption.enabled=false: the metadata server is not contacted")
+            if not self._identity_wanted:
+                self._publish([], "preemption.enabled=false: the metadata server is not contacted")
+                self.settled.set()
+                await asyncio.Event().wait()  # nothing to do; park (a return would be restarted)
+            # Export still needs the node's identity (gce_instance / k8s_pod labels): read
+            # it, watch nothing. Without it every series would land on generic_node.
+            self._publish([], "preemption.enabled=false: the metadata server is read for the node identity only")
             self.settled.set()
-            await asyncio.Event().wait()  # nothing to do; park (a return would be restarted)
+            self.presence = await self._detect()
+            await self._identity(self.presence)
+            self._publish([], "preemption.enabled=false: the metadata server is read for the node identity only")
+            await asyncio.Event().wait()
         self.presence = await self._detect()
         async with asyncio.TaskGroup() as group:
             if self.presence is MetadataPresence.PRESENT:

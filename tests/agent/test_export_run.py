@@ -136,3 +136,22 @@ async def test_permission_denied_is_explained_and_the_node_keeps_serving(tmp_pat
 async def _metric_is(http: aiohttp.ClientSession, agent: AgentProcess, line: str) -> bool:
     async with http.get(f"{agent.url}/metrics") as resp:
         return line in (await resp.text()).splitlines()
+
+
+async def test_with_preemption_watching_off_the_first_push_still_names_the_gce_instance(tmp_path, world) -> None:
+    """Identity is read whenever export needs it: a MIG autoscaler on a per-instance
+    metric sees nothing of series written on generic_node."""
+    sink, vllm, meta = world
+    agent = await start(tmp_path, sink, vllm, meta, GPU_AGENT_PREEMPTION__ENABLED="false")
+    try:
+        # The first push comes right away (not after a 30 s wait for an identity that never comes).
+        await until(lambda: sink.series(QUEUE), 8, 0.05, "first push")
+        point = sink.series(QUEUE)[0]
+        assert point.resource_type == "gce_instance"
+        assert point.resource_labels["instance_id"] == "4520031799277581759"
+        assert point.resource_labels["zone"] == "us-central1-a"
+        assert not [r for r in meta.served("instance/preempted") if r.query.get("wait_for_change")]  # no watch
+        agent.send(signal.SIGTERM)
+        assert await agent.exited(20) == 0
+    finally:
+        agent.kill()

@@ -160,12 +160,12 @@ def test_window_start_is_read_from_either_spelling_in_utc(info, wall) -> None:
 
 # --- the watch over the wire -----------------------------------------------------------
 @contextlib.asynccontextmanager
-async def watching(base_url: str, session: aiohttp.ClientSession, lifecycle: Lifecycle, **cfg: Any):
+async def watching(base_url: str, session: aiohttp.ClientSession, lifecycle: Lifecycle, identity_wanted: bool = False, **cfg: Any):
     snapshot = Snapshot()
     preemption = PreemptionConfig(**cfg)
     policy = PreemptionPolicy(lifecycle, preemption, DrainConfig())
     client = MetadataClient(base_url, session, timeout_s=1, wait_slack_s=0.5)
-    watch = MetadataWatch(client, snapshot, policy, preemption, tuning=FAST)
+    watch = MetadataWatch(client, snapshot, policy, preemption, tuning=FAST, identity_wanted=identity_wanted)
     task = asyncio.create_task(watch.run())
     try:
         yield watch, snapshot, policy
@@ -297,6 +297,14 @@ async def test_disabled_watch_contacts_nothing(metadata_server, session) -> None
         await until(watch.settled.is_set, 2)
         assert snapshot.value(WATCH_KEY)["watching"] == [] and snapshot.get(IDENTITY_KEY) is None
     assert metadata_server.requests == []
+
+
+async def test_disabled_watch_still_reads_the_identity_when_export_needs_it(metadata_server, session) -> None:
+    async with watching(metadata_server.url, session, ready(), identity_wanted=True, enabled="false") as (watch, snapshot, _):
+        await until(lambda: snapshot.get(IDENTITY_KEY), 3)
+        assert snapshot.value(IDENTITY_KEY).instance_id == "4520031799277581759"
+        assert snapshot.value(WATCH_KEY)["watching"] == []
+    assert not [r for r in metadata_server.requests if r.query.get("wait_for_change")]
 
 
 async def test_a_server_answering_badly_at_start_is_unknown_then_watched(metadata_server, session) -> None:
