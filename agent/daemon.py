@@ -92,7 +92,7 @@ class Daemon:
         if cfg.export.enabled:
             from agent.exporter.client import Exporter  # light; monitoring_v3 loads at the first push
 
-            self.exporter = Exporter(cfg.export, self.snapshot, self.lifecycle, environ=self.environ, autoscaling=self.autoscaling_now)
+            self.exporter = Exporter(cfg.export, self.snapshot, self.lifecycle, environ=self.environ, autoscaling=self.autoscaling_round)
         auto = cfg.autoscaling
         self.demand = DemandGauge(
             DemandTargets(
@@ -158,6 +158,8 @@ class Daemon:
             # Not critical: export trouble must never make /healthz fail or flip readiness.
             supervisor.add("export", self.exporter.run)
             supervisor.add("final_report", self._report_when_terminated)
+        else:
+            supervisor.add("autoscaling", self._autoscaling_rounds)
         if saved is None:
             self.lifecycle.start_warming()
         self.notifier.ready(self._systemd_status())
@@ -374,21 +376,37 @@ class Daemon:
         self._runners[probe.name] = runner
         supervisor.add(f"probe.{probe.name}", runner.run, critical=critical)
 
-    def autoscaling_now(self) -> dict[Series, float | None]:
-        """The autoscaling series for this moment under the lifecycle rule (agent/demand.py),
-        from the same vLLM and GPU views the exporter writes from."""
-        vllm, source = vllm_view(self.snapshot)
-        gpu = gpu_view(self.snapshot)
-        return self.demand.values(
-            self.lifecycle.state,
-            None if source is VllmSource.DOWN else vllm,
-            stale=source is VllmSource.HELD,
-            gpu_usage_percent=None if gpu is None else gpu.utilization_percent_mean,
-        )
+    def autoscaling_round(self) -> dict[Series, float | None]:
+        """The autoscaling series for this round under the lifecycle rule (agent/demand.py);
+        a READY round's values are what a later drain holds. Called by the export round
+        only (or, with export off, by `_autoscaling_rounds`): a read must never move them."""
+        vllm, kwargs = self._autoscaling_inputs()
+        return self.demand.values(self.lifecycle.state, vllm, **kwargs)
+
+    def autoscaling_view(self) -> dict[Series, float | None]:
+        """The same values for this moment, changing nothing (/status, /metrics)."""
+        vllm, kwargs = self._autoscaling_inputs()
+        return self.demand.view(self.lifecycle.state, vllm, **kwargs)
 
     def demand_now(self) -> float | None:
         """node/demand for this moment (/metrics scrape)."""
-        return self.autoscaling_now()[Series.DEMAND]
+        return self.autoscaling_view()[Series.DEMAND]
+
+    def _autoscaling_inputs(self) -> tuple[Any, dict[str, Any]]:
+        """From the same vLLM and GPU views the exporter writes from."""
+        vllm, source = vllm_view(self.snapshot)
+        gpu = gpu_view(self.snapshot)
+        return None if source is VllmSource.DOWN else vllm, {
+            "stale": source is VllmSource.HELD,
+            "gpu_usage_percent": None if gpu is None else gpu.utilization_percent_mean,
+        }
+
+    async def _autoscaling_rounds(self) -> None:
+        """With export off nothing writes rounds; /metrics (a Prometheus-based HPA) still
+        needs what a drain holds to be the last READY values."""
+        while True:
+            self.autoscaling_round()
+            await asyncio.sleep(self.cfg.inference.poll_interval_s)
 
     def _metadata_hold(self) -> str | None:
         """Hold READY until instance/preempted has been read once, so an agent restarted

@@ -294,7 +294,14 @@ class DemandGauge:
         self._held: dict[Series, float | None] = {}
 
     def values(self, state: State, vllm: Any, *, stale: bool, gpu_usage_percent: float | None) -> dict[Series, float | None]:
-        load = NodeLoad.from_reading(vllm, gpu_usage_percent=gpu_usage_percent, stale=stale)
-        values = autoscaling_values(state, load, self.targets, self._held)
+        """This round's values, and they become what a later drain holds (a READY round).
+        Only the round that writes them calls this: the export round."""
+        values = self.view(state, vllm, stale=stale, gpu_usage_percent=gpu_usage_percent)
         self._held = next_held(state, values, self._held)
         return values
+
+    def view(self, state: State, vllm: Any, *, stale: bool, gpu_usage_percent: float | None) -> dict[Series, float | None]:
+        """The values for this moment, changing nothing: what /status and /metrics show.
+        (A read that advanced the held values would change what a drain later exports.)"""
+        load = NodeLoad.from_reading(vllm, gpu_usage_percent=gpu_usage_percent, stale=stale)
+        return autoscaling_values(state, load, self.targets, self._held)

@@ -76,7 +76,7 @@ def node_status(daemon: Any) -> dict[str, Any]:
         },
         "exporter": {"enabled": False} if daemon.exporter is None else daemon.exporter.health(),
         # What this node writes for the series autoscalers scale on (the lifecycle rule applied).
-        "autoscaling": {series.value: value for series, value in daemon.autoscaling_now().items()},
+        "autoscaling": {series.value: value for series, value in daemon.autoscaling_view().items()},
         "preemption": {"enabled": daemon.cfg.preemption.enabled, **daemon.preemption.describe()},
         "gpu": {
             "enabled": daemon.cfg.gpu.enabled,

@@ -4,10 +4,12 @@ what every autoscaling series carries in each lifecycle state."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import pytest
 
 from agent.demand import (
+    DemandGauge,
     DemandTargets,
     NodeLoad,
     Series,
@@ -167,3 +169,18 @@ def test_demand_gauge_warming_zero_ready_live_draining_held() -> None:
     assert values(State.DRAINING, emptying, gpu=5.0) == serving  # every series held from the last READY round
     assert values(State.READY, V(100, 8, 0.9, {"p95": 9.0}))[Series.DEMAND] == 3.0  # capped
     assert gauge.values(State.READY, None, stale=False, gpu_usage_percent=None)[Series.DEMAND] == 1.0  # nothing read: neutral
+
+def test_a_view_never_moves_the_held_values() -> None:
+    @dataclass(frozen=True)
+    class Reading:
+        requests_waiting: float
+        requests_running: float = 0.0
+        kv_cache_usage_ratio: float | None = None
+        ttft_s: dict = field(default_factory=dict)
+
+    gauge = DemandGauge(DemandTargets())
+    gauge.values(State.READY, Reading(7), stale=False, gpu_usage_percent=None)  # the export round
+    for _ in range(50):  # /status and /metrics while READY, with newer numbers
+        gauge.view(State.READY, Reading(2), stale=False, gpu_usage_percent=None)
+    held = gauge.values(State.DRAINING, Reading(0), stale=False, gpu_usage_percent=None)
+    assert held[Series.QUEUE_LENGTH] == 7

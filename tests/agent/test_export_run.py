@@ -14,7 +14,7 @@ import pytest
 from agent.sim.metadata import FakeMetadataServer
 from agent.sim.monitoring import FakeMetricService
 from agent.sim.vllm import FakeVllm
-from tests.harness import AgentProcess, get_json, until
+from tests.harness import AgentProcess, get_json, post_json, until
 
 QUEUE = "custom.googleapis.com/vllm/queue_length"
 DEMAND = "custom.googleapis.com/node/demand"
@@ -153,5 +153,31 @@ async def test_with_preemption_watching_off_the_first_push_still_names_the_gce_i
         assert not [r for r in meta.served("instance/preempted") if r.query.get("wait_for_change")]  # no watch
         agent.send(signal.SIGTERM)
         assert await agent.exited(20) == 0
+    finally:
+        agent.kill()
+
+
+async def test_reads_never_change_what_a_draining_node_exports(tmp_path, world) -> None:
+    """/status and /metrics show the autoscaling values without moving them: what a
+    draining node holds is the last READY *export round*, however often it was read."""
+    sink, vllm, _ = world
+    vllm.set_load(running=1, waiting=7)
+    agent = await start(tmp_path, sink, vllm)
+    try:
+        async with aiohttp.ClientSession() as http:
+            await until(lambda: any(p.value == 7 for p in sink.series(QUEUE)), 25, 0.05, "a READY round with 7 waiting")
+            rounds = len(sink.series(QUEUE))
+            vllm.set_load(running=1, waiting=2)  # still READY, but no round has written this
+            for _ in range(50):
+                await get_json(http, f"{agent.url}/status")
+                async with http.get(f"{agent.url}/metrics") as resp:
+                    await resp.read()
+            assert len(sink.series(QUEUE)) == rounds, "an export round ran in between: the test lost its race"
+            code, _ = await post_json(http, f"{agent.url}/drain", {"reason": "hold check"})
+            assert code == 202
+            await until(lambda: len(sink.series(QUEUE)) > rounds, 15, 0.05, "a DRAINING round")
+            assert sink.series(QUEUE)[-1].value == 7  # held from the last READY round, not the 2 read since
+            _, full = await get_json(http, f"{agent.url}/status")
+            assert full["autoscaling"]["vllm/queue_length"] == 7
     finally:
         agent.kill()
