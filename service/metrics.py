@@ -130,7 +130,8 @@ class AgentCollector(Collector):
             _add(power, label, info.power_w)
             lost.add_metric(label, float(info.lost))
         yield from (util, used, total, temp, power, lost)
-        yield GaugeMetricFamily("gpu_node_agent_gpu_count", "GPUs NVML sees", value=float(gpu.gpu_count))
+        # Not gpu_count: a _count suffix belongs to histograms and summaries (promtool).
+        yield GaugeMetricFamily("gpu_node_agent_gpus", "GPUs NVML sees", value=float(gpu.gpu_count))
 
     def _gpu_faults(self) -> Iterator[Metric]:
         faults = CounterMetricFamily("gpu_node_agent_gpu_faults", "GPU faults seen (XID, lost, row remap)", labels=["kind", "fatal"])
@@ -160,10 +161,13 @@ def _add(family: GaugeMetricFamily, labels: list[str], value: float | None) -> N
         family.add_metric(labels, float(value))
 
 
-def _quantiles(name: str, doc: str, values: dict[str, float | None]) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, doc, labels=["quantile"])
+def _quantiles(name: str, doc: str, values: dict[str, float | None]) -> Metric:
+    """A summary family: a `quantile` label belongs to summaries only (promtool). The
+    quantiles are over the sliding window; no _count/_sum, which a window does not have
+    in the cumulative sense a summary's would."""
+    family = Metric(name, doc, "summary")
     for key in _QUANTILES:
         value = values.get(key)
         if value is not None:
-            family.add_metric([_QUANTILE_LABEL[key]], float(value))
+            family.add_sample(name, {"quantile": _QUANTILE_LABEL[key]}, float(value))
     return family

@@ -84,7 +84,7 @@ async def test_gpu_figures_reach_status_and_metrics(node) -> None:
         async with http.get(f"http://127.0.0.1:{daemon.bound_port}/metrics") as resp:
             text = await resp.text()
     assert 'gpu_node_agent_gpu_utilization_ratio{gpu="0"} 0.73' in text
-    assert "gpu_node_agent_gpu_count 2.0" in text
+    assert "gpu_node_agent_gpus 2.0" in text
 
 
 async def test_no_driver_is_reported_and_the_node_still_serves(tmp_path: Path) -> None:
