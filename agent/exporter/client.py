@@ -3,8 +3,10 @@ one batch of points (one per series), queued in a bounded backlog and written in
 order with CreateTimeSeries through google-cloud-monitoring's async gRPC client.
 
 The API's rules hold by construction: one point per series per request (a
-request carries one batch, <= 200 series), batches >= 5 s apart in end time and
-in time order (a sample that would break this is skipped), GAUGE only. Only
+request carries one batch, <= 200 series), batches >= 10 s apart in end time
+(the quota), final flush included, and in time order (a sample that would break
+this is skipped, and the final one waits for the gap when the deadline allows),
+GAUGE only. Only
 UNAVAILABLE and DEADLINE_EXCEEDED are retried, with jittered backoff, and then
 the batch waits in the backlog for the next round; INVALID_ARGUMENT (a partial
 failure with its CreateTimeSeriesSummary) is counted and logged, never retried;
@@ -59,6 +61,8 @@ log = logging.getLogger(__name__)
 
 IDENTITY_KEY = "metadata.identity"
 _MAX_BATCH_AGE_S = 24 * 3600.0  # the API refuses points older than 25 h
+_FINAL_SEND_S = 1.0  # time kept to write the final sample after waiting for its gap
+_JITTER_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +121,7 @@ class Exporter:
         self._started = clock()
         self._closing = False
         self._flushed: bool | None = None
+        self.final_sample: str | None = None  # what became of the final flush's sample (/status)
         self._wake = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._identity_seen = asyncio.Event()
@@ -176,10 +181,13 @@ class Exporter:
             async with asyncio.timeout(max(0.0, deadline_s)):
                 async with self._send_lock:
                     self._wake.clear()
-                    self._sample(final=True)
-                    # The report first: its series are new, so it never waits on the backlog's order.
+                    # The report first: its series are new, so it waits neither on the
+                    # backlog's order nor on the 10 s gap of the regular series.
                     if await self._prepare(deadline) and await self._send_batch(final, deadline, paced=False):
+                        await self._final_sample(deadline)
                         await self._send_backlog(deadline, paced=False)
+                    else:
+                        self._sample(final=True)  # kept in the count of points not written
         except TimeoutError:
             log.warning("final export cut short by the shutdown deadline", extra={"deadline_s": deadline_s})
         finally:
@@ -206,6 +214,7 @@ class Exporter:
             "backlog_max_points": self._backlog.max_points,
             "descriptors_created": len(self._created),
             "descriptors_total": len(DESCRIPTORS),
+            "final_sample": self.final_sample,
         }
 
     def collect(self) -> Iterator[Any]:
@@ -215,13 +224,31 @@ class Exporter:
     # --- a round's steps -------------------------------------------------------------------
     def _sample(self, *, final: bool) -> None:
         end = self._wall()
+        if self._last_end_wall is not None and MIN_POINT_GAP_S - _JITTER_S <= end - self._last_end_wall < MIN_POINT_GAP_S:
+            # A round due at exactly the gap, a few ms early by the clocks: stamped at the
+            # gap (a point may end up to 5 min in the future), not skipped.
+            end = self._last_end_wall + MIN_POINT_GAP_S
         if self._last_end_wall is not None and end - self._last_end_wall < MIN_POINT_GAP_S:
-            # One point per series per 5 s, in time order: skip rather than squeeze.
-            log.log(logging.INFO if final else logging.WARNING, "export sample skipped: the previous one is under 5 s old",
+            # One point per series per 10 s, in time order: skip rather than squeeze.
+            log.log(logging.INFO if final else logging.WARNING, "export sample skipped: the previous one is under 10 s old",
                     extra={"previous_age_s": round(end - self._last_end_wall, 3)})
             return
         self._backlog.append(Batch(end, series_points(node_metrics_from_snapshot(self._snapshot, self._lifecycle, None if self._autoscaling is None else self._autoscaling()))))
         self._last_end_wall = end
+
+    async def _final_sample(self, deadline: float) -> None:
+        """The last sample of the regular series, at least MIN_POINT_GAP_S after the one
+        before (the quota): wait for the gap when the deadline leaves time to write it,
+        else skip it and say so (the last regular point then stands as the final one)."""
+        wait_s = 0.0 if self._last_end_wall is None else self._last_end_wall + MIN_POINT_GAP_S - self._wall()
+        if wait_s > 0 and self._clock() + wait_s + _FINAL_SEND_S > deadline:
+            self.final_sample = f"skipped: the last point is {MIN_POINT_GAP_S - wait_s:.1f} s old, under the 10 s quota, and the deadline leaves no time to wait"
+            log.info("final export sample skipped", extra={"reason": self.final_sample})
+            return
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        self._sample(final=True)
+        self.final_sample = "written" if wait_s <= 0 else f"written after waiting {wait_s:.1f} s for the 10 s quota"
 
     def _report_time(self, report: TerminationReport) -> float:
         now = self._wall()

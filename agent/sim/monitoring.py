@@ -9,7 +9,7 @@ twice in one request is rejected; the descriptor must exist (unless
 descriptors are GAUGE or CUMULATIVE; known resource types with exactly their
 labels, project_id matching the request; GAUGE start time empty or equal to the
 end, CUMULATIVE start before the end; end time at most 25 h old and 5 min ahead;
-per series, points in time order and at least 5 s apart. Bad series make a
+per series, points in time order and at least 10 s apart. Bad series make a
 partial failure: the good ones are stored, the call fails INVALID_ARGUMENT with a
 CreateTimeSeriesSummary in the status details, as the real API does.
 
@@ -36,7 +36,6 @@ from google.cloud import monitoring_v3
 from google.protobuf import empty_pb2
 from google.rpc import status_pb2
 
-from agent.exporter.series import MAX_SERIES_PER_REQUEST, MIN_POINT_GAP_S
 
 SERVICE = "google.monitoring.v3.MetricService"
 RESOURCE_LABELS: dict[str, frozenset[str]] = {
@@ -48,6 +47,10 @@ RESOURCE_LABELS: dict[str, frozenset[str]] = {
 CUSTOM_PREFIXES = ("custom.googleapis.com/", "external.googleapis.com/")
 MAX_AGE_S = 25 * 3600.0
 MAX_AHEAD_S = 300.0
+# The API's own limits, stated here and not imported from the exporter: a wrong
+# number on one side then fails the tests instead of passing on both.
+MAX_SERIES_PER_REQUEST = 200  # "at most 200 time series per request"
+MIN_POINT_GAP_S = 10.0  # quota: "one point per time series every 10 seconds" at most
 _KIND = metric_pb2.MetricDescriptor.MetricKind
 _VALUE = metric_pb2.MetricDescriptor.ValueType
 _ONEOF_OF_VALUE_TYPE = {_VALUE.DOUBLE: "double_value", _VALUE.INT64: "int64_value", _VALUE.BOOL: "bool_value", _VALUE.STRING: "string_value", _VALUE.DISTRIBUTION: "distribution_value"}

@@ -94,16 +94,16 @@ async def test_accepted_points_are_recorded_with_their_resource_labels_and_kind(
     assert (queue.resource_type, queue.resource_labels, queue.value) == ("gce_instance", VM, 7.5)
 
 
-async def test_a_second_point_within_5_s_is_a_partial_failure_carrying_a_summary(fake: FakeMetricService, client: Any) -> None:
+async def test_a_second_point_within_10_s_is_a_partial_failure_carrying_a_summary(fake: FakeMetricService, client: Any) -> None:
     await create_descriptors(client)
     await write(client, series(T0, VLLM_QUEUE))
     with pytest.raises(gexc.InvalidArgument) as caught:
-        await write(client, series(T0 + 4.9, VLLM_QUEUE) + series(T0 + 4.9, PENDING))
+        await write(client, series(T0 + 9.9, VLLM_QUEUE) + series(T0 + 9.9, PENDING))
     summary = partial_summary(caught.value)
     assert (summary.total_point_count, summary.success_point_count) == (2, 1)
     assert "more frequently than the maximum sampling period" in caught.value.message and "timeSeries[0]" in caught.value.message
     assert [p.metric_type for p in fake.points] == [VLLM_QUEUE, PENDING]
-    await write(client, series(T0 + 5.0, VLLM_QUEUE))  # 5 s later is fine
+    await write(client, series(T0 + 10.0, VLLM_QUEUE))  # 10 s later is fine (the quota)
     assert len(fake.series(VLLM_QUEUE)) == 2
 
 
