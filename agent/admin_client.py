@@ -87,13 +87,13 @@ def local_url(config_path: Path | None, environ: Mapping[str, str] = os.environ)
     could not be read (a broken config must not stop `status` from working)."""
     notes: list[str] = []
     service = _service_section(config_path, notes)
-    port = _port(environ.get(PORT_ENV), PORT_ENV, notes)
+    port, where = _port(environ.get(PORT_ENV), PORT_ENV, notes), PORT_ENV
     if port is None:
-        port = _port(service.get("port"), "service.port in the config file", notes)
+        port, where = _port(service.get("port"), "service.port in the config file", notes), "the config file"
     if port is None:
-        port = DEFAULT_PORT
-        if notes:
-            notes.append(f"using the default port {DEFAULT_PORT}")
+        port, where = DEFAULT_PORT, "the default"
+    if notes:
+        notes.append(f"using port {port} ({where})")
     host = str(environ.get(HOST_ENV) or service.get("host") or "")
     if host in _WILDCARDS:
         host = "127.0.0.1"

@@ -25,18 +25,13 @@ def drain_reply(answer: Answer, asked_reason: str, wait_s: float | None) -> Repl
     drain = answer.field("drain") or {}
     running = _drain_name(drain)
     warnings = _warnings(answer)
-    if answer.status in (200, 202):
-        if answer.field("started") is False:
-            text = _not_started(drain, asked_reason)
-        else:
-            text = f"Drain started ({running}): /readyz answers 503 now."
-        if answer.status == 200:
-            text += " " + _drained(drain)
-        elif drain.get("drained"):
-            text += " It is already drained: nothing in flight."
-        else:
-            text += f" {FOLLOW}, `gpu-node-agent drain --wait` to wait for in-flight work."
-        return Reply(True, text, warnings)
+    if answer.status in (200, 202) and answer.field("started") is False:
+        return Reply(True, _not_started(drain, asked_reason, drained=answer.status == 200), warnings)
+    if answer.status == 200:
+        return Reply(True, f"Drained ({running}): nothing in flight; {_until(drain)}.", warnings)
+    if answer.status == 202:
+        return Reply(True, f"Drain started ({running}): /readyz answers 503 now; {FOLLOW}, "
+                           "`gpu-node-agent drain --wait` to wait for in-flight work.", warnings)
     if answer.status == 504:
         return Reply(False, f"Not drained within {wait_s:g} s ({running}); the drain goes on: {FOLLOW}.", warnings)
     if answer.status == 409:
@@ -57,22 +52,21 @@ def resume_reply(answer: Answer) -> Reply:
     return Reply(False, _refused(answer), _warnings(answer))
 
 
-def _not_started(drain: dict[str, Any], asked_reason: str) -> str:
-    if drain.get("reason") == "admin":
-        kept = drain.get("detail") or "admin"
-        if kept == asked_reason:
-            return f"Already draining ({_drain_name(drain)}): nothing changed."
-        return f"Already draining ({_drain_name(drain)}): kept the first reason, not {asked_reason!r}."
-    return (
-        f"Not started: a {drain.get('reason')} drain is running ({drain.get('detail') or '-'}), "
-        "which takes precedence over an admin drain; the node is going away."
-    )
+def _not_started(drain: dict[str, Any], asked_reason: str, *, drained: bool) -> str:
+    """A drain was already running: an admin one keeps its first reason; a higher-priority
+    one (preemption, maintenance, a signal...) has subsumed this request."""
+    if drain.get("reason") != "admin":
+        return (f"Not started: a {drain.get('reason')} drain is running ({drain.get('detail') or '-'}), "
+                f"which takes precedence over an admin drain; {_until(drain) if drained else 'the node is going away'}.")
+    kept = "" if drain.get("detail") == asked_reason else f", kept the first reason, not {asked_reason!r}"
+    state = "drained: nothing in flight" if drained or drain.get("drained") else FOLLOW
+    return f"Already draining ({_drain_name(drain)}){kept}; {state}."
 
 
-def _drained(drain: dict[str, Any]) -> str:
+def _until(drain: dict[str, Any]) -> str:
     if drain.get("reason") == "admin":
-        return "Drained: nothing in flight; the node stays out of rotation until `gpu-node-agent resume`."
-    return f"The {drain.get('reason')} drain has finished: the node is going away."
+        return "the node stays out of rotation until `gpu-node-agent resume`"
+    return f"the {drain.get('reason')} drain has finished and the node is going away"
 
 
 def _drain_name(drain: dict[str, Any]) -> str:

@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         command = args.command
-        return _dispatch(args)
+        code = _dispatch(args)
+        sys.stdout.flush()  # here, so a reader that went away is caught below, not at exit
+        return code
     except UsageError as exc:
         _say(str(exc))
         return EXIT_USAGE
