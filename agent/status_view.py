@@ -111,14 +111,11 @@ def _report(report: dict[str, Any] | None) -> list[str]:
     reason = report.get("reason")
     notice = report.get("in_flight_at_notice")
     finished = report.get("finished_at_wall")
-    at = time.strftime(" at %H:%M:%SZ", time.gmtime(finished)) if isinstance(finished, (int, float)) else ""
+    at = time.strftime(", finished %H:%M:%SZ", time.gmtime(finished)) if isinstance(finished, (int, float)) else ""
     lines = ["", "drain report (admin drains do not terminate)" if reason == "admin" else "termination report"]
-    lines += bullet(
-        f"{reason} drain, {report.get('outcome')} after {secs(report.get('drain_s'))}{at}: "
-        f"{count(notice) if notice is not None else 'unknown'} in flight at the notice, "
-        f"{count(report.get('completed'))} completed, {count(report.get('aborted'))} aborted",
-        mark="-",
-    )
+    lines += bullet(f"{reason} drain, {report.get('outcome')} after {secs(report.get('drain_s'))}{at}", mark="-")
+    lines += bullet(f"requests: {count(notice) if notice is not None else 'unknown'} in flight at the notice, "
+                    f"{count(report.get('completed'))} completed, {count(report.get('aborted'))} aborted", mark="-")
     if report.get("detail"):
         lines += bullet(f"why: {report['detail']}", mark="-")
     return lines

@@ -141,6 +141,25 @@ class AgentProcess:
             self.proc.stdout.close()
 
 
+async def run_cli(*args: str, env: dict[str, str] | None = None, timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """`gpu-node-agent ARGS` as a user runs it: a subprocess (the test's loop keeps serving
+    the fakes meanwhile), with its exit code, stdout and stderr; no GPU_AGENT_ variables
+    leak in from the test's environment."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GPU_AGENT_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", *args, cwd=REPO, env={**base, **(env or {})},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(timeout_s):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"gpu-node-agent {' '.join(args)} did not finish within {timeout_s}s") from None
+    return subprocess.CompletedProcess(list(args), proc.returncode, out.decode(), err.decode())
+
+
 async def get_json(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
     async with session.get(url) as resp:
         return resp.status, await resp.json(content_type=None)
