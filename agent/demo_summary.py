@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from agent.units import secs
+
 if TYPE_CHECKING:
     from agent.demo import Demo
 
@@ -25,7 +27,7 @@ def summary(status: dict[str, Any], demo: Demo) -> str:
         "summary",
         "  transitions: " + " -> ".join([status["history"][0]["from"]] + [t["to"] for t in status["history"]]),
         f"  final state: {status['state']} ({status['reason']})",
-        f"  termination report: {report.get('reason')} drain, {report.get('outcome')} after {report.get('drain_s', 0):.1f} s: "
+        f"  termination report: {report.get('reason')} drain, {report.get('outcome')} after {secs(report.get('drain_s'))}: "
         f"{_whole(report.get('in_flight_at_notice'))} in flight at the notice, {_whole(report.get('completed'))} completed, "
         f"{_whole(report.get('aborted'))} aborted",
         *_requests(report, demo),
