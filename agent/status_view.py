@@ -53,7 +53,8 @@ def headline(status: dict[str, Any], n_warnings: int = 0) -> str:
         outcome = f", {report['outcome']}" if report.get("outcome") else ""
         return f"TERMINATED ({why}{outcome}) {since} - {_terminated_next(status, why)}"
     if state == "READY":
-        return f"READY {since} - serving; " + (f"see the {n_warnings} warning(s) below" if n_warnings else "nothing to do")
+        todo = f"see the {n_warnings} warning(s) below" if n_warnings else "nothing to do"
+        return f"READY {since}, {_in_flight_now(status, drain)} - serving; {todo}"
     if state == "WARMING":
         return f"WARMING ({reason}) {since} - {_warming_next(status)}"
     return f"{state} ({reason}) {since} - starting up"

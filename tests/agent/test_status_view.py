@@ -58,7 +58,7 @@ async def test_ready_then_vllm_lost_then_admin_drained(launch: Launch, session, 
     fake_vllm.set_load(running=3, waiting=1)
     await until(lambda: sees_in_flight(session, agent), 5)
     text = await shown(agent)
-    assert re.match(r"READY for [\d.]+ s - serving; nothing to do\n", text)
+    assert re.match(r"READY for [\d.]+ s, 4 in flight - serving; nothing to do\n", text)
     assert warnings_of(text) == []
     assert re.search(r"^vllm +4 in flight \(3 running, 1 waiting\)", text, re.MULTILINE)
     assert re.search(r"^gpus +not read \(gpu.enabled=false\)$", text, re.MULTILINE)
@@ -90,7 +90,7 @@ async def test_export_failing_then_preemption_then_terminated(launch: Launch, se
     )
     await when(session, agent, lambda s: s["state"] == "READY" and s["exporter"].get("last_error"), "READY, export failing")
     text = await shown(agent)
-    assert re.match(r"READY for .+ - serving; see the \d+ warning\(s\) below\n", text)
+    assert re.match(r"READY for [^,]+, \d+ in flight - serving; see the \d+ warning\(s\) below\n", text)
     export = [w for w in warnings_of(text) if "export to Cloud Monitoring failing (UNAVAILABLE)" in w]
     assert export, text
     assert re.search(r"^export +FAILING \(see the warnings\): 0 points written, last push never", text, re.MULTILINE)
