@@ -58,31 +58,33 @@ def secs(value: Any) -> str:
     return f"{days} d" + (f" {hours} h" if hours else "")
 
 
+def _scaled(value: Any, factor: float, unit: str) -> str:
+    v = _finite(value)
+    return "-" if v is None else f"{v * factor:.0f} {unit}"
+
+
 def ratio_pct(value: Any) -> str:
     """A 0-1 ratio as a percentage."""
-    v = _finite(value)
-    return "-" if v is None else f"{v * 100:.0f} %"
+    return _scaled(value, 100, "%")
 
 
 def pct(value: Any) -> str:
     """A value that already is a percentage."""
-    v = _finite(value)
-    return "-" if v is None else f"{v:.0f} %"
+    return _scaled(value, 1, "%")
 
 
 def ms(seconds: Any) -> str:
-    v = _finite(seconds)
-    return "-" if v is None else f"{v * 1000:.0f} ms"
-
-
-def gb(nbytes: Any) -> str:
-    v = _finite(nbytes)
-    return "-" if v is None else f"{num(v / 1e9)} GB"
+    return _scaled(seconds, 1000, "ms")
 
 
 def mb(nbytes: Any) -> str:
+    return _scaled(nbytes, 1e-6, "MB")
+
+
+def gb(nbytes: Any) -> str:
+    """Gigabytes keep a decimal: 0.5 GB of host memory is worth telling from 0."""
     v = _finite(nbytes)
-    return "-" if v is None else f"{v / 1e6:.0f} MB"
+    return "-" if v is None else f"{num(v / 1e9)} GB"
 
 
 def plain(value: Any) -> str:

@@ -131,14 +131,18 @@ class AgentProcess:
 
     def kill(self) -> None:
         """Stop the process if still running and release its pipe (always call, e.g. in finally)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self._reader.join(timeout=5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        if self.proc is not None:
+            reap(self.proc, self._reader)
+
+
+def reap(proc: subprocess.Popen[str], reader: threading.Thread) -> None:
+    """Kill `proc` if it still runs, let its stdout reader finish, close the pipe."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+    reader.join(timeout=5)
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 async def run_cli(*args: str, env: dict[str, str] | None = None, timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:

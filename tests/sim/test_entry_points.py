@@ -14,7 +14,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.harness import REPO, until
+from tests.harness import REPO, reap, until
 
 
 class Launched:
@@ -48,12 +48,7 @@ class Launched:
         return self.proc.returncode
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self._reader.join(timeout=5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        reap(self.proc, self._reader)
 
 
 @pytest.fixture
