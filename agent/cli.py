@@ -1,27 +1,41 @@
-"""The command line (SPEC §2). The only place that chooses exit codes:
-0 clean stop, 2 bad config or usage, 1 anything unexpected."""
+"""The command line (SPEC §2). The only place that chooses exit codes: 0 ok, 2 bad
+config or usage (the message names the flag or field and the value), 1 anything else.
+
+`status`, `drain` and `resume` only talk HTTP to a running agent: they import the
+standard library and nothing else (no config model, no aiohttp), so they start fast and
+keep working when the config file is broken. No traceback reaches a user: every
+failure is one line on stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
+import math
+import os
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-from agent.config import AgentConfig, ConfigError, load_config
+from agent import __version__
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+MAX_REASON_CHARS = 200  # what POST /drain accepts (service/app.py)
+MAX_TIMEOUT_S = 86_400
+DEFAULT_DRAIN_TIMEOUT_S = 300.0
+STATUS_TIMEOUT_S = 5.0
 
-log = logging.getLogger("agent.cli")
+
+class UsageError(Exception):
+    """Bad usage; the message names the flag and the value. Exit 2."""
+
+
+class CommandFailed(Exception):
+    """The command could not do its job; the message says why and what to do. Exit 1."""
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2 too; keep the message on stderr
+    def error(self, message: str) -> None:  # argparse's own errors: exit 2, message on stderr
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
@@ -29,6 +43,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gpu-node-agent", description="GPU node lifecycle, readiness and metrics agent")
+    parser.add_argument("--version", action="version", version=f"gpu-node-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("--config", type=Path)
@@ -37,48 +52,89 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("status", "ask the local agent what it is doing"),
                        ("drain", "admin drain"), ("resume", "end an admin drain")):
         cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("--url", help="agent URL (default http://127.0.0.1:<service.port>)")
-        cmd.add_argument("--config", type=Path)
-        if name == "status":
-            cmd.add_argument("--json", action="store_true", help="print the raw /status JSON")
+        cmd.add_argument("--url", help="agent address: HOST:PORT or http(s)://HOST:PORT "
+                                       "(default: 127.0.0.1 and service.port of the local config, else 8095)")
+        cmd.add_argument("--config", type=Path, help="read service.port/host from this file")
+        cmd.add_argument("--json", action="store_true", help="print the agent's JSON answer (for machines)")
         if name == "drain":
-            cmd.add_argument("--reason", default="admin drain (cli)")
+            cmd.add_argument("--reason", default="admin drain (cli)", help="shown in /status and the logs")
             cmd.add_argument("--wait", action="store_true", help="block until in-flight work is done")
-            cmd.add_argument("--timeout", type=float, default=300.0, help="seconds to wait with --wait")
+            cmd.add_argument("--timeout", type=float, metavar="S",
+                             help=f"seconds to wait with --wait (default {DEFAULT_DRAIN_TIMEOUT_S:g})")
     demo = sub.add_parser("demo", help="the whole lifecycle on embedded simulators")
-    demo.add_argument("--duration", type=float, default=45.0, help="seconds (default 45)")
+    demo.add_argument("--duration", type=float, default=45.0, metavar="S", help="seconds (default 45, at least 20)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    command = None
     try:
-        if args.command == "run":
-            return _run(_config(args.config))
-        if args.command == "check-config":
-            print(json.dumps(_config(args.config).redacted(), indent=2))
-            return EXIT_OK
-        if args.command == "demo":
-            from agent.demo import run_demo
-
-            return run_demo(args.duration)
-        return _client(args)
-    except ConfigError as exc:
-        print(f"gpu-node-agent: {exc}", file=sys.stderr)
+        args = build_parser().parse_args(argv)
+        command = args.command
+        code = _dispatch(args)
+        sys.stdout.flush()  # here, so a reader that went away is caught below, not at exit
+        return code
+    except UsageError as exc:
+        _say(str(exc))
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except CommandFailed as exc:
+        _say(str(exc))
+        return EXIT_ERROR
+    except BrokenPipeError:
+        # The reader went away (`status | head -2`): what it read is what it wanted.
+        _silence_stdout()
         return EXIT_OK
+    except KeyboardInterrupt:
+        if command in ("drain", "resume"):
+            _say("interrupted; whatever the agent was asked to do goes on: `gpu-node-agent status` to see it")
+            return EXIT_ERROR
+        return EXIT_OK
+    except Exception as exc:  # the last line of defence: one line, never a traceback
+        _say(f"unexpected error: {type(exc).__name__}: {exc}")
+        return EXIT_ERROR
 
 
-def _config(path: Path | None) -> AgentConfig:
-    return load_config(path)
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return _run(_config(args.config))
+    if args.command == "check-config":
+        print(json.dumps(_config(args.config).redacted(), indent=2))
+        return EXIT_OK
+    if args.command == "demo":
+        return _demo(args.duration)
+    return _client(args)
 
 
-def _run(cfg: AgentConfig) -> int:
+def _say(message: str) -> None:
+    print(f"gpu-node-agent: {message}", file=sys.stderr, flush=True)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+# --- the daemon and the demo ------------------------------------------------------
+def _config(path: Path | None) -> Any:
+    from agent.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _run(cfg: Any) -> int:
+    import asyncio
+    import logging
+
     from agent.daemon import StartupError
     from agent.limits import raise_fd_limit
     from agent.logs import configure_logging, ensure_standard_fds, stop_logging
-
     from agent.signals import EarlySignals
 
     early = EarlySignals()
@@ -86,6 +142,7 @@ def _run(cfg: AgentConfig) -> int:
     ensure_standard_fds()
     configure_logging(cfg.logging.level, cfg.logging.format.value)
     raise_fd_limit()
+    log = logging.getLogger("agent.cli")
     try:
         import uvloop
 
@@ -108,7 +165,9 @@ def _run(cfg: AgentConfig) -> int:
     return EXIT_OK
 
 
-async def _serve(cfg: AgentConfig, pending_signals: list[str]) -> None:
+async def _serve(cfg: Any, pending_signals: list[str]) -> None:
+    import asyncio
+
     from agent.daemon import Daemon
 
     daemon = Daemon(cfg)
@@ -116,50 +175,88 @@ async def _serve(cfg: AgentConfig, pending_signals: list[str]) -> None:
     await daemon.serve()
 
 
-# --- client commands -----------------------------------------------------------------
+def _demo(duration_s: float) -> int:
+    from agent.demo import MAX_DURATION_S, MIN_DURATION_S, run_demo
+
+    if not (math.isfinite(duration_s) and MIN_DURATION_S <= duration_s <= MAX_DURATION_S):
+        raise UsageError(f"--duration {duration_s:g}: the demo needs at least {MIN_DURATION_S:g} s "
+                         f"(and at most {MAX_DURATION_S:g} s)")
+    return run_demo(duration_s)
+
+
+# --- client commands: status, drain, resume -------------------------------------------
 def _client(args: argparse.Namespace) -> int:
-    url = args.url or f"http://127.0.0.1:{_config(args.config).service.port}"
-    url = url.rstrip("/")
-    if args.command == "status":
-        code, body = _http("GET", f"{url}/status", timeout_s=5)
-        if code != 200:
-            return _fail(code, body)
-        print(json.dumps(body, indent=2) if args.json else render_status(body))
-        return EXIT_OK
-    if args.command == "drain":
-        payload = {"reason": args.reason, "wait": args.wait, "timeout": args.timeout}
-        code, body = _http("POST", f"{url}/drain", payload, timeout_s=args.timeout + 10 if args.wait else 10)
-        print(json.dumps(body, indent=2))
-        return EXIT_OK if code in (200, 202) else _fail(code, body, quiet=True)
-    code, body = _http("POST", f"{url}/resume", {}, timeout_s=10)
-    print(json.dumps(body, indent=2))
-    return EXIT_OK if code == 200 else _fail(code, body, quiet=True)
+    from agent import admin_client
 
-
-def _http(method: str, url: str, payload: dict[str, Any] | None = None, *, timeout_s: float) -> tuple[int, Any]:
-    data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
+    payload = _drain_payload(args) if args.command == "drain" else None  # usage first, then any request
+    if args.url is not None:
         try:
-            return exc.code, json.loads(raw)
-        except ValueError:
-            return exc.code, {"error": raw.decode(errors="replace")[:500]}
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return 0, {"error": f"cannot reach the agent at {url}: {reason}"}
+            url = admin_client.normalise_url(args.url)
+        except admin_client.BadUrl as exc:
+            raise UsageError(f"--url {args.url!r}: {exc}; give HOST:PORT or http(s)://HOST:PORT") from None
+    else:
+        url, notes = admin_client.local_url(args.config)
+        if notes:
+            _say("; ".join(notes))
+    try:
+        if args.command == "status":
+            return _status(url, args.json)
+        return _admin(args, url, payload)
+    except admin_client.AgentUnreachable as exc:
+        raise CommandFailed(str(exc)) from None
 
 
-def _fail(code: int, body: Any, quiet: bool = False) -> int:
-    if not quiet:
-        print(f"gpu-node-agent: {body.get('error') if isinstance(body, dict) else body} (HTTP {code or 'n/a'})", file=sys.stderr)
-    return EXIT_ERROR
+def _drain_payload(args: argparse.Namespace) -> dict[str, Any]:
+    reason = args.reason.strip()
+    if not reason:
+        raise UsageError(f"--reason {args.reason!r}: give a reason (it is shown in /status and the logs)")
+    if len(reason) > MAX_REASON_CHARS:
+        raise UsageError(f"--reason is {len(reason)} characters long; the agent accepts at most {MAX_REASON_CHARS}")
+    if args.timeout is not None and not args.wait:
+        raise UsageError(f"--timeout {args.timeout:g} applies only with --wait (without it, drain returns at once)")
+    if not args.wait:
+        return {"reason": reason}
+    timeout_s = DEFAULT_DRAIN_TIMEOUT_S if args.timeout is None else args.timeout
+    if not (math.isfinite(timeout_s) and 0 < timeout_s <= MAX_TIMEOUT_S):
+        raise UsageError(f"--timeout {timeout_s:g}: give the seconds to wait, more than 0 and at most {MAX_TIMEOUT_S}")
+    return {"reason": reason, "wait": True, "timeout": timeout_s}
 
 
-def render_status(status: dict[str, Any]) -> str:
-    from agent.status_view import render
+def _status(url: str, as_json: bool) -> int:
+    from agent.admin_client import call
 
-    return render(status)
+    answer = call("GET", f"{url}/status", timeout_s=STATUS_TIMEOUT_S)
+    if answer.status != 200 or not isinstance(answer.body, dict) or "state" not in answer.body:
+        error = answer.field("error") or answer.text.strip()[:200]
+        raise CommandFailed(f"{url}/status answered HTTP {answer.status}{': ' + error if error else ''}; "
+                            "is --url the agent's address?")
+    if as_json:
+        print(json.dumps(answer.body, indent=2))
+    else:
+        from agent.status_view import render
+
+        print(render(answer.body))
+    return EXIT_OK
+
+
+def _admin(args: argparse.Namespace, url: str, payload: dict[str, Any] | None) -> int:
+    from agent.admin_client import call
+    from agent.admin_replies import drain_reply, resume_reply
+
+    if args.command == "drain":
+        assert payload is not None
+        wait_s = payload.get("timeout")
+        answer = call("POST", f"{url}/drain", payload, timeout_s=10 if wait_s is None else wait_s + 10)
+        reply = drain_reply(answer, payload["reason"], wait_s)
+    else:
+        answer = call("POST", f"{url}/resume", {}, timeout_s=10)
+        reply = resume_reply(answer)
+    if args.json:  # machines get the agent's answer whatever it says; people get the sentence
+        print(json.dumps(answer.body if answer.body is not None else {"http_status": answer.status, "text": answer.text}, indent=2))
+    elif reply.ok:
+        print(reply.text)
+    for warning in reply.warnings:
+        _say(f"warning: {warning}")
+    if not reply.ok:
+        raise CommandFailed(reply.text)
+    return EXIT_OK

@@ -4,6 +4,10 @@ A simulated vLLM (loading, then serving a traffic pattern), a load-balancer stan
 that sends traffic only while /readyz is 200, simulated GPUs, a simulated metadata
 server that issues a Spot preemption notice, and a local Cloud Monitoring sink. The
 real daemon runs on them in this process; the demo prints what changes and a summary.
+
+Timeline for a duration D: vLLM loads for 4 s; the preemption notice comes at D minus
+the notice budget (30 s, or D/2 for a demo shorter than a minute); power-off (the
+agent's SIGTERM) comes at D, so the demo takes D seconds of wall time.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import aiohttp
 
 from agent.config import load_config
 from agent.daemon import Daemon
+from agent.demo_summary import summary
 from agent.sim.metadata import FakeMetadataServer
 from agent.sim.monitoring import FakeMetricService
 from agent.sim.nvml import FakeNvml
@@ -28,15 +33,24 @@ from state_machine import State, Transition
 
 _STEP_S = 0.25
 _LOADING_S = 4.0
+MIN_DURATION_S = 20.0  # loading, a few seconds of traffic, one export round, a 10 s notice
+MAX_DURATION_S = 3600.0
+_SPOT_NOTICE_S = 30.0  # GCE Spot's default notice
+_SAFETY_MARGIN_S = 2.0
+_KV_CACHE_BYTES = 24e9  # what the two simulated 24 GB GPUs keep for vLLM's KV cache (configured: vLLM exports no size)
 
 
 class Demo:
     def __init__(self, duration_s: float, out: TextIO) -> None:
-        self.duration_s = max(20.0, duration_s)
-        self.preempt_at_s = self.duration_s * 0.55
+        if not MIN_DURATION_S <= duration_s <= MAX_DURATION_S:
+            raise ValueError(f"duration_s must be between {MIN_DURATION_S:g} and {MAX_DURATION_S:g}, not {duration_s:g}")
+        self.duration_s = duration_s
+        self.notice_budget_s = min(_SPOT_NOTICE_S, duration_s / 2)
+        self.preempt_at_s = duration_s - self.notice_budget_s
         self.out = out
         self.t0 = time.monotonic()
-        self.live = TrafficPattern(seed=7, base_rps=2.0, peak_rps=10.0, period_s=self.duration_s, burst_start_s=self.duration_s * 0.35, burst_s=4.0, burst_rps=20.0)
+        burst_start_s = max(_LOADING_S + 1, self.preempt_at_s - 6)
+        self.live = TrafficPattern(seed=7, base_rps=2.0, peak_rps=10.0, period_s=duration_s, burst_start_s=burst_start_s, burst_s=4.0, burst_rps=20.0)
         self.closed = TrafficPattern(seed=7, base_rps=0.0, peak_rps=0.0, burst_rps=0.0)
         self.vllm = FakeVllm(engines=2, traffic=self.closed)
         self.metadata = FakeMetadataServer()
@@ -44,10 +58,13 @@ class Demo:
         self.pushes_seen = 0
         self.nvml = FakeNvml(count=2)  # one GPU per engine
         self.nvml.set_all(memory_used_bytes=int(0.9 * self.nvml.gpus[0].memory_total_bytes))  # vLLM preallocates
-        self.ready_seen = 0
         self.lb_admitting = False
         self.admitted_while_not_ready = 0
         self.lb_polls = 0
+        self.notice_at_mono: float | None = None
+        self.drain_started_mono: float | None = None
+        self.arrived_at_notice = 0
+        self.series_seen: set[str] = set()
 
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.t0:5.1f}s] {text}", file=self.out, flush=True)
@@ -93,6 +110,9 @@ class Demo:
                 "GPU_AGENT_EXPORT__ENDPOINT": self.sink.endpoint,
                 "GPU_AGENT_EXPORT__INSECURE": "true",
                 "GPU_AGENT_EXPORT__INTERVAL_S": "10",
+                "GPU_AGENT_INFERENCE__KV_CACHE_CAPACITY_BYTES": str(_KV_CACHE_BYTES),
+                "GPU_AGENT_DRAIN__SAFETY_MARGIN_S": str(_SAFETY_MARGIN_S),
+                "GPU_AGENT_PREEMPTION__NOTICE_BUDGET_S": str(self.notice_budget_s),
                 "GPU_AGENT_PREEMPTION__ENABLED": "true",
                 "GPU_AGENT_PREEMPTION__METADATA_HOST": self.metadata.address,
                 "GPU_AGENT_PREEMPTION__WATCH_TIMEOUT_S": "5",
@@ -109,31 +129,44 @@ class Demo:
     async def _drive(self, daemon: Daemon, http: aiohttp.ClientSession, serving: asyncio.Task[None]) -> None:
         readyz = f"http://127.0.0.1:{daemon.bound_port}/readyz"
         next_report = 0.0
-        preempted = False
+        signalled = False
         while not serving.done():
             elapsed = time.monotonic() - self.t0
             if elapsed >= _LOADING_S and self.vllm._runner is None:  # private: the demo owns the fake
                 await self.vllm.accept()
+                # The metrics probe backed off while vLLM refused (up to 30 s): without this
+                # poke the first good scrape can come after the notice. The daemon should do
+                # it itself when /health recovers (asked of agent/daemon.py's owner).
+                daemon._refresh_in_flight()
                 self.say("vLLM finished loading: /health answers 200")
             await self._load_balancer(http, readyz)
             if self.vllm._runner is not None:
+                arrived = self.vllm.arrived_total
                 self.vllm.simulate_step(_STEP_S)
+                if self.lb_admitting and daemon.lifecycle.state is not State.READY:  # the LB's view lags /readyz
+                    self.admitted_while_not_ready += self.vllm.arrived_total - arrived
             self._gpus_follow_load()
-            if not preempted and elapsed >= self.preempt_at_s:
-                preempted = True
-                self.say("!! metadata server: instance/preempted = TRUE (Spot preemption, 30 s to power-off)")
-                await self.metadata.set("instance/preempted", "TRUE")
+            if self.notice_at_mono is None and elapsed >= self.preempt_at_s:
+                await self._preempt()
             self._show_pushes()
-            if daemon.lifecycle.state is State.TERMINATED and not daemon._stop_requested.is_set():
-                self.say("node TERMINATED; the agent keeps answering 503 until its own SIGTERM: sending it now")
-                daemon.on_stop_signal("SIGTERM (demo)")
+            if not signalled and elapsed >= self.duration_s:
+                signalled = True
+                self.say(f"power-off: the {self.notice_budget_s:g} s notice is over; systemd sends the agent SIGTERM")
+                daemon.on_stop_signal("SIGTERM (demo power-off)")
             if elapsed >= next_report:
                 next_report = elapsed + 2.0
                 self.say(self._figures(daemon))
-            if elapsed > self.duration_s + 20:
+            if elapsed > self.duration_s + 20:  # the agent should long be gone: skip its waiting
                 daemon.on_stop_signal("SIGTERM (demo overtime)")
                 daemon.on_stop_signal("SIGTERM (demo overtime)")
             await asyncio.sleep(_STEP_S)
+
+    async def _preempt(self) -> None:
+        self.notice_at_mono = time.monotonic()
+        self.arrived_at_notice = self.vllm.arrived_total
+        real = "" if self.notice_budget_s == _SPOT_NOTICE_S else f"; GCE gives {_SPOT_NOTICE_S:g} s, shortened to fit the demo"
+        self.say(f"!! metadata server: instance/preempted = TRUE (Spot preemption: power-off in {self.notice_budget_s:g} s{real})")
+        await self.metadata.set("instance/preempted", "TRUE")
 
     async def _load_balancer(self, http: aiohttp.ClientSession, readyz: str) -> None:
         """Polls /readyz like a real LB health check and sends traffic only while 200."""
@@ -149,7 +182,8 @@ class Demo:
         self.vllm.traffic = self.live if admit else self.closed
 
     def _show_pushes(self) -> None:
-        """Print each CreateTimeSeries the sink accepted, as what would reach Cloud Monitoring."""
+        """Print each CreateTimeSeries the sink accepted, as what would reach Cloud Monitoring
+        (the latest point of every series; agent/state only for the current state)."""
         calls = [c for c in self.sink.calls_of("CreateTimeSeries") if c.code == "OK"]
         if len(calls) == self.pushes_seen:
             return
@@ -157,12 +191,12 @@ class Demo:
         latest = {}
         for point in self.sink.points:
             latest[point.key] = point
-        shown = sorted(latest.values(), key=lambda p: (p.metric_type, sorted(p.metric_labels.items())))
+            self.series_seen.add(point.metric_type.removeprefix("custom.googleapis.com/"))
+        shown = [p for p in latest.values() if not (p.metric_type.endswith("agent/state") and p.value == 0)]
+        shown.sort(key=lambda p: (p.metric_type, sorted(p.metric_labels.items())))
         self.say(f"pushed to Cloud Monitoring (local sink), request {len(calls)}: {len(shown)} series on {shown[0].resource_type if shown else '-'}")
         for point in shown:
             labels = ",".join(f"{k}={v}" for k, v in sorted(point.metric_labels.items()))
-            if point.metric_type.endswith("agent/state") and point.value == 0:
-                continue
             print(f"          {point.metric_type.removeprefix('custom.googleapis.com/')}{'{' + labels + '}' if labels else ''} = {point.value:g}", file=self.out)
 
     def _gpus_follow_load(self) -> None:
@@ -171,7 +205,11 @@ class Demo:
             self.nvml.set(index, utilization_percent=busy, temperature_c=38 + busy // 3, power_mw=16_000 + busy * 500)
 
     def _on_transition(self, transition: Transition) -> None:
+        if transition.to_state is State.DRAINING and self.drain_started_mono is None:
+            self.drain_started_mono = time.monotonic()
         self.say(f"STATE {transition.from_state.value} -> {transition.to_state.value}  reason={transition.reason}  {transition.detail}")
+        if transition.to_state is State.TERMINATED:
+            self.say(f"the agent keeps answering /readyz 503 until its SIGTERM at power-off ({self.duration_s:g} s)")
 
     def _figures(self, daemon: Daemon) -> str:
         vllm = daemon.snapshot.value("vllm")
@@ -189,35 +227,32 @@ class Demo:
         )
 
 
-def _summary(status: dict[str, Any], demo: Demo) -> str:
-    report = status.get("termination_report") or {}
-    lines = [
-        "",
-        "summary",
-        "  transitions: " + " -> ".join([status["history"][0]["from"]] + [t["to"] for t in status["history"]]),
-        f"  final state: {status['state']} ({status['reason']})",
-        f"  termination report: reason={report.get('reason')} outcome={report.get('outcome')} "
-        f"in-flight at notice={report.get('in_flight_at_notice')} completed={report.get('completed')} "
-        f"aborted={report.get('aborted')} drain={report.get('drain_s')}s",
-        f"  load balancer polls: {demo.lb_polls}; requests admitted while not ready: {demo.admitted_while_not_ready}",
-        f"  export: {status['exporter'].get('points_written')} points written in "
-        f"{len([c for c in demo.sink.calls_of('CreateTimeSeries') if c.code == 'OK'])} requests; "
-        f"termination report in the sink: {'yes' if any(p.metric_type.endswith('termination/count') for p in demo.sink.points) else 'no'}",
-    ]
-    return "\n".join(lines)
+class _DemoLog(logging.Handler):
+    """The agent's warnings as demo lines (timestamped like the rest), not raw stderr."""
+
+    _PLAIN = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
+
+    def __init__(self, demo: Demo) -> None:
+        super().__init__(logging.WARNING)
+        self.demo = demo
+
+    def emit(self, record: logging.LogRecord) -> None:
+        extras = [f"{k}={v}" for k, v in record.__dict__.items() if k not in self._PLAIN and isinstance(v, (str, int, float))]
+        self.demo.say(f"agent {record.levelname.lower()} ({record.name}): {record.getMessage()}" + (f" [{', '.join(extras)}]" if extras else ""))
 
 
 def run_demo(duration_s: float) -> int:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("transitions").setLevel(logging.WARNING)
-    logging.getLogger("probes.base").setLevel(logging.ERROR)  # vLLM refusing while it loads is the story, not a warning
     demo = Demo(duration_s, sys.stdout)
-    demo.say(f"gpu-node-agent demo: {demo.duration_s:.0f} s on simulators (no GPU, no cloud)")
+    root = logging.getLogger()
+    root.handlers[:] = [_DemoLog(demo)]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("probes.base").setLevel(logging.ERROR)  # vLLM refusing while it loads is the story, not a warning
+    demo.say(f"gpu-node-agent demo: {demo.duration_s:g} s on simulators (no GPU, no cloud); preemption notice at {demo.preempt_at_s:g} s")
     try:
         import uvloop
 
         status = uvloop.run(demo.run())
     except ImportError:
         status = asyncio.run(demo.run())
-    print(_summary(status, demo))
+    print(summary(status, demo))
     return 0

@@ -1,120 +1,134 @@
-"""`gpu-node-agent status`: the /status document as an SRE reads it at a glance."""
+"""`gpu-node-agent status`: the /status document as an SRE reads it at 3 a.m.
+
+A headline (what state, why, for how long, what next), the warnings that need a
+person, the readings in one aligned column (<= 100 columns, a unit on every number),
+the termination report, the last transitions. Standard library only; every key is
+read with .get, so an older agent's document renders too.
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Any
+
+from agent.status_readings import reading_rows
+from agent.status_warnings import warnings
+from agent.units import bullet, count, fit, row, secs
+
+_GOING_AWAY = "nothing to do, the node is going away"
+_NEXT_BY_REASON = {
+    "preemption": _GOING_AWAY,
+    "maintenance": _GOING_AWAY,
+    "gpu_fault": "the node is going away (GPU fault, see the warnings)",
+    "idle": "idle watchdog: the node is going away",
+    "signal": "nothing to do, the agent exits once the node is empty",
+}
+_HISTORY = 5
 
 
 def render(status: dict[str, Any]) -> str:
-    lines = [
-        f"state      {status['state']}  ({status['reason']}, for {_dur(status.get('seconds_in_state'))}, since {status['since']})",
-        f"ready      {'yes' if status.get('ready') else 'no'}    agent {status.get('version')} pid {status.get('pid')} up {_dur(status.get('uptime_s'))}",
-    ]
-    drain = status.get("drain")
-    if drain:
-        progress = drain.get("progress") or {}
-        lines.append(
-            f"drain      {drain['reason']}{' (drained)' if drain.get('drained') else ''}: {drain.get('detail') or '-'}; "
-            f"deadline in {_dur(drain.get('deadline_in_s'))}; phase {progress.get('phase', '-')}, "
-            f"in flight {_num(progress.get('in_flight_now'))} (at notice {_num(progress.get('in_flight_at_notice'))}), "
-            f"completed {_num(progress.get('completed'))}, aborted {_num(progress.get('aborted'))}"
-        )
-    readings = status.get("readings", {})
-    lines.extend(_reading_lines(readings))
-    broken = [name for name, task in status.get("tasks", {}).items() if task.get("last_error")]
-    if broken:
-        lines.append("tasks      restarted: " + ", ".join(f"{n} ({status['tasks'][n]['last_error']})" for n in broken))
-    for extra in ("autoscaling", "exporter", "preemption"):
-        if status.get(extra):
-            lines.append(f"{extra:<10} {_compact(status[extra])}")
-    history = status.get("history", [])[-5:]
-    if history:
-        lines.append("history")
-        lines.extend(f"  {t['at']}  {t['from']} -> {t['to']}  {t['reason']} ({t['source']}) {t.get('detail') or ''}" for t in history)
+    found = warnings(status)
+    lines = [fit(headline(status, len(found)))]
+    if found:
+        lines += ["", f"warnings ({len(found)})"]
+        for text in found:
+            lines += bullet(text)
+    lines.append("")
+    lines += reading_rows(status)
+    lines += _report(status.get("termination_report"))
+    lines += _history(status.get("history") or [])
     return "\n".join(lines)
 
 
-def _reading_lines(readings: dict[str, Any]) -> list[str]:
-    lines = []
-    health = readings.get("inference")
-    if health:
-        value = health.get("value") or {}
-        lines.append(f"inference  {value.get('code', '-')}: {value.get('detail', health.get('error') or '-')}{_age(health)}")
-    vllm = readings.get("vllm")
-    if vllm:
-        v = vllm.get("value")
-        if v:
-            lines.append(
-                f"vllm       waiting {_num(v.get('requests_waiting'))} running {_num(v.get('requests_running'))} "
-                f"kv {_pct(v.get('kv_cache_usage_ratio'))} gen {_num(v.get('generation_tokens_per_s'))} tok/s "
-                f"ttft p95 {_ms((v.get('ttft_s') or {}).get('p95'))} tpot p95 {_ms((v.get('tpot_s') or {}).get('p95'))} "
-                f"goodput {_pct(v.get('goodput_ratio'))}{_age(vllm)}"
-            )
-        else:
-            lines.append(f"vllm       no data: {vllm.get('error') or 'not scraped yet'}{_age(vllm)}")
-    gpu = readings.get("gpu")
-    if gpu and gpu.get("value"):
-        g = gpu["value"]
-        lines.append(
-            f"gpus       {g.get('gpu_count', 0)} ({g.get('status', '-')}{': ' + g['detail'] if g.get('detail') else ''}) "
-            f"util {_num(g.get('utilization_percent_mean'))}% mem {_gb(g.get('memory_used_bytes_total'))}/{_gb(g.get('memory_total_bytes_total'))} GB{_age(gpu)}"
-        )
-        for info in g.get("gpus", []):
-            lines.append(
-                f"  gpu{info.get('index')} util {_num(info.get('utilization_percent'))}% mem {_gb(info.get('memory_used_bytes'))} GB "
-                f"{_num(info.get('temperature_c'))}C {_num(info.get('power_w'))}W{' LOST' if info.get('lost') else ''}"
-            )
-    host = readings.get("host")
-    if host and host.get("value"):
-        h = host["value"]
-        lines.append(
-            f"host       cpu {_num(h.get('cpu_percent'))}% mem {_gb(h.get('memory_used_bytes'))}/{_gb(h.get('memory_total_bytes'))} GB "
-            f"agent rss {_mb(h.get('agent_rss_bytes'))} MB vllm rss {_mb(h.get('inference_rss_bytes'))} MB{_age(host)}"
-        )
-    for key in sorted(k for k in readings if k.startswith("metadata")):
-        r = readings[key]
-        lines.append(f"{key:<10} {_compact(r.get('value'))}{_age(r)}")
+def headline(status: dict[str, Any], n_warnings: int = 0) -> str:
+    state = str(status.get("state") or "UNKNOWN")
+    since = f"for {secs(status.get('seconds_in_state'))}"
+    reason = status.get("reason") or "-"
+    drain = status.get("drain") or {}
+    if state == "DRAINING" and drain:
+        return _draining(status, drain, since)
+    if state == "TERMINATED":
+        report = status.get("termination_report") or {}
+        why = drain.get("reason") or str(reason).removesuffix("_drained")
+        outcome = f", {report['outcome']}" if report.get("outcome") else ""
+        return f"TERMINATED ({why}{outcome}) {since} - {_terminated_next(status, why)}"
+    if state == "READY":
+        todo = f"see the {n_warnings} warning(s) below" if n_warnings else "nothing to do"
+        return f"READY {since}, {_in_flight_now(status, drain)} - serving; {todo}"
+    if state == "WARMING":
+        return f"WARMING ({reason}) {since} - {_warming_next(status)}"
+    return f"{state} ({reason}) {since} - starting up"
+
+
+def _draining(status: dict[str, Any], drain: dict[str, Any], since: str) -> str:
+    reason = drain.get("reason") or "-"
+    in_flight = _in_flight_now(status, drain)
+    if reason == "admin":
+        if drain.get("drained"):
+            return f"DRAINING (admin, drained) {since} - out of rotation; `gpu-node-agent resume` to serve again"
+        return f"DRAINING (admin) {since}, {in_flight} - waiting for them; `gpu-node-agent resume` to undo"
+    left = f", {secs(drain.get('deadline_in_s'))} left" if drain.get("terminal") else ""
+    return f"DRAINING ({reason}) {since}{left}, {in_flight} - {_NEXT_BY_REASON.get(reason, _GOING_AWAY)}"
+
+
+def _in_flight_now(status: dict[str, Any], drain: dict[str, Any]) -> str:
+    progress = drain.get("progress") or {}
+    if progress.get("in_flight_now") is not None:
+        return f"{count(progress['in_flight_now'])} in flight"
+    vllm = (status.get("readings") or {}).get("vllm") or {}
+    if vllm.get("value") and not vllm.get("stale"):
+        return f"{count(vllm['value'].get('in_flight'))} in flight"
+    return "in flight unknown"
+
+
+def _warming_next(status: dict[str, Any]) -> str:
+    held_by = (status.get("readiness") or {}).get("held_by")
+    health = ((status.get("readings") or {}).get("inference") or {}).get("value") or {}
+    if held_by:
+        return f"vLLM is healthy; readiness held: {held_by}"
+    if health.get("ok"):
+        after = (status.get("readiness") or {}).get("ready_after")
+        return f"vLLM is healthy; READY after {count(after) if after else 'a few'} checks in a row"
+    if health.get("code") == "refused":
+        return "vLLM is not listening yet (loading its model?); check vLLM if it lasts"
+    detail = str(health.get("detail") or health.get("code") or "no health check yet")
+    said = f"vLLM {detail}" if detail.startswith("/") else f"vLLM /health: {detail}"
+    return f"{said}; check vLLM (journalctl -u vllm)"
+
+
+def _terminated_next(status: dict[str, Any], why: str) -> str:
+    if why == "idle":
+        result = (status.get("idle") or {}).get("action_result") or {}
+        if result:
+            return "the idle action ran" if result.get("returncode") == 0 else "the idle action failed (see the warnings)"
+    if why == "signal":
+        return "the agent is exiting"
+    return _GOING_AWAY
+
+
+def _report(report: dict[str, Any] | None) -> list[str]:
+    if not report:
+        return []
+    reason = report.get("reason")
+    notice = report.get("in_flight_at_notice")
+    finished = report.get("finished_at_wall")
+    at = time.strftime(", finished %H:%M:%SZ", time.gmtime(finished)) if isinstance(finished, (int, float)) else ""
+    lines = ["", "drain report (admin drains do not terminate)" if reason == "admin" else "termination report"]
+    lines += bullet(f"{reason} drain, {report.get('outcome')} after {secs(report.get('drain_s'))}{at}", mark="-")
+    lines += bullet(f"requests: {count(notice) if notice is not None else 'unknown'} in flight at the notice, "
+                    f"{count(report.get('completed'))} completed, {count(report.get('aborted'))} aborted", mark="-")
+    if report.get("detail"):
+        lines += bullet(f"why: {report['detail']}", mark="-")
     return lines
 
 
-def _age(reading: dict[str, Any]) -> str:
-    age = reading.get("age_s")
-    text = f"  [{'STALE ' if reading.get('stale') else ''}{'never' if age is None else f'{age:.1f}s ago'}]"
-    if reading.get("error"):
-        text += f" last error: {reading['error']}"
-    return text
-
-
-def _compact(value: Any) -> str:
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={_compact(v)}" for k, v in value.items() if v not in (None, [], {}))
-    return str(value)
-
-
-def _num(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
-
-
-def _pct(value: Any) -> str:
-    return "-" if value is None else f"{value * 100:.0f}%"
-
-
-def _ms(value: Any) -> str:
-    return "-" if value is None else f"{value * 1000:.0f}ms"
-
-
-def _gb(value: Any) -> str:
-    return "-" if value is None else f"{value / 1e9:.1f}"
-
-
-def _mb(value: Any) -> str:
-    return "-" if value is None else f"{value / 1e6:.0f}"
-
-
-def _dur(value: Any) -> str:
-    if value is None:
-        return "-"
-    value = float(value)
-    return f"{value:.1f}s" if value < 120 else f"{value / 60:.1f}m" if value < 7200 else f"{value / 3600:.1f}h"
+def _history(history: list[dict[str, Any]]) -> list[str]:
+    if not history:
+        return []
+    shown = history[-_HISTORY:]
+    lines = ["", f"history (last {len(shown)} of {len(history)})"]
+    for t in shown:
+        change = f"{t.get('from')} -> {t.get('to')}"
+        detail = f": {t['detail']}" if t.get("detail") else ""
+        lines += bullet(f"{t.get('at')}  {change:<22} {t.get('reason')} ({t.get('source')}){detail}", mark="")
+    return lines

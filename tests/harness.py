@@ -140,14 +140,37 @@ class AgentProcess:
 
     def kill(self) -> None:
         """Stop the process if still running and release its pipe (always call, e.g. in finally)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self._reader.join(timeout=5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        if self.proc is not None:
+            reap(self.proc, self._reader)
+
+
+def reap(proc: subprocess.Popen[str], reader: threading.Thread) -> None:
+    """Kill `proc` if it still runs, let its stdout reader finish, close the pipe."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+    reader.join(timeout=5)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None, timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """`gpu-node-agent ARGS` as a user runs it: a subprocess (the test's loop keeps serving
+    the fakes meanwhile), with its exit code, stdout and stderr; no GPU_AGENT_ variables
+    leak in from the test's environment."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GPU_AGENT_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", *args, cwd=REPO, env={**base, **(env or {})},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(timeout_s):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"gpu-node-agent {' '.join(args)} did not finish within {timeout_s}s") from None
+    return subprocess.CompletedProcess(list(args), proc.returncode, out.decode(), err.decode())
 
 
 async def get_json(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:

@@ -218,3 +218,9 @@ class FakeMetadataServer:
 
 def _gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
+
+
+if __name__ == "__main__":  # python -m agent.sim.metadata: the fake on its own, to try the agent by hand
+    from agent.sim.launcher import metadata_main
+
+    raise SystemExit(metadata_main())

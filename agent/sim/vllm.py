@@ -56,6 +56,16 @@ class RecordedRequest:
     headers: dict[str, str]
 
 
+@dataclass(frozen=True, slots=True)
+class ServedMetrics:
+    """What one /metrics answer said, with how many requests had arrived by then
+    (the demo reconciles the agent's drain report against it)."""
+
+    at_mono: float
+    arrived_total: int
+    in_flight: int
+
+
 class _VllmMetrics:
     """vLLM's families on a private registry; V1 (model_name + engine) or V0 (model_name)."""
 
@@ -184,6 +194,8 @@ class FakeVllm:
         self.ttft_s, self.tpot_s, self.completion_tokens = 0.02, 0.002, 16
         self.sleeping = False
         self.requests: deque[RecordedRequest] = deque(maxlen=10_000)
+        self.arrived_total = 0  # requests that reached the server (simulated or real completions)
+        self.served_metrics: deque[ServedMetrics] = deque(maxlen=10_000)
         self.traffic = traffic or TrafficPattern()
         self.port = 0
         self._served = [0] * engines
@@ -276,6 +288,8 @@ class FakeVllm:
             if m.sleep is not None:
                 for state, value in (("awake", 0 if self.sleeping else 1), ("weights_offloaded", 1 if self.sleeping else 0), ("discard_all", 0)):
                     m.sleep.labels(*key, state).set(value)
+        in_flight = sum(self.running) + sum(self.waiting) + sum(self._served)
+        self.served_metrics.append(ServedMetrics(time.monotonic(), self.arrived_total, in_flight))
         return generate_latest(m.registry)
 
     def _new_metrics(self) -> _VllmMetrics:
@@ -305,6 +319,7 @@ class FakeVllm:
         """
         p = self.traffic
         for _ in range(p.arrivals(self._sim_t, dt)):
+            self.arrived_total += 1
             e = min(range(self.engines), key=lambda i: len(self._queues[i]) + len(self._active[i]))
             prompt = max(1, int(p.rng.expovariate(1 / p.mean_prompt_tokens)))
             self._queues[e].append(_Seq(self._sim_t, prompt, max(2, int(p.rng.expovariate(1 / p.mean_output_tokens)))))
@@ -389,6 +404,7 @@ class FakeVllm:
         prompt = body.get("prompt") or " ".join(str(m.get("content", "")) for m in body.get("messages", []))
         prompt_tokens = max(1, len(str(prompt).split()))
         engine, self._next_engine = self._next_engine, (self._next_engine + 1) % self.engines
+        self.arrived_total += 1
         reason = "length" if tokens == max_tokens else "stop"
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -429,3 +445,9 @@ class FakeVllm:
 
 def _error(status: int, kind: str, message: str) -> web.Response:
     return web.json_response({"object": "error", "message": message, "type": kind, "param": None, "code": status}, status=status)
+
+
+if __name__ == "__main__":  # python -m agent.sim.vllm: the fake on its own, to try the agent by hand
+    from agent.sim.launcher import vllm_main
+
+    raise SystemExit(vllm_main())

@@ -1,11 +1,11 @@
 """Shared helpers for the deploy tests: paths, manifest loading, the provisioning
-module, and required external tools (a missing tool fails the test, loudly)."""
+module, and test-only Python modules (a missing one fails the test, loudly; a missing
+system tool skips it, see tests/tools.py)."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -35,14 +35,6 @@ SPEC_METRIC_TYPES = frozenset(
         "agent/state",
     )
 )
-
-
-def require_tool(name: str, apt_package: str) -> str:
-    """The tool's path; fails the test (never skips) when it is not installed."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed; it is required by this test (apt-get install {apt_package})", pytrace=False)
-    return path
 
 
 def require_module(name: str, pip_name: str) -> ModuleType:

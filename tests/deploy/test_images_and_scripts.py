@@ -11,7 +11,8 @@ import tomllib
 import pytest
 
 from agent.config import load_config
-from tests.deploy.support import GCE, GKE, REPO, container, load_provision, require_tool
+from tests.deploy.support import GCE, GKE, REPO, container, load_provision
+from tests.tools import require_tool
 
 DOCKERFILE = GKE / "Dockerfile"
 

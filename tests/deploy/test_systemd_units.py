@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.support import GCE, require_tool
+from tests.deploy.support import GCE
+from tests.tools import require_tool
 
 UNITS = {"gpu-node-agent.service": "/opt/gpu-node-agent/venv/bin/gpu-node-agent", "vllm.service": "/opt/vllm/venv/bin/vllm"}
 
