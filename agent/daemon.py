@@ -336,7 +336,7 @@ class Daemon:
             kv_cache_capacity_bytes=inference.kv_cache_capacity_bytes,
             kv_cache_bytes_per_token=inference.kv_cache_bytes_per_token,
         )
-        self._add_probe(supervisor, health, on_sample=self.readiness.on_health, critical=True)
+        self._add_probe(supervisor, health, on_sample=self._on_health, critical=True)
         self._add_probe(supervisor, vllm)
         host = HostProbe(
             interval_s=self.cfg.host.poll_interval_s, pid_file=inference.pid_file, process_name=inference.process_name
@@ -419,6 +419,14 @@ class Daemon:
         if "instance/preempted" in watch.watchers and self.snapshot.value("metadata.preempted", fresh=False) is None:
             return "instance/preempted not read yet"
         return None
+
+    def _on_health(self, reading: Any, error: str | None) -> None:
+        self.readiness.on_health(reading, error)
+        vllm = self._runners.get("vllm")
+        if reading is not None and reading.ok and vllm is not None and vllm.consecutive_failures:
+            # vLLM answers again (a model load can take minutes): the metrics probe may be
+            # 30 s into its backoff; read the queue now, not after READY has been for a while.
+            vllm.poll_now()
 
     async def _refresh_in_flight(self) -> None:
         runner = self._runners.get("vllm")

@@ -134,10 +134,6 @@ class Demo:
             elapsed = time.monotonic() - self.t0
             if elapsed >= _LOADING_S and self.vllm._runner is None:  # private: the demo owns the fake
                 await self.vllm.accept()
-                # The metrics probe backed off while vLLM refused (up to 30 s): without this
-                # poke the first good scrape can come after the notice. The daemon should do
-                # it itself when /health recovers (asked of agent/daemon.py's owner).
-                daemon._refresh_in_flight()
                 self.say("vLLM finished loading: /health answers 200")
             await self._load_balancer(http, readyz)
             if self.vllm._runner is not None:

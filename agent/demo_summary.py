@@ -45,23 +45,25 @@ def _whole(value: Any) -> str:
 
 def _requests(report: dict[str, Any], demo: Demo) -> list[str]:
     """Why completed + aborted can exceed the in-flight count at the notice: requests that
-    arrived after the agent's last vLLM reading. Counted from the simulator, so the sum checks."""
+    arrived after the agent's reading at the notice (until the load balancer saw /readyz
+    503). Counted from the simulator, so the sum checks."""
     notice, completed, aborted = report.get("in_flight_at_notice"), report.get("completed"), report.get("aborted")
-    if notice is None or completed is None or aborted is None or demo.drain_started_mono is None:
+    started = demo.drain_started_mono
+    if notice is None or completed is None or aborted is None or started is None:
         return ["  requests: the agent had no fresh in-flight count at the notice"]
-    served = [m for m in demo.vllm.served_metrics if m.at_mono <= demo.drain_started_mono and m.in_flight == round(notice)]
+    # The drain reads vLLM itself right after the notice: the answer nearest to it that says as much.
+    served = [m for m in demo.vllm.served_metrics if abs(m.at_mono - started) < 2.0 and m.in_flight == round(notice)]
     if not served:
         return ["  requests: the agent's count at the notice matches no answer the simulated vLLM gave"]
-    before = demo.arrived_at_notice - served[-1].arrived_total
-    after = demo.vllm.arrived_total - demo.arrived_at_notice
-    expected, counted = round(notice) + before + after, round(completed) + round(aborted)
+    reading = min(served, key=lambda m: abs(m.at_mono - started))
+    after = demo.vllm.arrived_total - reading.arrived_total
+    expected, counted = round(notice) + after, round(completed) + round(aborted)
     parts = f"{round(completed)} completed + {round(aborted)} aborted"
     balance = f"= {parts}" if expected == counted else f"but the agent counted {parts} = {counted} ({counted - expected:+d})"
     if report.get("outcome") == "deadline" and aborted:
         balance += " (aborted: still running at the drain deadline)"
     return [
-        f"  requests: {round(notice)} in flight at the agent's last vLLM reading before the notice",
-        f"            + {before} that arrived between that reading and the notice",
+        f"  requests: {round(notice)} in flight at the agent's own vLLM reading at the notice",
         f"            + {after} that arrived after it, before the load balancer saw /readyz 503",
         f"            = {expected} {balance}",
     ]

@@ -147,6 +147,9 @@ class DrainController:
                 count = self._in_flight.since(propagated_at)
             if count is not None:
                 last_known = count
+            if baseline is None and (baseline := self._in_flight.counters()) is not None:
+                # No reading at the notice (vLLM unread yet): count from the first one after it.
+                self._origin = (self._origin[0], notice, baseline) if self._origin else None
             empty_since = (empty_since or now) if count == 0 else None
             completed, aborted = _deltas(baseline, self._in_flight.counters())
             self.progress = DrainProgress(
