@@ -68,6 +68,9 @@ def _state_file(status: dict[str, Any]) -> list[str]:
         found.append(f"drain not persisted: {path}: {state_file['error']}; an agent restart would forget the drain")
     elif state_file.get("persisted") is False:
         found.append(f"drain not persisted yet to {path}: an agent restart now would forget it")
+    elif state_file.get("writable") is False:
+        why = state_file.get("unwritable_reason") or "it cannot be written"
+        found.append(f"state dir not writable ({why}): an admin drain would not survive an agent restart")
     quarantined = state_file.get("quarantined") or []
     if quarantined:
         found.append(f"unreadable state file(s) kept aside for a look: {', '.join(map(str, quarantined))}")

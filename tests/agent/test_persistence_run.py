@@ -5,16 +5,19 @@ and leaves no temp files behind."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from agent.sim.vllm import FakeVllm
-from tests.harness import AgentProcess, get_json, post_json, status_is, until
+from tests.harness import REPO, AgentProcess, get_json, post_json, status_is, until
 
 
 @pytest.fixture
@@ -102,6 +105,11 @@ async def test_a_state_dir_that_cannot_be_written_is_reported_at_start_told_to_t
             assert "an agent restart would not restore it" in body["warning"]
             _, full = await get_json(http, f"{agent.url}/status")
             assert full["state_file"]["persisted"] is False and full["state_file"]["error"]
+            cli = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "agent", "drain", "--url", agent.url, "--reason", "again"],
+                capture_output=True, text=True, timeout=30, cwd=REPO,
+            )
+            assert cli.returncode == 0 and "not persisted" in cli.stderr, cli  # the CLI says so too
             blocker.unlink()  # the disk comes back: the retry must land without another call
             await until(lambda: (state / "drain.json").exists(), 10, 0.1, "the retried write")
 

@@ -128,6 +128,8 @@ def test_a_drain_not_on_disk_and_quarantined_state_files_are_warnings(ready_stat
     assert any("drain.json.bad-1" in w for w in found)
     ready_status["state_file"].update(error="[Errno 30] Read-only file system", persisted=None, quarantined=[])
     assert any("drain not persisted: " in w and "Read-only file system" in w for w in warnings_of(render(ready_status)))
+    ready_status["state_file"].update(error=None, persisted=True, writable=False, unwritable_reason="/var/lib/x: Read-only file system")
+    assert any("state dir not writable" in w and "Read-only" in w for w in warnings_of(render(ready_status)))
 
 
 def test_an_older_agents_document_renders_without_the_keys_it_lacks(ready_status) -> None:
