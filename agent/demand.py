@@ -224,7 +224,9 @@ class NodeLoad:
         if vllm is None:
             return cls(gpu_usage_percent=gpu_usage_percent)
         return cls(
-            waiting=vllm.requests_waiting,
+            # Waiting for capacity (vLLM's num_requests_waiting_by_reason); requests deferred
+            # for a KV transfer or a LoRA budget are not demand for more nodes.
+            waiting=vllm.requests_waiting if getattr(vllm, "queue_waiting", None) is None else vllm.queue_waiting,
             running=vllm.requests_running,
             kv_cache_usage_ratio=vllm.kv_cache_usage_ratio,
             ttft_p95_s=vllm.ttft_s.get("p95"),

@@ -37,6 +37,7 @@ class DrainReport:
     completed: float
     aborted: float
     outcome: str  # emptied, deadline, forced
+    failed: float = 0.0  # finished with an error (vLLM's finished_reason="error")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,6 +54,7 @@ class DrainProgress:
     deadline_in_s: float
     completed: float
     aborted: float
+    failed: float = 0.0
 
 
 class InFlightView:
@@ -73,11 +75,13 @@ class InFlightView:
             return None
         return float(reading.value.in_flight)
 
-    def counters(self) -> tuple[float, float] | None:
+    def counters(self) -> tuple[float, float, float] | None:
+        """Completed, aborted and failed requests since vLLM started."""
         value = self._snapshot.value("vllm", fresh=False)
         if value is None:
             return None
-        return float(value.requests_completed_total), float(value.requests_aborted_total)
+        failed = float(getattr(value, "requests_failed_total", 0.0))
+        return float(value.requests_completed_total), float(value.requests_aborted_total), failed
 
 
 class DrainController:
@@ -103,7 +107,7 @@ class DrainController:
         self.force = asyncio.Event()
         self.progress: DrainProgress | None = None
         self.report: DrainReport | None = None
-        self._origin: tuple[float, float | None, tuple[float, float] | None] | None = None
+        self._origin: tuple[float, float | None, tuple[float, float, float] | None] | None = None
         lifecycle.subscribe(lambda _t: self._changed.set())
 
     def skip_waiting(self) -> None:
@@ -151,7 +155,7 @@ class DrainController:
                 # No reading at the notice (vLLM unread yet): count from the first one after it.
                 self._origin = (self._origin[0], notice, baseline) if self._origin else None
             empty_since = (empty_since or now) if count == 0 else None
-            completed, aborted = _deltas(baseline, self._in_flight.counters())
+            completed, aborted, failed = _deltas(baseline, self._in_flight.counters())
             self.progress = DrainProgress(
                 phase="propagation" if in_propagation else "waiting",
                 reason=drain.reason.value,
@@ -162,6 +166,7 @@ class DrainController:
                 deadline_in_s=max(0.0, drain.deadline_mono - now),
                 completed=completed,
                 aborted=aborted,
+                failed=failed,
             )
             if self.force.is_set():
                 outcome = "forced"
@@ -207,9 +212,9 @@ class DrainController:
         outcome: str,
         notice: float | None,
         last_known: float | None,
-        baseline: tuple[float, float] | None,
+        baseline: tuple[float, float, float] | None,
     ) -> None:
-        completed, aborted = _deltas(baseline, self._in_flight.counters())
+        completed, aborted, failed = _deltas(baseline, self._in_flight.counters())
         if outcome != "emptied":
             aborted += last_known or 0.0
         now_wall = self._wall()
@@ -223,12 +228,13 @@ class DrainController:
             completed=completed,
             aborted=aborted,
             outcome=outcome,
+            failed=failed,
         )
         log.info("drain finished", extra={"drain": self.report.as_dict()})
         if self.progress is not None:
             self.progress.phase = "drained" if drain.reason is DrainReason.ADMIN else "done"
         if drain.terminal:
-            self._lifecycle.terminate(f"{outcome}: completed {completed:g}, aborted {aborted:g}")
+            self._lifecycle.terminate(f"{outcome}: completed {completed:g}, aborted {aborted:g}, failed {failed:g}")
         else:
             self._lifecycle.mark_drained()
 
@@ -236,11 +242,12 @@ class DrainController:
         return None if self.progress is None else asdict(self.progress)
 
 
-def _deltas(baseline: tuple[float, float] | None, now: tuple[float, float] | None) -> tuple[float, float]:
-    """Completed and aborted since the drain began; a counter that went backwards
-    (vLLM restarted) counts from zero."""
+def _deltas(
+    baseline: tuple[float, float, float] | None, now: tuple[float, float, float] | None
+) -> tuple[float, float, float]:
+    """Completed, aborted and failed since the drain began; a counter that went
+    backwards (vLLM restarted) counts from zero."""
     if baseline is None or now is None:
-        return 0.0, 0.0
-    completed = now[0] - baseline[0] if now[0] >= baseline[0] else now[0]
-    aborted = now[1] - baseline[1] if now[1] >= baseline[1] else now[1]
-    return completed, aborted
+        return 0.0, 0.0, 0.0
+    completed, aborted, failed = (after - before if after >= before else after for before, after in zip(baseline, now, strict=True))
+    return completed, aborted, failed

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -59,6 +59,12 @@ class VllmReading:
     metric_names: str
     engine_sleeping: bool | None
     notes: tuple[str, ...] = ()
+    # Newer vLLM (each None / empty where the server does not serve it):
+    queue_waiting: float | None = None  # what the autoscalers see: waiting for capacity (else all waiting)
+    waiting_deferred: float | None = None  # waiting on a KV transfer or a LoRA budget: not demand
+    engines_unhealthy: int | None = None  # engines with vllm:engine_healthy 0
+    queue_time_s: dict[str, float | None] = field(default_factory=dict)  # vllm:request_queue_time_seconds
+    requests_failed_total: float = 0.0  # finished_reason="error": failed, neither completed nor aborted
 
 
 def kv_capacity(
@@ -109,7 +115,7 @@ def _cache_tokens(info: dict[str, str]) -> float | None:
 
 def make_reading(scrape: VllmScrape, stats: WindowStats, capacity: tuple[float | None, float | None, str]) -> VllmReading:
     finished = dict(scrape.finished_total)
-    aborted = finished.get("abort", 0.0)
+    aborted, failed = finished.get("abort", 0.0), finished.get("error", 0.0)
     return VllmReading(
         requests_running=scrape.requests_running,
         requests_waiting=scrape.requests_waiting,
@@ -125,7 +131,7 @@ def make_reading(scrape: VllmScrape, stats: WindowStats, capacity: tuple[float |
         e2e_s=stats.e2e_s,
         goodput_ratio=stats.goodput_ratio,
         requests_finished_total=finished,
-        requests_completed_total=sum(finished.values()) - aborted,
+        requests_completed_total=sum(finished.values()) - aborted - failed,
         requests_aborted_total=aborted,
         window_s=stats.window_s,
         engines=scrape.engines,
@@ -133,6 +139,11 @@ def make_reading(scrape: VllmScrape, stats: WindowStats, capacity: tuple[float |
         metric_names=scrape.metric_names,
         engine_sleeping=scrape.engine_sleeping,
         notes=stats.notes,
+        queue_waiting=scrape.queue_waiting,
+        waiting_deferred=scrape.waiting_by_reason.get("deferred"),
+        engines_unhealthy=scrape.engines_unhealthy,
+        queue_time_s=stats.queue_time_s,
+        requests_failed_total=failed,
     )
 
 

@@ -20,7 +20,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from probes.histogram import Histogram, goodput, merge_series
 from probes.prom_text import PromParseError, Sample
@@ -36,9 +36,14 @@ E2E = "vllm:e2e_request_latency_seconds"
 PROMPT, GENERATION = "vllm:prompt_tokens_total", "vllm:generation_tokens_total"
 SUCCESS = "vllm:request_success_total"
 CACHE_INFO, SLEEP = "vllm:cache_config_info", "vllm:engine_sleep_state"
-_HISTOGRAMS = (TTFT, TPOT_V1, TPOT_V0, REQUEST_TPOT, E2E)
+# Newer vLLM: why requests wait (capacity | deferred: KV transfer or LoRA budget),
+# whether each engine is healthy, and how long requests sat in the queue.
+WAITING_BY_REASON, ENGINE_HEALTHY = "vllm:num_requests_waiting_by_reason", "vllm:engine_healthy"
+QUEUE_TIME = "vllm:request_queue_time_seconds"
+WAITING_REASONS = frozenset({"capacity", "deferred"})
+_HISTOGRAMS = (TTFT, TPOT_V1, TPOT_V0, REQUEST_TPOT, E2E, QUEUE_TIME)
 _BUCKETS = {f"{name}_bucket": name for name in _HISTOGRAMS}
-_GAUGES = frozenset({RUNNING, WAITING, KV_V1, KV_V0, SLEEP})
+_GAUGES = frozenset({RUNNING, WAITING, KV_V1, KV_V0, SLEEP, WAITING_BY_REASON, ENGINE_HEALTHY})
 QUANTILES = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
 # finished_reason values re-exported as they are (vLLM's own set); any other value is
 # folded into "other", so a misbehaving server cannot grow our /metrics or /status.
@@ -74,6 +79,17 @@ class VllmScrape:
     metric_names: str  # v1, v0 or mixed
     engine_sleeping: bool | None
     cache_info: tuple[dict[str, str], ...]  # vllm:cache_config_info labels, one per engine
+    waiting_by_reason: dict[str, float] = field(default_factory=dict)  # capacity / deferred, where served
+    engines_unhealthy: int | None = None  # engines whose vllm:engine_healthy is 0 (None: not served)
+
+    @property
+    def queue_waiting(self) -> float:
+        """The queue the autoscalers see: requests waiting for capacity. Requests deferred
+        for a KV transfer or a LoRA budget are not demand for more nodes; where vLLM does
+        not say why requests wait, all of them."""
+        if "capacity" in self.waiting_by_reason:
+            return self.waiting_by_reason["capacity"]
+        return self.requests_waiting
 
     @property
     def kv_cache_usage_ratio(self) -> float | None:
@@ -148,7 +164,20 @@ class ScrapeAccumulator:
             metric_names=_generation(gauges, histograms, gauges[RUNNING]),
             engine_sleeping=_sleeping(gauges[SLEEP]),
             cache_info=tuple(self._cache_info),
+            waiting_by_reason=_by_reason(gauges[WAITING_BY_REASON]),
+            engines_unhealthy=sum(1 for value in gauges[ENGINE_HEALTHY].values() if value == 0) if gauges[ENGINE_HEALTHY] else None,
         )
+
+
+def _by_reason(series: dict[tuple[str, ...], float]) -> dict[str, float]:
+    """Summed over engines; reasons outside vLLM's own set are left out (not folded: the
+    two named ones must add up to what the autoscalers see)."""
+    totals: dict[str, float] = {}
+    for key, value in series.items():
+        reason = _label(key, "reason")
+        if reason in WAITING_REASONS:
+            totals[reason] = totals.get(reason, 0.0) + value
+    return totals
 
 
 def _models(running: dict[tuple[str, ...], float]) -> tuple[str, ...]:
@@ -199,6 +228,7 @@ class WindowStats:
     e2e_s: dict[str, float | None]
     goodput_ratio: float | None
     notes: tuple[str, ...]
+    queue_time_s: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(QUANTILES))
 
 
 class VllmWindow:
@@ -271,6 +301,7 @@ class VllmWindow:
             e2e_s=_quantiles(deltas["e2e"], "e2e", notes),
             goodput_ratio=share,
             notes=tuple(notes),
+            queue_time_s=_quantiles(_delta(old, new, (QUEUE_TIME,), "queue time", []), "queue time", []),
         )
 
 

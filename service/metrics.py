@@ -97,6 +97,10 @@ class AgentCollector(Collector):
             return
         yield _gauge("gpu_node_agent_vllm_requests_waiting", "requests waiting (queue length), all engines", vllm.requests_waiting)
         yield _gauge("gpu_node_agent_vllm_requests_running", "requests running, all engines", vllm.requests_running)
+        yield _gauge("gpu_node_agent_vllm_queue_length", "requests waiting for capacity: the queue the autoscalers see", vllm.queue_waiting)
+        yield _gauge("gpu_node_agent_vllm_requests_deferred", "requests waiting on a KV transfer or a LoRA budget (not demand)", vllm.waiting_deferred)
+        yield _gauge("gpu_node_agent_vllm_engines_unhealthy", "engines whose vllm:engine_healthy is 0", vllm.engines_unhealthy)
+        yield _quantiles("gpu_node_agent_vllm_queue_time_seconds", "time requests waited in vLLM's queue over the window", vllm.queue_time_s)
         yield _gauge("gpu_node_agent_vllm_kv_cache_usage_ratio", "KV-cache usage 0-1, max over engines", vllm.kv_cache_usage_ratio)
         yield _gauge("gpu_node_agent_vllm_kv_cache_used_bytes", "KV-cache bytes in use, where the capacity is known", vllm.kv_cache_used_bytes)
         yield _gauge("gpu_node_agent_vllm_generation_tokens_per_second", "generated tokens per second", vllm.generation_tokens_per_s)

@@ -6,7 +6,7 @@ each one point at the report's time (the end of the drain), labelled with
 `reason` and `outcome`, on the node's resource:
   count (INT64, always 1: a chart of terminations by reason),
   drain_seconds, in_flight_at_notice (absent when unknown),
-  completed_requests, aborted_requests.
+  completed_requests, aborted_requests, failed_requests (finished with an error).
 They are new series, so the report never collides with the regular pushes.
 """
 
@@ -30,6 +30,7 @@ class DrainOutcome(Protocol):
     completed: float
     aborted: float
     outcome: str
+    failed: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,7 @@ class TerminationReport:
     aborted: float
     transitions: int = 0
     detail: str = ""
+    failed: float = 0.0
 
     @classmethod
     def from_drain(cls, drain: DrainOutcome, *, transitions: int = 0) -> TerminationReport:
@@ -59,6 +61,7 @@ class TerminationReport:
             aborted=drain.aborted,
             transitions=transitions,
             detail=drain.detail,
+            failed=drain.failed,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -75,6 +78,7 @@ def report_points(report: TerminationReport) -> list[SeriesPoint]:
         ("in_flight_at_notice", report.in_flight_at_notice),
         ("completed_requests", report.completed),
         ("aborted_requests", report.aborted),
+        ("failed_requests", report.failed),
     ]
     return [
         SeriesPoint(TERMINATION + name, labels, MetricKind.GAUGE, float(value))

@@ -123,6 +123,7 @@ DESCRIPTORS: tuple[Descriptor, ...] = (
     _d("agent/termination/in_flight_at_notice", ValueType.DOUBLE, "{request}", "requests in flight when the drain started (absent when unknown)", *_TERMINATION_LABELS),
     _d("agent/termination/completed_requests", ValueType.DOUBLE, "{request}", "requests completed during the drain", *_TERMINATION_LABELS),
     _d("agent/termination/aborted_requests", ValueType.DOUBLE, "{request}", "requests aborted during the drain (or left in flight at its deadline)", *_TERMINATION_LABELS),
+    _d("agent/termination/failed_requests", ValueType.DOUBLE, "{request}", "requests that finished with an error during the drain", *_TERMINATION_LABELS),
 )
 DESCRIPTOR_BY_TYPE: dict[str, Descriptor] = {d.type: d for d in DESCRIPTORS}
 
@@ -168,7 +169,7 @@ def node_metrics_from_snapshot(
         gpu_usage_percent=None if gpu_live is None else gpu_live.utilization_percent_mean,
         gpu_memory_used_bytes=None if gpu_live is None else gpu_live.memory_used_bytes_total,
         vllm_source=source,
-        queue_length=0.0 if zero else _or_zero(vllm.requests_waiting),
+        queue_length=0.0 if zero else _or_zero(vllm.requests_waiting if vllm.queue_waiting is None else vllm.queue_waiting),
         pending_requests=0.0 if zero else _or_zero(vllm.in_flight),
         generation_tokens_per_s=0.0 if zero else _or_zero(vllm.generation_tokens_per_s),
         kv_cache_used_bytes=_kv_used(vllm, zero),

@@ -91,18 +91,24 @@ class _VllmMetrics:
         )
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", lab, buckets=buckets["e2e"], registry=r)
         self.sleep = Gauge("vllm:engine_sleep_state", "Engine sleep state; awake = 0 means engine is sleeping.", lab + ["sleep_state"], registry=r) if v1 else None
+        # Current V1 only: why requests wait, engine health, time in the queue.
+        self.waiting_by_reason = Gauge("vllm:num_requests_waiting_by_reason", "Number of requests waiting, by reason.", lab + ["reason"], registry=r) if v1 else None
+        self.healthy = Gauge("vllm:engine_healthy", "1 if the engine is healthy.", lab, registry=r) if v1 else None
+        self.queue_time = Histogram("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", lab, buckets=buckets["e2e"], registry=r) if v1 else None
         info = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", [*cache_info, *(["engine"] if v1 else [])], registry=r)
         for e in range(engines):
             info.labels(**cache_info, **({"engine": str(e)} if v1 else {})).set(1)
             # vLLM creates every per-engine child up front, so a fresh server serves zeros, not nothing.
-            for metric in (self.prompt, self.generation, self.ttft, self.tpot, self.request_tpot, self.e2e):
+            for metric in (self.prompt, self.generation, self.ttft, self.tpot, self.request_tpot, self.e2e, self.queue_time):
                 if metric is not None:
                     metric.labels(*self.series[e])
             for reason in ("stop", "length", "abort"):
                 self.success.labels(*self.series[e], reason)
 
-    def observe(self, engine: int, prompt: int, output: int, ttft_s: float, tpot_s: float, reason: str) -> None:
+    def observe(self, engine: int, prompt: int, output: int, ttft_s: float, tpot_s: float, reason: str, queue_s: float = 0.0) -> None:
         key = self.series[engine]
+        if self.queue_time is not None:
+            self.queue_time.labels(*key).observe(queue_s)
         self.prompt.labels(*key).inc(prompt)
         self.generation.labels(*key).inc(output)
         self.ttft.labels(*key).observe(ttft_s)
@@ -184,6 +190,8 @@ class FakeVllm:
         self.buckets = {"ttft": TTFT_BUCKETS, "tpot": TPOT_BUCKETS, "e2e": E2E_BUCKETS, **(buckets or {})}
         self.cache_info = {"block_size": str(block_size), "cache_dtype": "auto", "gpu_memory_utilization": "0.9", "kv_cache_memory_bytes": str(kv_cache_memory_bytes), "num_gpu_blocks": str(num_gpu_blocks)}
         self.running, self.waiting, self.kv_cache_usage = [0] * engines, [0] * engines, [0.0] * engines
+        self.deferred = [0] * engines  # of the waiting, how many wait on a KV transfer / LoRA budget
+        self.engine_healthy = [True] * engines
         self.health_status = 200
         self.health_fault = Fault.OK
         self.metrics_fault = Fault.OK
@@ -273,11 +281,11 @@ class FakeVllm:
         self._queues, self._active = [deque() for _ in range(self.engines)], [[] for _ in range(self.engines)]
         self._metrics = self._new_metrics()
 
-    def observe_request(self, engine: int = 0, prompt_tokens: int = 32, output_tokens: int = 16, ttft_s: float | None = None, tpot_s: float | None = None, reason: str = "stop") -> None:
+    def observe_request(self, engine: int = 0, prompt_tokens: int = 32, output_tokens: int = 16, ttft_s: float | None = None, tpot_s: float | None = None, reason: str = "stop", queue_s: float = 0.0) -> None:
         """Record one finished request in the counters and histograms."""
         ttft = self.ttft_s if ttft_s is None else ttft_s
         tpot = self.tpot_s if tpot_s is None else tpot_s
-        self._metrics.observe(engine, prompt_tokens, output_tokens, ttft, tpot, reason)
+        self._metrics.observe(engine, prompt_tokens, output_tokens, ttft, tpot, reason, queue_s)
 
     def render_metrics(self) -> bytes:
         m = self._metrics
@@ -288,6 +296,11 @@ class FakeVllm:
             if m.sleep is not None:
                 for state, value in (("awake", 0 if self.sleeping else 1), ("weights_offloaded", 1 if self.sleeping else 0), ("discard_all", 0)):
                     m.sleep.labels(*key, state).set(value)
+            if m.waiting_by_reason is not None and m.healthy is not None:
+                deferred = min(self.deferred[e], self.waiting[e])
+                m.waiting_by_reason.labels(*key, "capacity").set(self.waiting[e] - deferred)
+                m.waiting_by_reason.labels(*key, "deferred").set(deferred)
+                m.healthy.labels(*key).set(1 if self.engine_healthy[e] else 0)
         in_flight = sum(self.running) + sum(self.waiting) + sum(self._served)
         self.served_metrics.append(ServedMetrics(time.monotonic(), self.arrived_total, in_flight))
         return generate_latest(m.registry)

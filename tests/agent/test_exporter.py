@@ -302,7 +302,7 @@ async def test_flush_final_writes_the_report_and_the_last_points_within_the_dead
     node.wall.now += 10
     assert await exporter.flush_final(REPORT, deadline_s=2.0)
     report = {p.metric_type.removeprefix(s.TERMINATION): (p.value, p.end_wall) for p in node.fake.points if p.metric_type.startswith(s.TERMINATION)}
-    assert report == {"count": (1, T0 + 15), "drain_seconds": (9.5, T0 + 15), "in_flight_at_notice": (6, T0 + 15), "completed_requests": (6, T0 + 15), "aborted_requests": (0, T0 + 15)}
+    assert report == {"count": (1, T0 + 15), "drain_seconds": (9.5, T0 + 15), "in_flight_at_notice": (6, T0 + 15), "completed_requests": (6, T0 + 15), "aborted_requests": (0, T0 + 15), "failed_requests": (0, T0 + 15)}
     assert node.fake.series(s.TERMINATION + "count")[0].metric_labels == {"reason": "preemption", "outcome": "emptied"}
     assert [p.value for p in node.fake.series(s.AGENT_STATE, state="TERMINATED")] == [0, 1]
     assert all(c.code == "OK" for c in node.fake.calls)
@@ -331,7 +331,7 @@ async def test_flush_final_during_an_outage_gives_up_within_the_deadline_and_cou
     started = loop.time()
     assert not await exporter.flush_final(REPORT, deadline_s=0.3)
     assert loop.time() - started < 1.0
-    assert exporter.points_total["dropped"] == 5 + SERIES_PER_ROUND  # the report and the last round
+    assert exporter.points_total["dropped"] == 6 + SERIES_PER_ROUND  # the report (6 points) and the last round
     assert any(r.getMessage() == "termination report" for r in caplog.records)
 
 

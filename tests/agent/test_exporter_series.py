@@ -231,12 +231,13 @@ def test_resource_errors_say_what_is_missing_and_where_it_comes_from(cfg: dict[s
 
 def test_termination_report_comes_from_the_drain_and_becomes_labelled_points() -> None:
     drain = DrainReport(reason="preemption", detail="TRUE", started_at_wall=100.0, finished_at_wall=118.5, drain_s=18.5,
-                        in_flight_at_notice=12.0, completed=10.0, aborted=2.0, outcome="deadline")
+                        in_flight_at_notice=12.0, completed=10.0, aborted=2.0, outcome="deadline", failed=1.0)
     report = TerminationReport.from_drain(drain, transitions=6)
     assert report.as_dict()["at"] == "1970-01-01T00:01:58Z" and report.transitions == 6
     points = {p.metric_type.removeprefix(s.TERMINATION): p for p in report_points(report)}
     assert {name: p.value for name, p in points.items()} == {
         "count": 1, "drain_seconds": 18.5, "in_flight_at_notice": 12, "completed_requests": 10, "aborted_requests": 2,
+        "failed_requests": 1,
     }
     assert all(p.labels == (("reason", "preemption"), ("outcome", "deadline")) for p in points.values())
     assert all(p.metric_type in s.DESCRIPTOR_BY_TYPE for p in points.values())
