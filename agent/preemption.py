@@ -51,7 +51,12 @@ PREEMPTION_EVENT_ID = "gce:instance/preempted=TRUE"  # one preemption per VM lif
 TERMINATE = "TERMINATE_ON_HOST_MAINTENANCE"
 MIGRATE = "MIGRATE_ON_HOST_MAINTENANCE"
 _ABSENT_CONFIRMATIONS = 3
+UPCOMING_QUERY = {"alt": "json"}  # how Google documents reading instance/upcoming-maintenance
 BLIND_NOTE = "GKE Workload Identity hides instance/preempted; preemption arrives as SIGTERM + preStop drain"
+
+
+def _query(path: str) -> dict[str, str] | None:
+    return UPCOMING_QUERY if path == UPCOMING_MAINTENANCE else None
 
 
 def window_start_wall(info: dict[str, Any] | None) -> float | None:
@@ -130,11 +135,27 @@ class PreemptionPolicy:
         self._record("maintenance_event", value, "drain" if started else "no change: already draining")
 
     def on_upcoming_maintenance(self, info: dict[str, Any] | None, etag: str | None) -> None:
+        """Recorded (its window start sets a maintenance drain's deadline); a notice whose
+        window starts within the maintenance budget drains now, as TERMINATE would: GPU
+        VMs cannot live-migrate, and maintenance-event may say so only later. A window
+        further out is left to maintenance-event, which GCE sends about an hour ahead."""
         self.upcoming = info
         summary = "none" if info is None else " ".join(
             str(info.get(k, "?")) for k in ("type", "maintenance_status", "window_start_time")
         )
-        self._record("upcoming_maintenance", summary, "recorded")
+        start = window_start_wall(info)
+        if start is None or start - self._wall() > self._cfg.maintenance_budget_s:
+            self._record("upcoming_maintenance", summary, "recorded")
+            return
+        deadline_s = self.maintenance_deadline_s()
+        started = self._lifecycle.begin_drain(
+            DrainReason.MAINTENANCE,
+            Source.METADATA,
+            deadline_s=deadline_s,
+            detail=f"instance/upcoming-maintenance: window starts in {max(0.0, start - self._wall()):.0f}s; {deadline_s:g}s to drain",
+            event_id=f"gce:upcoming-maintenance:{info.get('window_start_time', info.get('windowStartTime')) if info else ''}",
+        )
+        self._record("upcoming_maintenance", summary, "drain" if started else "no change: already draining")
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -219,7 +240,7 @@ class MetadataWatch:
                 # few seconds on a struggling server, a preemption notice cannot wait.
                 self._watch(group, [PREEMPTED])
             group.create_task(self._identity(self.presence), name="metadata:identity")
-            self._watch(group, [p for p in (UPCOMING_MAINTENANCE, MAINTENANCE_EVENT) if await serves(self._client, p)])
+            self._watch(group, [p for p in (UPCOMING_MAINTENANCE, MAINTENANCE_EVENT) if await serves(self._client, p, _query(p))])
             self._publish(list(self.watchers), BLIND_NOTE if self.presence is MetadataPresence.RESTRICTED else "")
             preempted = self.watchers.get(PREEMPTED)
             if preempted is not None:
@@ -297,6 +318,7 @@ class MetadataWatch:
             self._client, path, parse, on_value, self._snapshot, key, self._timeout_sec(path),
             backoff_base_s=base_s, backoff_cap_s=cap_s,
             none_codes=none_codes, none_poll_s=tuning.upcoming_poll_s, errors=self._errors, rng=self._rng,
+            params=_query(path),
         )  # fmt: skip
 
     async def _start(self, watcher: MetadataWatcher[Any]) -> None:

@@ -88,20 +88,24 @@ class MetadataClient:
         self._max_bytes = max_bytes
         self.contacted = False  # any HTTP answer seen: later connect failures are outages, not absence
 
-    async def get(self, path: str) -> MetadataValue:
-        return await self._request(path, None, self.timeout_s)
+    async def get(self, path: str, params: Mapping[str, str] | None = None) -> MetadataValue:
+        return await self._request(path, dict(params) if params else None, self.timeout_s)
 
-    async def wait_for_change(self, path: str, last_etag: str, timeout_sec: int) -> MetadataValue:
+    async def wait_for_change(
+        self, path: str, last_etag: str, timeout_sec: int, params: Mapping[str, str] | None = None
+    ) -> MetadataValue:
         """A hanging GET: returns when the value's ETag differs from `last_etag` (at once if
         it already does), or the unchanged value after `timeout_sec`."""
-        params = {"wait_for_change": "true", "last_etag": last_etag, "timeout_sec": str(timeout_sec)}
-        return await self._request(path, params, timeout_sec + self.wait_slack_s)
+        query = {**(params or {}), "wait_for_change": "true", "last_etag": last_etag, "timeout_sec": str(timeout_sec)}
+        return await self._request(path, query, timeout_sec + self.wait_slack_s)
 
     async def _request(self, path: str, params: dict[str, str] | None, timeout_s: float) -> MetadataValue:
         try:
             async with asyncio.timeout(timeout_s):
+                # Redirects followed (a directory asked for without its slash answers 301),
+                # a few at most; the server's answer check below still applies to the last.
                 async with self._session.get(
-                    self.base_url + path, params=params, headers=_FLAVOR, allow_redirects=False
+                    self.base_url + path, params=params, headers=_FLAVOR, allow_redirects=True, max_redirects=3
                 ) as resp:
                     self.contacted = True
                     body = await self._read(resp, path)
@@ -153,11 +157,21 @@ def parse_maintenance_event(text: str) -> str:
     return text
 
 
-def parse_upcoming_maintenance(text: str) -> dict[str, Any]:
+# What "no notice" looks like on instance/upcoming-maintenance, depending on the host
+# (besides a 404 and the 503 "no notifications have been received yet").
+_NO_NOTICE_BODIES = frozenset({"", "NONE", '"NONE"', "{}", "null"})
+
+
+def parse_upcoming_maintenance(text: str) -> dict[str, Any] | None:
+    """The notice as a JSON object, or None for every form of "no notice"."""
+    if text.strip() in _NO_NOTICE_BODIES:
+        return None
     try:
         notice = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ProbeError(f"{UPCOMING_MAINTENANCE}: not JSON: {text[:40]!r}", code="garbage") from None
+    if notice in ("NONE", {}, None):
+        return None
     if not isinstance(notice, dict):
         raise ProbeError(f"{UPCOMING_MAINTENANCE}: not a JSON object", code="garbage")
     return notice
@@ -186,11 +200,11 @@ async def detect_metadata(client: MetadataClient) -> MetadataPresence:
     return MetadataPresence.PRESENT
 
 
-async def serves(client: MetadataClient, path: str) -> bool:
+async def serves(client: MetadataClient, path: str, params: Mapping[str, str] | None = None) -> bool:
     """False only when the server says the path does not exist (404); any other
     answer, good or bad, leaves it to the watcher, which reports trouble."""
     try:
-        await client.get(path)
+        await client.get(path, params)
     except ProbeError as exc:
         return exc.code != "not_found"
     return True
@@ -287,9 +301,11 @@ class MetadataWatcher(Generic[T]):
         none_poll_s: float = 60.0,
         errors: Any = None,  # a Counter[str] counted per key, for probe_errors_total
         rng: random.Random | None = None,
+        params: Mapping[str, str] | None = None,  # extra query, e.g. alt=json
     ) -> None:
         self._client = client
         self.path = path
+        self._params = dict(params or {})
         self.key = key
         self._parse = parse
         self._on_value = on_value
@@ -321,9 +337,9 @@ class MetadataWatcher(Generic[T]):
     async def _read(self, etag: str | None) -> tuple[T | None, str | None]:
         try:
             if etag is None:
-                answer = await self._client.get(self.path)
+                answer = await self._client.get(self.path, self._params)
             else:
-                answer = await self._client.wait_for_change(self.path, etag, self._timeout_sec)
+                answer = await self._client.wait_for_change(self.path, etag, self._timeout_sec, self._params)
         except ProbeError as exc:
             if exc.code in self._none_codes:
                 return None, None

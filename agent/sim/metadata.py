@@ -65,6 +65,8 @@ class FakeMetadataServer:
             self.values["instance/attributes/cluster-name"] = cluster[0]
             self.values["instance/attributes/cluster-location"] = cluster[1]
         self.restricted = restricted  # GKE Workload Identity: instance/preempted is hidden (404)
+        self.not_found: set[str] = set()  # paths this host does not offer (e.g. upcoming-maintenance)
+        self.redirects: dict[str, str] = {}  # path -> path it answers 301 to (directories without a slash)
         self.faults: dict[str, deque[Fault]] = {}
         self.requests: list[RecordedRequest] = []
         self.port = 0
@@ -149,6 +151,9 @@ class FakeMetadataServer:
         queue = self.faults.get(path)
         if queue:
             return await self._fault(request, queue.popleft())
+        if path in self.redirects:
+            target = PREFIX + self.redirects[path] + (f"?{request.query_string}" if request.query_string else "")
+            return web.Response(status=301, headers={"Location": target, "Metadata-Flavor": "Google"})
         missing = self._missing(path)
         if missing is not None:
             return missing
@@ -164,7 +169,7 @@ class FakeMetadataServer:
         return self._answer(path, self.values[path], etag=True)
 
     def _missing(self, path: str) -> web.Response | None:
-        if self.restricted and path == PREEMPTED:
+        if path in self.not_found or (self.restricted and path == PREEMPTED):
             return web.Response(status=404, text="Not Found")
         if path == UPCOMING and path not in self.values:
             return web.Response(status=503, text=NO_NOTICE)

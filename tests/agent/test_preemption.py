@@ -32,7 +32,7 @@ from tests.harness import until
 NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 TERMINATE, MIGRATE = "TERMINATE_ON_HOST_MAINTENANCE", "MIGRATE_ON_HOST_MAINTENANCE"
 FAST = WatchTuning(timeout_sec=1, backoff_base_s=0.01, backoff_cap_s=0.05, redetect_s=0.1, upcoming_poll_s=0.05,
-                   identity_retry_s=0.01)  # fmt: skip
+                   identity_retry_s=0.01, preempted_backoff_base_s=0.01, preempted_backoff_cap_s=0.05)  # fmt: skip
 
 
 def ready() -> Lifecycle:
@@ -230,7 +230,8 @@ async def test_terminate_over_the_wire_drains_by_the_window_start(metadata_serve
     lifecycle = ready()
     start = datetime.fromtimestamp(time.time() + 120, UTC).isoformat().replace("+00:00", "Z")
     await metadata_server.set("instance/upcoming-maintenance", json.dumps({"type": "SCHEDULED", "window_start_time": start}))
-    async with watching(metadata_server.url, session, lifecycle) as (_, snapshot, policy):
+    # A window further out than the maintenance budget: recorded only, TERMINATE drains.
+    async with watching(metadata_server.url, session, lifecycle, maintenance_budget_s=60) as (_, snapshot, policy):
         await until(lambda: metadata_server.parked("instance/maintenance-event") == 1 and policy.upcoming is not None, 2)
         await metadata_server.set("instance/maintenance-event", MIGRATE)
         await until(lambda: snapshot.value("metadata.maintenance_event") == MIGRATE, 2)
@@ -238,6 +239,50 @@ async def test_terminate_over_the_wire_drains_by_the_window_start(metadata_serve
         await metadata_server.set("instance/maintenance-event", TERMINATE)
         await until(lambda: lifecycle.state is State.DRAINING, 2)
     assert lifecycle.drain.reason is DrainReason.MAINTENANCE and 113 <= deadline_in_s(lifecycle) <= 115
+
+
+async def test_an_upcoming_window_within_the_budget_drains_by_its_start(metadata_server, session) -> None:
+    lifecycle = ready()
+    start = datetime.fromtimestamp(time.time() + 600, UTC).isoformat().replace("+00:00", "Z")
+    async with watching(metadata_server.url, session, lifecycle) as (_, snapshot, policy):
+        await until(lambda: metadata_server.parked("instance/upcoming-maintenance") == 1 or snapshot.get("metadata.upcoming_maintenance"), 2)
+        notice = {"type": "SCHEDULED", "maintenance_status": "PENDING", "window_start_time": start}
+        await metadata_server.set("instance/upcoming-maintenance", json.dumps(notice))
+        await until(lambda: lifecycle.state is State.DRAINING, 3)
+    assert lifecycle.drain.reason is DrainReason.MAINTENANCE
+    assert 290 <= deadline_in_s(lifecycle) <= 295  # min(drain.timeout_s 300, 600 s to the window) - 5 s margin
+    assert all(r.query.get("alt") == "json" for r in metadata_server.served("instance/upcoming-maintenance"))
+
+
+async def test_upcoming_maintenance_follows_a_redirect(metadata_server, session) -> None:
+    lifecycle = ready()
+    start = datetime.fromtimestamp(time.time() + 300, UTC).isoformat().replace("+00:00", "Z")
+    metadata_server.redirects["instance/upcoming-maintenance"] = "instance/upcoming-maintenance/"
+    await metadata_server.set("instance/upcoming-maintenance/", json.dumps({"type": "SCHEDULED", "window_start_time": start}))
+    async with watching(metadata_server.url, session, lifecycle) as (_, _, policy):
+        await until(lambda: policy.upcoming is not None, 3)
+    assert policy.upcoming["window_start_time"] == start and lifecycle.state is State.DRAINING
+
+
+@pytest.mark.parametrize("no_notice", ["NONE", '"NONE"', "{}", None, "404"])
+async def test_every_form_of_no_notice_on_upcoming_maintenance_is_no_notice(session, no_notice) -> None:
+    fake = FakeMetadataServer()
+    await fake.start()
+    try:
+        if no_notice == "404":
+            fake.not_found.add("instance/upcoming-maintenance")
+        elif no_notice is not None:  # None: the 503 "no notifications have been received yet"
+            await fake.set("instance/upcoming-maintenance", no_notice)
+        lifecycle = ready()
+        async with watching(fake.url, session, lifecycle) as (_, snapshot, policy):
+            await until(lambda: snapshot.get("metadata.upcoming_maintenance") is not None or no_notice == "404", 2)
+            await asyncio.sleep(0.2)
+            reading = snapshot.get("metadata.upcoming_maintenance")
+            if reading is not None:  # a 404 means the path is not offered: not watched at all
+                assert reading.value is None and reading.error is None, reading
+            assert policy.upcoming is None and lifecycle.state is State.READY
+    finally:
+        await fake.stop()
 
 
 async def test_restricted_server_is_reported_blind_not_healthy(session) -> None:
