@@ -142,7 +142,7 @@ class GpuConfig(_Section):
     # XIDs whose action in NVIDIA's XID catalogue is a GPU reset, a machine/VM restart or
     # a hardware workflow (see probes/xid.py); application XIDs are never fatal.
     fatal_xids: list[int] = Field(
-        default_factory=lambda: [46, 48, 62, 64, 74, 79, 95, 110, 119, 120, 136, 140, 143, 151, 155, 156, 158]
+        default_factory=lambda: [46, 48, 62, 64, 74, 79, 95, 109, 110, 119, 120, 136, 140, 143, 151, 155, 156, 158]
     )
     drain_on_fault: bool = True
 

@@ -12,6 +12,9 @@ from typing import Any
 
 NOT_SUPPORTED = "NOT_SUPPORTED"
 NOT_SUPPORTED_MIG = "NOT_SUPPORTED (MIG)"
+# A function this driver's NVML does not have (nvidia-ml-py 13 deprecates old calls,
+# CUDA 14 drivers remove them): a value that is not available, never a degraded GPU.
+NOT_IN_DRIVER = "NOT_SUPPORTED (FUNCTION_NOT_FOUND: not in this driver)"
 
 # nvmlClocksEventReason* bits (same values as the older nvmlClocksThrottleReason*).
 THROTTLE_REASON_BITS: tuple[tuple[int, str], ...] = (
@@ -42,6 +45,9 @@ class FaultKind(StrEnum):
     ROW_REMAP = "row_remap"  # row remapping failed, or an uncorrectable row waits for a reset
     EVENT_WAIT = "event_wait"  # the XID event wait failed: every GPU is suspect
     WATCH = "watch"  # a GPU cannot be watched for XIDs (reported, never fatal)
+    RECOVERY = "recovery"  # NVML asks for a recovery action (XID 154, or its event): reset, reboot, drain
+    UNAVAILABLE = "unavailable"  # NVML's GpuUnavailable event: the GPU dropped out
+    POISON = "poison"  # NVML's FatalPoison event: an uncontained memory error
 
 
 @dataclass(frozen=True, slots=True)

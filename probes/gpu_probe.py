@@ -16,6 +16,7 @@ import pynvml
 
 from probes.base import ProbeError
 from probes.gpu import (
+    NOT_IN_DRIVER,
     NOT_SUPPORTED,
     NOT_SUPPORTED_MIG,
     FaultCallback,
@@ -33,6 +34,7 @@ from probes.nvml_backend import (
     describe_error,
     error_name,
     is_lost,
+    is_function_not_found,
     is_no_driver,
     is_not_supported,
 )
@@ -70,7 +72,10 @@ class _GpuReader:
         except pynvml.NVMLError as exc:
             if is_lost(exc):
                 raise _GpuLost(describe_error(exc)) from None
-            why = (NOT_SUPPORTED_MIG if self.mig else NOT_SUPPORTED) if is_not_supported(exc) else describe_error(exc)
+            if is_not_supported(exc):
+                why = NOT_SUPPORTED_MIG if self.mig else NOT_SUPPORTED
+            else:
+                why = NOT_IN_DRIVER if is_function_not_found(exc) else describe_error(exc)
             self.unavailable.update(dict.fromkeys(fields, why))
             return
         self.values.update(zip(fields, result if len(fields) > 1 else (result,), strict=True))
@@ -85,7 +90,7 @@ class _GpuReader:
         self.mig = bool(self.values.get("mig_mode"))
         self.read(("utilization_percent",), lambda: float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu))
         self.read(("memory_used_bytes", "memory_total_bytes"), lambda: _memory(nvml.nvmlDeviceGetMemoryInfo(handle)))
-        self.read(("temperature_c",), lambda: float(nvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)))
+        self.read(("temperature_c",), lambda: float(nvml.nvmlDeviceGetTemperatureV(handle, pynvml.NVML_TEMPERATURE_GPU)))
         self.read(("power_w",), lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0)
         for name, error_type, counter_type in _ECC_COUNTERS:
             self.read((name,), lambda e=error_type, c=counter_type: int(nvml.nvmlDeviceGetTotalEccErrors(handle, e, c)))

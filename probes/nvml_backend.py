@@ -60,7 +60,7 @@ class NvmlBackend(Protocol):
     def nvmlDeviceGetName(self, handle: Any) -> str: ...
     def nvmlDeviceGetUtilizationRates(self, handle: Any) -> UtilizationRates: ...
     def nvmlDeviceGetMemoryInfo(self, handle: Any) -> MemoryInfo: ...
-    def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int: ...
+    def nvmlDeviceGetTemperatureV(self, handle: Any, sensor: int) -> int: ...
     def nvmlDeviceGetPowerUsage(self, handle: Any) -> int: ...  # milliwatts
     def nvmlDeviceGetTotalEccErrors(self, handle: Any, error_type: int, counter_type: int) -> int: ...
     def nvmlDeviceGetRemappedRows(self, handle: Any) -> tuple[int, int, int, int]: ...
@@ -68,6 +68,7 @@ class NvmlBackend(Protocol):
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle: Any) -> int: ...
     def nvmlDeviceGetMigMode(self, handle: Any) -> tuple[int, int] | list[int]: ...
     def nvmlDeviceGetSupportedEventTypes(self, handle: Any) -> int: ...
+    def nvmlDeviceGetGpuRecoveryAction(self, handle: Any) -> int: ...  # NVML_GPU_RECOVERY_ACTION_*
     def nvmlEventSetCreate(self) -> Any: ...
     def nvmlDeviceRegisterEvents(self, handle: Any, event_types: int, event_set: Any) -> None: ...
     def nvmlEventSetWait_v2(self, event_set: Any, timeout_ms: int) -> EventData: ...
@@ -105,8 +106,13 @@ class PynvmlBackend:
     def nvmlDeviceGetMemoryInfo(self, handle: Any) -> MemoryInfo:
         return pynvml.nvmlDeviceGetMemoryInfo(handle)
 
-    def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int:
-        return int(pynvml.nvmlDeviceGetTemperature(handle, sensor))
+    def nvmlDeviceGetTemperatureV(self, handle: Any, sensor: int) -> int:
+        # The versioned call replaces nvmlDeviceGetTemperature (deprecated in
+        # nvidia-ml-py 13, gone with CUDA 14); older drivers only have the old one.
+        try:
+            return int(pynvml.nvmlDeviceGetTemperatureV(handle, sensor))
+        except pynvml.NVMLError_FunctionNotFound:
+            return int(pynvml.nvmlDeviceGetTemperature(handle, sensor))
 
     def nvmlDeviceGetPowerUsage(self, handle: Any) -> int:
         return int(pynvml.nvmlDeviceGetPowerUsage(handle))
@@ -134,6 +140,17 @@ class PynvmlBackend:
 
     def nvmlDeviceGetSupportedEventTypes(self, handle: Any) -> int:
         return int(pynvml.nvmlDeviceGetSupportedEventTypes(handle))
+
+    def nvmlDeviceGetGpuRecoveryAction(self, handle: Any) -> int:
+        """What the driver asks to be done with the GPU (after XID 154). Newer bindings
+        have the call; nvidia-ml-py 13 reads it as field NVML_FI_DEV_GET_GPU_RECOVERY_ACTION."""
+        direct = getattr(pynvml, "nvmlDeviceGetGpuRecoveryAction", None)
+        if direct is not None:
+            return int(direct(handle))
+        value = pynvml.nvmlDeviceGetFieldValues(handle, [pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION])[0]
+        if value.nvmlReturn != pynvml.NVML_SUCCESS:
+            raise pynvml.NVMLError(value.nvmlReturn)
+        return int(value.value.uiVal)
 
     def nvmlEventSetCreate(self) -> Any:
         return pynvml.nvmlEventSetCreate()
@@ -184,6 +201,10 @@ def is_lost(exc: BaseException) -> bool:
 
 def is_not_supported(exc: BaseException) -> bool:
     return error_code(exc) == pynvml.NVML_ERROR_NOT_SUPPORTED
+
+
+def is_function_not_found(exc: BaseException) -> bool:
+    return error_code(exc) == pynvml.NVML_ERROR_FUNCTION_NOT_FOUND
 
 
 def is_timeout(exc: BaseException) -> bool:

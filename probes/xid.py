@@ -36,8 +36,29 @@ from probes.nvml_backend import (
 
 log = logging.getLogger(__name__)
 
-# Application errors: the GPU is still healthy (k8s-device-plugin's ignored list).
-APPLICATION_XIDS = frozenset({13, 31, 43, 45, 68, 109})
+# Application errors: the GPU is still healthy (k8s-device-plugin's ignored list, less
+# 109: NVIDIA's XID catalog gives it a GPU reset, so it is in the default fatal list).
+APPLICATION_XIDS = frozenset({13, 31, 43, 45, 68})
+RECOVERY_ACTION_CHANGED_XID = 154  # the driver's recovery action for the GPU changed: ask NVML which
+# What NVML may ask for (NVML_GPU_RECOVERY_ACTION_*): anything but NONE takes the GPU
+# out of service, for an inference node that is a drain (DRAIN_P2P included: tensor
+# parallelism talks peer to peer).
+_RECOVERY_ACTIONS = {
+    pynvml.NVML_GPU_RECOVERY_ACTION_NONE: "none",
+    pynvml.NVML_GPU_RECOVERY_ACTION_GPU_RESET: "gpu_reset",
+    pynvml.NVML_GPU_RECOVERY_ACTION_NODE_REBOOT: "node_reboot",
+    pynvml.NVML_GPU_RECOVERY_ACTION_DRAIN_P2P: "drain_p2p",
+    pynvml.NVML_GPU_RECOVERY_ACTION_DRAIN_AND_RESET: "drain_and_reset",
+    getattr(pynvml, "NVML_GPU_RECOVERY_ACTION_BUS_RESET", 6): "bus_reset",
+}
+# Registered where the GPU supports them: XIDs, and the newer events that name a
+# dead GPU or an uncontained memory error outright, and recovery-action changes.
+WATCHED_EVENTS = (
+    pynvml.nvmlEventTypeXidCriticalError
+    | pynvml.nvmlEventTypeGpuUnavailableError
+    | pynvml.nvmlEventTypeFatalPoisonError
+    | pynvml.nvmlEventTypeGpuRecoveryAction
+)
 
 
 class XidClass(StrEnum):
@@ -208,8 +229,8 @@ class XidWatcher:
             try:
                 handle = nvml.nvmlDeviceGetHandleByIndex(index)
                 uuid = nvml.nvmlDeviceGetUUID(handle)
-                mask = pynvml.nvmlEventTypeXidCriticalError & nvml.nvmlDeviceGetSupportedEventTypes(handle)
-                if not mask:
+                mask = WATCHED_EVENTS & nvml.nvmlDeviceGetSupportedEventTypes(handle)
+                if not mask & pynvml.nvmlEventTypeXidCriticalError:
                     raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
                 nvml.nvmlDeviceRegisterEvents(handle, mask, event_set)
             except pynvml.NVMLError as exc:
@@ -232,21 +253,45 @@ class XidWatcher:
             self._emit(loop, fault=GpuFault(FaultKind.EVENT_WAIT, True, detail, f"xid-wait:{error_name(exc)}"))
             self._stop.wait(self._error_pause_s)  # a persistent error must not spin
             return
-        if data.eventType != pynvml.nvmlEventTypeXidCriticalError:
-            log.debug("skipping a non-XID NVML event", extra={"event_type": data.eventType})
-            return
-        xid = int(data.eventData)
-        klass = classify_xid(xid, self.fatal_xids, self.ignored_xids)
         uuid, index = self._which_gpu(data.device)
+        if data.eventType == pynvml.nvmlEventTypeXidCriticalError:
+            self._on_xid(int(data.eventData), uuid, index, data.device, loop)
+        elif data.eventType == pynvml.nvmlEventTypeGpuRecoveryAction:
+            self._on_recovery(int(data.eventData), uuid, index, loop, why="NVML recovery-action event")
+        elif data.eventType in (pynvml.nvmlEventTypeGpuUnavailableError, pynvml.nvmlEventTypeFatalPoisonError):
+            unavailable = data.eventType == pynvml.nvmlEventTypeGpuUnavailableError
+            kind, what = (FaultKind.UNAVAILABLE, "GPU unavailable") if unavailable else (FaultKind.POISON, "fatal poison (uncontained memory error)")
+            detail = f"{what} event on {_where(index)}"
+            self._emit(loop, fault=GpuFault(kind, True, detail, f"{kind.value}:{uuid or 'unknown'}", index, uuid))
+        else:
+            log.debug("skipping an NVML event", extra={"event_type": data.eventType})
+
+    def _on_xid(self, xid: int, uuid: str | None, index: int | None, device: Any, loop: asyncio.AbstractEventLoop) -> None:
+        klass = classify_xid(xid, self.fatal_xids, self.ignored_xids)
         event = XidEvent(xid, klass, index, uuid, time.time())
         if klass is XidClass.IGNORED:
             log.info("application XID ignored", extra={"xid": xid, "gpu": index})
             self._emit(loop, event=event)
             return
-        where = f"gpu {index}" if index is not None else "an unknown GPU"
-        detail = f"XID {xid} on {where}" + ("" if klass is XidClass.FATAL else " (not in the fatal list)")
+        if xid == RECOVERY_ACTION_CHANGED_XID and klass is not XidClass.FATAL:
+            self._emit(loop, event=event)
+            try:
+                action = self._nvml.nvmlDeviceGetGpuRecoveryAction(device)
+            except pynvml.NVMLError as exc:
+                detail = f"XID 154 on {_where(index)}: the recovery action cannot be read ({describe_error(exc)})"
+                self._emit(loop, fault=GpuFault(FaultKind.RECOVERY, False, detail, f"xid:{uuid}:154:{error_name(exc)}", index, uuid, xid))
+                return
+            self._on_recovery(action, uuid, index, loop, why="XID 154")
+            return
+        detail = f"XID {xid} on {_where(index)}" + ("" if klass is XidClass.FATAL else " (not in the fatal list)")
         fault = GpuFault(FaultKind.XID, klass is XidClass.FATAL, detail, f"xid:{uuid or 'unknown'}:{xid}", index, uuid, xid)
         self._emit(loop, event=event, fault=fault)
+
+    def _on_recovery(self, action: int, uuid: str | None, index: int | None, loop: asyncio.AbstractEventLoop, *, why: str) -> None:
+        name = _RECOVERY_ACTIONS.get(action, f"action_{action}")
+        fatal = action != pynvml.NVML_GPU_RECOVERY_ACTION_NONE
+        detail = f"{why} on {_where(index)}: NVML asks for {name}" + ("" if fatal else " (nothing to do)")
+        self._emit(loop, fault=GpuFault(FaultKind.RECOVERY, fatal, detail, f"recovery:{uuid or 'unknown'}:{name}", index, uuid))
 
     def _which_gpu(self, device: Any) -> tuple[str | None, int | None]:
         try:
@@ -278,6 +323,10 @@ class XidWatcher:
     ) -> None:
         # One hand-over for both, so whoever sees the event counted sees its fault too.
         _threadsafe(loop, self._deliver, event, fault)
+
+
+def _where(index: int | None) -> str:
+    return f"gpu {index}" if index is not None else "an unknown GPU"
 
 
 def _threadsafe(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:

@@ -22,6 +22,7 @@ import pynvml
 
 _ALL_EVENTS = (
     pynvml.nvmlEventTypeXidCriticalError | pynvml.nvmlEventTypeDoubleBitEccError | pynvml.nvmlEventTypeSingleBitEccError
+    | pynvml.nvmlEventTypeGpuUnavailableError | pynvml.nvmlEventTypeFatalPoisonError | pynvml.nvmlEventTypeGpuRecoveryAction
 )
 _NO_INSTANCE = 0xFFFFFFFF
 _HANG_LIMIT_S = 30.0  # a forgotten release() must not hold a test thread for ever
@@ -46,6 +47,7 @@ class FakeGpu:
     mig_mode: int | None = 0  # None: the GPU has no MIG (NOT_SUPPORTED)
     supported_events: int = _ALL_EVENTS
     lost: bool = False  # every call on it raises GPU_IS_LOST
+    recovery_action: int = pynvml.NVML_GPU_RECOVERY_ACTION_NONE
 
 
 @dataclass(frozen=True)
@@ -219,8 +221,8 @@ class FakeNvml:
         with self._call("nvmlDeviceGetMemoryInfo", handle) as gpu:
             return FakeMemory(gpu.memory_total_bytes, gpu.memory_total_bytes - gpu.memory_used_bytes, gpu.memory_used_bytes)
 
-    def nvmlDeviceGetTemperature(self, handle: FakeHandle, sensor: int) -> int:
-        with self._call("nvmlDeviceGetTemperature", handle) as gpu:
+    def nvmlDeviceGetTemperatureV(self, handle: FakeHandle, sensor: int) -> int:
+        with self._call("nvmlDeviceGetTemperatureV", handle) as gpu:
             return gpu.temperature_c
 
     def nvmlDeviceGetPowerUsage(self, handle: FakeHandle) -> int:
@@ -254,6 +256,10 @@ class FakeNvml:
     def nvmlDeviceGetSupportedEventTypes(self, handle: FakeHandle) -> int:
         with self._call("nvmlDeviceGetSupportedEventTypes", handle) as gpu:
             return gpu.supported_events
+
+    def nvmlDeviceGetGpuRecoveryAction(self, handle: FakeHandle) -> int:
+        with self._call("nvmlDeviceGetGpuRecoveryAction", handle) as gpu:
+            return gpu.recovery_action
 
     def nvmlEventSetCreate(self) -> FakeEventSet:
         with self._call("nvmlEventSetCreate"):

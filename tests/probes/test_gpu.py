@@ -205,13 +205,24 @@ async def test_a_gpu_without_mig_or_ecc_reports_not_supported_and_stays_ok(fake:
 
 
 async def test_unknown_error_on_one_value_is_reported_and_degrades(fake: FakeNvml, make_probe) -> None:
-    fake.fail("nvmlDeviceGetTemperature", pynvml.NVML_ERROR_UNKNOWN, gpu=1)
+    fake.fail("nvmlDeviceGetTemperatureV", pynvml.NVML_ERROR_UNKNOWN, gpu=1)
     faults: list[GpuFault] = []
     reading = await make_probe(on_fault=faults.append).sample()
     assert reading.status is GpuStatus.DEGRADED and "gpu 1 cannot read temperature_c" in reading.detail
     assert reading.gpus[1].temperature_c is None and reading.gpus[1].power_w == 16.0
     assert reading.gpus[1].unavailable == {"temperature_c": "UNKNOWN: Unknown Error"}
     assert faults == []
+
+
+@pytest.mark.parametrize("call", ["nvmlDeviceGetTemperatureV", "nvmlDeviceGetCurrentClocksEventReasons"])
+async def test_a_function_this_driver_lacks_is_not_available_never_degraded(fake: FakeNvml, make_probe, call: str) -> None:
+    # nvidia-ml-py 13 deprecates nvmlDeviceGetTemperature and the throttle-reason calls;
+    # a CUDA 14 driver answers FUNCTION_NOT_FOUND for what it dropped.
+    fake.fail(call, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+    reading = await make_probe().sample()
+    assert reading.status is GpuStatus.OK, reading.detail
+    assert all(why.startswith("NOT_SUPPORTED (FUNCTION_NOT_FOUND") for gpu in reading.gpus for why in gpu.unavailable.values())
+    assert all(gpu.unavailable for gpu in reading.gpus)
 
 
 @pytest.mark.parametrize(
@@ -330,7 +341,7 @@ async def test_sampling_recovers_once_the_stuck_call_returns(fake: FakeNvml, mak
 
 
 async def test_runner_records_the_deadline_then_the_wedge_in_the_snapshot(fake: FakeNvml, make_probe) -> None:
-    fake.hang("nvmlDeviceGetTemperature")
+    fake.hang("nvmlDeviceGetTemperatureV")
     snapshot, errors = Snapshot(), Counter()
     runner = ProbeRunner(make_probe(call_timeout_s=0.1), snapshot, errors)
     assert not await runner.run_once()

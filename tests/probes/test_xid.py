@@ -54,7 +54,8 @@ async def watching() -> AsyncIterator[Running]:
         (13, XidClass.IGNORED),
         (31, XidClass.IGNORED),
         (94, XidClass.REPORTED),
-        (109, XidClass.FATAL),  # an application XID listed as fatal: the explicit choice wins
+        (109, XidClass.FATAL),  # NVIDIA's catalog: a GPU reset (the device plugin ignores it)
+        (45, XidClass.IGNORED),
     ],
 )
 def test_xids_are_classified_fatal_ignored_or_reported(xid: int, expected: XidClass) -> None:
@@ -82,6 +83,66 @@ async def test_xid_outside_the_fatal_list_is_reported_but_not_fatal(watching: Ru
     watching.fake.emit_xid(0, 94)
     await until(lambda: len(watching.faults) == 1)
     assert (watching.faults[0].xid, watching.faults[0].fatal) == (94, False)
+
+
+def test_xid_109_is_fatal_by_default() -> None:
+    from agent.config import GpuConfig
+
+    assert 109 in GpuConfig().fatal_xids and 109 not in APPLICATION_XIDS
+
+
+@pytest.mark.parametrize(
+    ("action", "fatal", "name"),
+    [
+        (pynvml.NVML_GPU_RECOVERY_ACTION_GPU_RESET, True, "gpu_reset"),
+        (pynvml.NVML_GPU_RECOVERY_ACTION_NODE_REBOOT, True, "node_reboot"),
+        (pynvml.NVML_GPU_RECOVERY_ACTION_DRAIN_P2P, True, "drain_p2p"),
+        (pynvml.NVML_GPU_RECOVERY_ACTION_NONE, False, "none"),
+    ],
+)
+async def test_xid_154_is_acted_on_through_the_recovery_action_nvml_reports(watching: Running, action: int, fatal: bool, name: str) -> None:
+    watching.fake.set(1, recovery_action=action)
+    watching.fake.emit_xid(1, 154)
+    await until(lambda: len(watching.faults) == 1)
+    fault = watching.faults[0]
+    assert (fault.kind, fault.fatal, fault.gpu_index) == (FaultKind.RECOVERY, fatal, 1)
+    assert name in fault.detail and "XID 154" in fault.detail
+    assert watching.fake.calls["nvmlDeviceGetGpuRecoveryAction"] == 1
+
+
+async def test_xid_154_with_an_unreadable_recovery_action_is_reported_not_guessed(watching: Running) -> None:
+    watching.fake.fail("nvmlDeviceGetGpuRecoveryAction", pynvml.NVML_ERROR_NOT_SUPPORTED)
+    watching.fake.emit_xid(0, 154)
+    await until(lambda: len(watching.faults) == 1)
+    assert (watching.faults[0].kind, watching.faults[0].fatal) == (FaultKind.RECOVERY, False)
+
+
+@pytest.mark.parametrize(
+    ("event", "kind"),
+    [(pynvml.nvmlEventTypeGpuUnavailableError, FaultKind.UNAVAILABLE), (pynvml.nvmlEventTypeFatalPoisonError, FaultKind.POISON)],
+)
+async def test_gpu_unavailable_and_fatal_poison_events_are_fatal(watching: Running, event: int, kind: FaultKind) -> None:
+    assert watching.fake.emit_event(0, event, 0) == 1  # registered where supported
+    await until(lambda: len(watching.faults) == 1)
+    assert (watching.faults[0].kind, watching.faults[0].fatal, watching.faults[0].gpu_index) == (kind, True, 0)
+
+
+async def test_a_recovery_action_event_is_acted_on(watching: Running) -> None:
+    watching.fake.emit_event(1, pynvml.nvmlEventTypeGpuRecoveryAction, pynvml.NVML_GPU_RECOVERY_ACTION_DRAIN_AND_RESET)
+    await until(lambda: len(watching.faults) == 1)
+    assert (watching.faults[0].kind, watching.faults[0].fatal) == (FaultKind.RECOVERY, True)
+    assert "drain_and_reset" in watching.faults[0].detail
+
+
+async def test_a_gpu_with_only_xid_events_is_still_watched() -> None:
+    fake = FakeNvml(count=1)
+    fake.set(0, supported_events=pynvml.nvmlEventTypeXidCriticalError)  # an older driver or GPU
+    running = await start(fake)
+    await until(lambda: running.watcher.state is WatchState.WATCHING)
+    assert fake.emit_xid(0, 79) == 1
+    await until(lambda: len(running.faults) == 1)
+    assert fake.event_sets[0].registered[0] == pynvml.nvmlEventTypeXidCriticalError
+    await stop(running)
 
 
 async def test_non_xid_events_are_skipped(watching: Running) -> None:
