@@ -25,7 +25,9 @@ DEFAULT_PORT = 8095
 DEFAULT_CONFIG_PATH = Path("/etc/gpu-node-agent/config.toml")
 PORT_ENV = "GPU_AGENT_SERVICE__PORT"
 HOST_ENV = "GPU_AGENT_SERVICE__HOST"
-SERVICE_KEYS = frozenset({"host", "port", "admin_token_file", "state_dir", "shutdown_timeout_s"})  # [service]
+SERVICE_KEYS = frozenset({  # [service]
+    "host", "port", "admin_token_file", "state_dir", "shutdown_timeout_s", "max_connections", "keepalive_timeout_s",
+})
 ENDPOINTS = ("/status", "/readyz", "/healthz", "/metrics", "/drain", "/resume")
 _WILDCARDS = ("", "0.0.0.0", "::", "[::]")
 _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
