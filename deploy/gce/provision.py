@@ -67,7 +67,7 @@ class Settings:
     external_ip: bool = True
     spot: bool = False
     agent_package: str = "gpu-node-agent"
-    vllm_package: str = "vllm"
+    vllm_package: str = "vllm>=0.18.0"  # --shutdown-timeout (deploy/gce/vllm.service)
     vllm_args: str = ""
     min_replicas: int = 1
     max_replicas: int = 20

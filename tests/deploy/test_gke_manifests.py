@@ -112,8 +112,21 @@ def test_termination_grace_covers_the_prestop_drain_and_both_exits() -> None:
     env = agent_env()
     propagation_s = float(env["GPU_AGENT_DRAIN__PROPAGATION_DELAY_S"])
     assert timeout_s >= float(env["GPU_AGENT_DRAIN__TIMEOUT_S"]) > propagation_s
-    vllm_exit_s, agent_exit_s = 15, 10
+    vllm_exit_s, agent_exit_s = vllm_shutdown_timeout_s(), 10
     assert pod_spec()["terminationGracePeriodSeconds"] >= timeout_s + vllm_exit_s + agent_exit_s
+
+
+def vllm_shutdown_timeout_s() -> int:
+    args = container("vllm")["args"]
+    assert "--shutdown-timeout" in args, "vLLM aborts in-flight requests at SIGTERM without it"
+    return int(args[args.index("--shutdown-timeout") + 1])
+
+
+def test_vllm_is_a_version_with_graceful_shutdown_and_is_given_time_for_it() -> None:
+    tag = container("vllm")["image"].rsplit(":", 1)[1]
+    assert tuple(int(p) for p in tag.removeprefix("v").split(".")[:2]) >= (0, 18)  # --shutdown-timeout
+    # Long enough to finish what a Spot reclaim (about 15 s for pods) leaves running.
+    assert 15 <= vllm_shutdown_timeout_s() <= 60
 
 
 def test_the_prestop_drains_the_agent_on_loopback_with_python_only() -> None:

@@ -112,3 +112,10 @@ def test_the_agent_unit_raises_the_open_file_limit_above_systemds_1024() -> None
     # A 1024 soft limit lets 1,000 idle client connections stop every probe.
     service = unit("gpu-node-agent.service")["Service"]
     assert int(service["LimitNOFILE"].split(":")[-1]) >= 65536
+
+
+def test_vllm_finishes_in_flight_work_at_sigterm_within_its_stop_timeout() -> None:
+    service = unit("vllm.service")["Service"]
+    match = re.search(r"--shutdown-timeout (\d+)", service["ExecStart"])
+    assert match, "vLLM aborts in-flight requests at SIGTERM without --shutdown-timeout"
+    assert seconds(service["TimeoutStopSec"]) > int(match.group(1))
