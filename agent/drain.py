@@ -22,6 +22,7 @@ from state_machine import Drain, DrainReason, Lifecycle, State
 log = logging.getLogger(__name__)
 
 _TICK_S = 0.05
+_RECENT_S = 5.0  # how old a reading may be to stand for the notice when none could be taken at it
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +133,10 @@ class DrainController:
             # Both come from a reading taken at the notice, not one up to a poll old:
             # requests that finished just before it are not the drain's.
             await self._fresh(first)
-            self._origin = (first.started_at_mono, self._in_flight.since(first.started_at_mono), self._in_flight.counters())
+            notice = self._in_flight.since(first.started_at_mono)
+            if notice is None:  # no reading at the notice (cut short, vLLM hung): the last recent one
+                notice = self._in_flight.since(first.started_at_mono - _RECENT_S)
+            self._origin = (first.started_at_mono, notice, self._in_flight.counters())
         _, notice, baseline = self._origin
         empty_since: float | None = None
         last_known: float | None = notice
