@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
-from pathlib import Path
+import contextlib
 
-from bench.common import AgentProcess, Child, machine_header, median, start_child, summary_line, wait_ready
+from bench.common import agent_under_test, machine_header, median, start_child, summary_line
 from bench.loadgen import LoadResult, drive
 
 ENGINES = (1, 4)
@@ -26,39 +25,21 @@ def checked(name: str, result: LoadResult) -> LoadResult:
     return result
 
 
-async def started_agent(vllm: Child, tmp: Path) -> AgentProcess:
-    tmp.mkdir()
-    agent = AgentProcess(tmp, {"GPU_AGENT_INFERENCE__BASE_URL": vllm.url, "GPU_AGENT_INFERENCE__POLL_INTERVAL_S": "1"}).start()
-    try:
-        await agent.started()
-        await wait_ready(agent)
-    except BaseException:
-        agent.kill()
-        raise
-    return agent
-
-
 async def run(rate: float, seconds: float, rounds: int) -> list[dict[str, LoadResult]]:
     """One dict per round: "bare", "agent1", "agent4", measured one after the other."""
-    children: list[Child] = []
-    agents: list[AgentProcess] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            children.append(await start_child("bench.baseline_app", "0"))
-            for engines in ENGINES:
-                children.append(await start_child("bench.vllm_child", "--engines", str(engines)))
-                agents.append(await started_agent(children[-1], Path(tmp) / f"agent{engines}"))
-            await asyncio.sleep(_SETTLE_S)
-            targets = {"bare": children[0].url, **{f"agent{e}": a.url for e, a in zip(ENGINES, agents)}}
-            results = []
-            for _ in range(rounds):
-                results.append({name: checked(name, await drive(f"{url}/readyz", rate, seconds)) for name, url in targets.items()})
-            return results
-        finally:
-            for agent in agents:
-                agent.kill()
-            for child in children:
-                child.stop()
+    async with contextlib.AsyncExitStack() as stack:
+        children = [await start_child("bench.baseline_app", "0")]
+        stack.callback(children[0].stop)
+        targets = {"bare": children[0].url}
+        for engines in ENGINES:
+            vllm = await start_child("bench.vllm_child", "--engines", str(engines))
+            stack.callback(vllm.stop)
+            subject = await stack.enter_async_context(agent_under_test(vllm.url, settle_s=_SETTLE_S))
+            targets[f"agent{engines}"] = subject.agent.url
+        results = []
+        for _ in range(rounds):
+            results.append({name: checked(name, await drive(f"{url}/readyz", rate, seconds)) for name, url in targets.items()})
+        return results
 
 
 def ratios(results: list[dict[str, LoadResult]], name: str, field: str) -> list[float]:

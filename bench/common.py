@@ -4,12 +4,15 @@ and the machine/commit header for RESULTS.md. The load driver is bench/loadgen.p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +21,10 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.proc_sampler import ProcSampler
 from tests.harness import AgentProcess, status_is, until  # after the sys.path line; reused: one way to run the agent
 
-__all__ = ["AgentProcess", "Child", "machine_header", "percentile", "start_child", "until", "wait_ready"]
+__all__ = ["AgentProcess", "Child", "Subject", "agent_under_test", "machine_header", "percentile", "start_child", "until", "wait_ready"]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -75,6 +79,55 @@ async def wait_ready(agent: AgentProcess, timeout_s: float = 20.0) -> None:
     """Until the agent's /readyz answers 200."""
     async with aiohttp.ClientSession() as session:
         await until(lambda: status_is(session, f"{agent.url}/readyz", 200), timeout_s, 0.1, "agent READY")
+
+
+@dataclass
+class Subject:
+    """A running agent with its sampler; `readyz`/`healthz` are its URLs."""
+
+    agent: AgentProcess
+    sampler: ProcSampler
+
+    @property
+    def readyz(self) -> str:
+        return f"{self.agent.url}/readyz"
+
+    @property
+    def healthz(self) -> str:
+        return f"{self.agent.url}/healthz"
+
+    def alive(self) -> bool:
+        return self.agent.proc is not None and self.agent.proc.poll() is None
+
+
+@contextlib.asynccontextmanager
+async def agent_under_test(vllm_url: str, nofile: tuple[int, int] | None = None, settle_s: float = 1.0) -> AsyncIterator[Subject]:
+    """An agent scraping `vllm_url` every second with the production inference timeout,
+    READY and `settle_s` later, its RSS and descriptors sampled; killed on the way out.
+    `nofile`: its RLIMIT_NOFILE (soft, hard), set before it starts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "agent.toml"
+        argv = None
+        if nofile is not None:
+            argv = [sys.executable, "-c", _NOFILE_SHIM, str(nofile[0]), str(nofile[1]), "-m", "agent", "run", "--config", str(config)]
+        settings = {"GPU_AGENT_INFERENCE__BASE_URL": vllm_url, "GPU_AGENT_INFERENCE__POLL_INTERVAL_S": "1", "GPU_AGENT_INFERENCE__TIMEOUT_S": "3"}
+        agent = AgentProcess(Path(tmp), settings, argv=argv).start()
+        try:
+            await agent.started()
+            await wait_ready(agent)
+            assert agent.proc is not None
+            async with ProcSampler(agent.proc.pid) as sampler:
+                await asyncio.sleep(settle_s)  # first scrapes, caches and imports done
+                yield Subject(agent, sampler)
+        finally:
+            agent.kill()
+
+
+
+_NOFILE_SHIM = (  # sets the limit, then becomes the agent (same pid: sampled and killed as usual)
+    "import os, resource, sys; soft, hard = map(int, sys.argv[1:3]); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)); os.execv(sys.executable, [sys.executable, *sys.argv[3:]])"
+)
 
 
 def machine_header() -> str:

@@ -32,6 +32,7 @@ OPTIONAL = [
     ("bench_preemption", ["--trials", "50"], ["--trials", "10"]),
     ("bench_export", [], ["--quick"]),
     ("bench_soak_rss", ["--minutes", "10"], ["--minutes", "1"]),
+    ("bench_faults", [], ["--quick"]),  # full: ~20 min on today's agent (preemption trials wait out its backoff)
 ]
 _SUMMARY = re.compile(r"<!-- summary: (.*?) \| (.*?) \| (.*?) -->")
 

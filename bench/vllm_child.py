@@ -1,7 +1,9 @@
 """A FakeVllm in its own process, so its rendering does not run in the measuring
-process; prints `listening PORT` when it serves. With --extra-lines or
---long-line-bytes it serves one pre-rendered exposition: a real one with extra
-distinct-label `vllm:request_success_total` series (or one huge label value) added.
+process; prints `listening PORT BYTES` when it serves. With --extra-lines or
+--long-line-bytes it serves a pre-rendered real exposition and, from the first
+SIGUSR1 on, that exposition with extra distinct-label `vllm:request_success_total`
+series (or one huge label value) added: BYTES is that body's size. SIGUSR1 is a
+no-op otherwise.
 
     python -m bench.vllm_child [--engines 4] [--model NAME] [--extra-lines 100000 | --long-line-bytes 7000000]
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 
 import uvloop
 
@@ -19,12 +22,16 @@ _FAMILY = b"vllm:request_success_total{"
 
 
 class PaddedVllm(FakeVllm):
-    """Serves the same bytes at every scrape: rendering 100k lines per scrape would
-    measure prometheus_client, not the agent."""
+    """Serves pre-rendered bytes (rendering 100k lines per scrape would measure
+    prometheus_client, not the agent): `plain` until `pad()`, then `padded`."""
 
-    def __init__(self, body: bytes, **kwargs: object) -> None:
+    def __init__(self, plain: bytes, padded: bytes, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.body = body
+        self.plain, self.padded = plain, padded
+        self.body = plain
+
+    def pad(self) -> None:
+        self.body = self.padded
 
     def render_metrics(self) -> bytes:
         return self.body
@@ -57,17 +64,20 @@ def loaded(vllm: FakeVllm) -> FakeVllm:
 
 def build(args: argparse.Namespace) -> FakeVllm:
     real = loaded(FakeVllm(engines=args.engines, model=args.model))
-    if args.extra_lines:
-        return PaddedVllm(padded(real.render_metrics(), extra_lines(args.model, args.extra_lines)), engines=args.engines, model=args.model)
-    if args.long_line_bytes:
-        return PaddedVllm(padded(real.render_metrics(), long_line(args.model, args.long_line_bytes)), engines=args.engines, model=args.model)
-    return real
+    if not (args.extra_lines or args.long_line_bytes):
+        return real
+    plain = real.render_metrics()
+    extra = extra_lines(args.model, args.extra_lines) if args.extra_lines else long_line(args.model, args.long_line_bytes)
+    return PaddedVllm(plain, padded(plain, extra), engines=args.engines, model=args.model)
 
 
 async def serve(args: argparse.Namespace) -> None:
     vllm = build(args)
+    pad = vllm.pad if isinstance(vllm, PaddedVllm) else lambda: None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, pad)
     await vllm.start()
-    print(f"listening {vllm.port} {len(vllm.render_metrics())}", flush=True)
+    body = vllm.padded if isinstance(vllm, PaddedVllm) else vllm.render_metrics()
+    print(f"listening {vllm.port} {len(body)}", flush=True)
     await asyncio.Event().wait()
 
 
