@@ -1,15 +1,13 @@
-/* loadgen.c - open-loop HTTP/1.1 keep-alive GET driver for loopback benches.
+/* loadgen.c - open-loop HTTP/1.1 keep-alive GET driver for loopback benches; built
+ * and run by bench/loadgen.py (`python -m bench.loadgen --help`).
  *
  *   loadgen HOST PORT PATH RATE_PER_S DURATION_S CONNECTIONS [TIMEOUT_S]
  *
- * Built and run by bench/loadgen.py (`python -m bench.loadgen --help`).
- *
- * Request i is due at t0 + i/RATE (wrk2-style, no coordinated omission). It goes
- * out at its due time on a free keep-alive connection; when none is free it waits
- * in a queue and its latency still counts from the due time. Latency = response
- * fully read (status line, headers, Content-Length body) - due time. One request
- * per connection at a time (no pipelining). A timerfd wakes the loop at the next
- * due time with nanosecond resolution, so the driver adds little tail of its own.
+ * Request i is due at t0 + i/RATE (wrk2-style, no coordinated omission): it goes out
+ * at its due time on a free keep-alive connection, or waits in a queue with its
+ * latency still counted from the due time. Latency = answer fully read (status,
+ * headers, Content-Length body) - due time. One request per connection at a time;
+ * a timerfd wakes the epoll loop at the next due time with ns resolution.
  *
  * Errors: connect failures, non-2xx answers, connections closed or reset under a
  * request, answers without Content-Length (chunked is not supported: aiohttp
@@ -18,7 +16,9 @@
  *
  * Prints one JSON object: requests (scheduled), count (complete answers of any
  * status: the latency percentiles are over these), ok (2xx), errors (requests -
- * ok), errors_by kind, p50/p90/p99/p999/max in ms (null when count is 0).
+ * ok), errors_by kind, p50/p90/p99/p999/max in ms (null when count is 0), and
+ * send_lag_p99: the driver's own lateness, from when a request was due and a
+ * connection was free for it to when it went out, in ms.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -58,7 +58,10 @@ static char request[2048];
 static size_t request_len;
 static double t0_s, rate_per_s, timeout_s = 5.0;
 static long total, next_req, resolved, count, ok, errors_by[E_KINDS];
-static double *latency_ms;
+static double *latency_ms, *lag_ms; /* lag: the driver's own lateness per request */
+static long lagged;
+static double unblocked_s; /* when a connection last freed up for a queue that was waiting on one */
+static int blocked;
 static struct conn *conns;
 static int nconns, ep, tfd;
 
@@ -75,7 +78,12 @@ static void watch(struct conn *c, uint32_t events, int op) {
     epoll_ctl(ep, op, c->fd, &ev);
 }
 
+static void usable(void) {
+    if (blocked) unblocked_s = now_s(), blocked = 0;
+}
+
 static void conn_close(struct conn *c) {
+    usable(); /* a dead connection is reopened for the next request */
     if (c->fd >= 0) close(c->fd); /* close() also drops it from the epoll set */
     c->fd = -1;
     c->state = DEAD;
@@ -123,6 +131,7 @@ static void on_connected(struct conn *c) {
     watch(c, EPOLLIN, EPOLL_CTL_MOD);
     c->state = IDLE;
     if (c->req >= 0) send_on(c, c->req);
+    else usable();
 }
 
 /* Headers are complete in c->head[0..end): status, Content-Length, keep-alive. */
@@ -133,7 +142,7 @@ static int parse_head(struct conn *c, size_t end, int *keep_alive) {
     *keep_alive = strncmp(c->head, "HTTP/1.1", 8) == 0;
     for (char *line = strstr(c->head, "\r\n"); line && line < c->head + end; line = strstr(line + 2, "\r\n")) {
         if (strncasecmp(line + 2, "content-length:", 15) == 0) length = atol(line + 17);
-        else if (strncasecmp(line + 2, "connection:", 11) == 0) *keep_alive = strncasecmp(line + 13, " close", 6) != 0;
+        else if (strncasecmp(line + 2, "connection:", 11) == 0) *keep_alive = strncasecmp(line + 13 + strspn(line + 13, " \t"), "close", 5) != 0;
     }
     if (length < 0) return -1;
     c->body_left = length - (long)(c->head_len - end);
@@ -147,6 +156,7 @@ static void complete(struct conn *c, int keep_alive) {
     resolved++;
     c->req = -1;
     c->state = IDLE;
+    usable();
     if (!keep_alive) conn_close(c);
 }
 
@@ -182,9 +192,11 @@ static void dispatch(double now) {
             if (conns[i].state == IDLE) idle = &conns[i];
             else if (conns[i].state == DEAD && !dead) dead = &conns[i];
         }
+        if (!idle && !dead) { blocked = 1; break; } /* queued: latency still counts from the due time */
+        double ready_s = due_s(next_req) > unblocked_s ? due_s(next_req) : unblocked_s;
+        lag_ms[lagged++] = (now_s() - ready_s) * 1000.0;
         if (idle) send_on(idle, next_req++);
-        else if (dead) conn_open(dead, next_req++);
-        else break; /* queued: its latency keeps counting from its due time */
+        else conn_open(dead, next_req++);
     }
     struct itimerspec at = {0};
     if (next_req < total && due_s(next_req) > now) { /* else: a freed connection wakes us */
@@ -217,23 +229,24 @@ static int by_value(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-static void print_quantile(const char *name, double q) {
-    if (count == 0) { printf(", \"%s\": null", name); return; }
-    double rank = (double)(count - 1) * q;
-    long low = (long)rank, high = low + 1 < count ? low + 1 : low;
-    printf(", \"%s\": %.4f", name, latency_ms[low] + (latency_ms[high] - latency_ms[low]) * (rank - (double)low));
+/* Linear interpolation between closest ranks of sorted `v`, as bench/common.py's percentile(). */
+static void print_quantile(const char *name, const double *v, long n, double q) {
+    if (n == 0) { printf(", \"%s\": null", name); return; }
+    double rank = (double)(n - 1) * q;
+    long low = (long)rank, high = low + 1 < n ? low + 1 : low;
+    printf(", \"%s\": %.4f", name, v[low] + (v[high] - v[low]) * (rank - (double)low));
 }
 
 static void report(void) {
     qsort(latency_ms, (size_t)count, sizeof *latency_ms, by_value);
+    qsort(lag_ms, (size_t)lagged, sizeof *lag_ms, by_value);
     printf("{\"requests\": %ld, \"count\": %ld, \"ok\": %ld, \"errors\": %ld, \"errors_by\": {", total, count, ok, total - ok);
     for (int k = 0; k < E_KINDS; k++) printf("%s\"%s\": %ld", k ? ", " : "", ERR_NAMES[k], errors_by[k]);
     printf("}");
-    print_quantile("p50", 0.5);
-    print_quantile("p90", 0.9);
-    print_quantile("p99", 0.99);
-    print_quantile("p999", 0.999);
-    print_quantile("max", 1.0);
+    static const char *names[] = {"p50", "p90", "p99", "p999", "max"};
+    static const double qs[] = {0.5, 0.9, 0.99, 0.999, 1.0};
+    for (int i = 0; i < 5; i++) print_quantile(names[i], latency_ms, count, qs[i]);
+    print_quantile("send_lag_p99", lag_ms, lagged, 0.99);
     printf("}\n");
 }
 
@@ -266,6 +279,7 @@ int main(int argc, char **argv) {
     }
     request_len = (size_t)snprintf(request, sizeof request, "GET %s HTTP/1.1\r\nHost: %s:%s\r\n\r\n", argv[3], argv[1], argv[2]);
     latency_ms = calloc((size_t)total, sizeof *latency_ms);
+    lag_ms = calloc((size_t)total, sizeof *lag_ms);
     conns = calloc((size_t)nconns, sizeof *conns);
     ep = epoll_create1(0);
     tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK);

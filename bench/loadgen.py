@@ -40,6 +40,7 @@ class LoadResult:
     p99_ms: float | None
     p999_ms: float | None
     max_ms: float | None
+    send_lag_p99_ms: float | None  # the driver's own lateness: due and a connection free -> sent
 
     @property
     def error_ratio(self) -> float:
@@ -50,7 +51,7 @@ class LoadResult:
         raw = json.loads(text)
         return cls(
             raw["requests"], raw["count"], raw["ok"], raw["errors"], raw["errors_by"],
-            raw["p50"], raw["p90"], raw["p99"], raw["p999"], raw["max"],
+            raw["p50"], raw["p90"], raw["p99"], raw["p999"], raw["max"], raw["send_lag_p99"],
         )
 
 
