@@ -87,17 +87,23 @@ class ClientCase:
 def client_cases(plan: Plan) -> list[ClientCase]:
     soft, hard, note = unit_nofile()
     idle = ("--connections", "2500")
-    return [
-        ClientCase("a", "a slowloris of 800 connections", f"a. slowloris: 800 connections, one header byte each every {plan.slowloris_interval_s:g} s", "slowloris",
-                   ("--connections", "800", "--interval-s", f"{plan.slowloris_interval_s:g}"), plan.attack_s),
-        ClientCase("b", "2,500 idle connections, fd limit 1024", "b. 2,500 idle keep-alive connections, agent under RLIMIT_NOFILE 1024:1024 (systemd's default soft limit)",
+    every = f"{plan.slowloris_interval_s:g}"
+    cases = [
+        ClientCase("a", "a slowloris of 800 connections", f"a. slowloris: 800 connections, one header byte each every {every} s",
+                   "slowloris", ("--connections", "800", "--interval-s", every), plan.attack_s),
+        ClientCase("b", "2,500 idle connections, fd limit 1024",
+                   "b. 2,500 idle keep-alive connections, agent under RLIMIT_NOFILE 1024:1024 (systemd's default soft limit)",
                    "idle", idle, plan.attack_s, (1024, 1024)),
-        ClientCase("b", f"2,500 idle connections, the unit's fd limit ({soft})", f"b. 2,500 idle keep-alive connections, agent under the unit's limit {soft}:{hard} ({note})",
+        ClientCase("b", f"2,500 idle connections, the unit's fd limit ({soft})",
+                   f"b. 2,500 idle keep-alive connections, agent under the unit's limit {soft}:{hard} ({note})",
                    "idle", idle, plan.attack_s, (soft, hard)),
-        *(ClientCase("c", f"8 clients x {short}, {plan.headers_s:g} s", f"c. 8 clients sending {what}, back to back, for {plan.headers_s:g} s",
-                     "headers", ("--connections", "8", "--header-bytes", "1000000", "--shape", shape), plan.headers_s)
-          for shape, short, what in HEADER_SHAPES),
     ]
+    for shape, short, what in HEADER_SHAPES:
+        cases.append(ClientCase(
+            "c", f"8 clients x {short}, {plan.headers_s:g} s", f"c. 8 clients sending {what}, back to back, for {plan.headers_s:g} s",
+            "headers", ("--connections", "8", "--header-bytes", "1000000", "--shape", shape), plan.headers_s,
+        ))
+    return cases
 
 
 async def clients(plan: Plan, only: str) -> list[tuple[ClientCase, AttackRun | str]]:
