@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 
@@ -31,15 +32,15 @@ def unit_setting(name: str, unit: Path = UNIT) -> str | None:
     return found[-1].strip() if found else None
 
 
-def memory_max_bytes() -> int:
-    raw = unit_setting("MemoryMax") or "512M"
+def memory_max_bytes(unit: Path = UNIT) -> int:
+    raw = unit_setting("MemoryMax", unit) or "512M"
     return int(raw[:-1]) * _UNITS[raw[-1]] if raw[-1] in _UNITS else int(raw)
 
 
-def unit_nofile() -> tuple[int, int, str]:
+def unit_nofile(unit: Path = UNIT) -> tuple[int, int, str]:
     """(soft, hard, note): the unit's LimitNOFILE (65536 when it sets none), never
     above what this machine lets a process have."""
-    raw = unit_setting("LimitNOFILE")
+    raw = unit_setting("LimitNOFILE", unit)
     soft, _, hard = (raw or "65536").partition(":")
     want = (int(soft), int(hard or soft))
     ceiling = resource.getrlimit(resource.RLIMIT_NOFILE)[1]

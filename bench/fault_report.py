@@ -24,7 +24,8 @@ def errors(result: LoadResult) -> str:
     if not result.errors:
         return "0 errors"
     kinds = ", ".join(f"{k} {n}" for k, n in result.errors_by.items() if n)
-    return f"**errors {result.error_ratio:.0%}** ({kinds})"
+    share = f"{result.error_ratio:.1%}" if result.error_ratio < 0.1 else f"{result.error_ratio:.0%}"
+    return f"**errors {share}** ({kinds})"
 
 
 def mb(value: int | None) -> str:
@@ -37,9 +38,12 @@ def counts(stats: dict[str, int]) -> str:
 
 def probes(results: list[tuple[float, bool]], since: float) -> str:
     ok = sum(good for _, good in results)
-    text = f"{ok}/{len(results)}"
+    return f"{ok}/{len(results)}" + (f" ({first_failure(results, since)})" if ok < len(results) else "")
+
+
+def first_failure(results: list[tuple[float, bool]], since: float) -> str:
     failed = [at for at, good in results if not good]
-    return text + (f" (first failure at +{failed[0] - since:.1f} s)" if failed else "")
+    return f"first failure at +{failed[0] - since:.1f} s" if failed else ""
 
 
 def client_met(run: AttackRun) -> bool:
@@ -71,9 +75,11 @@ def client_rows(cases: list[tuple[Any, AttackRun | str]]) -> tuple[list[str], li
             f"| {run.max_fds} ({run.nofile[0]}:{run.nofile[1]}) | set up: {counts(run.attack.ready)}; at the end: {run.attack.stopped or counts(run.attack.done)} "
             f"| {'yes' if met else '**no**'}{'' if run.alive else ' (agent exited)'} |"
         )
+        dead = first_failure(run.healthz_during, run.attack_started)
         rows.append(summary_line(
             f"faults {case.scenario}: /readyz p99 during {case.short} (quiet: {p99(run.quiet)})",
-            f"{p99(run.during)}, {errors(run.during).replace('**', '')}; RSS max {mb(run.max_rss_bytes)}",
+            f"{p99(run.during)}, {errors(run.during).replace('**', '')}; RSS max {mb(run.max_rss_bytes)}"
+            + (f"; /healthz {dead}" if dead else "") + (f"; {run.attack.stopped.split(':')[0]}" if run.attack.stopped else ""),
             f"<= {CLIENT_GOAL_P99_MS:g} ms, 0 errors, RSS < {half / _MB:.0f} MB",
         ))
     return table, rows
@@ -90,7 +96,8 @@ def scrape_rows(runs: list[Any]) -> tuple[list[str], list[str]]:
         if isinstance(run, str):
             table.append(f"| ? | {run} | | | | | no |")
             continue
-        own = "no answer in 30 s" if run.own_metrics is None else f"{run.own_metrics[0]:,} lines, {mb(run.own_metrics[1])}, {run.own_metrics[2]:.2f} s"
+        lines = "no answer in 30 s" if run.own_metrics is None else f"{run.own_metrics[0]:,} lines"
+        own = lines if run.own_metrics is None else f"{lines}, {mb(run.own_metrics[1])}, {run.own_metrics[2]:.2f} s"
         r = run.readyz
         met = r.p99_ms is not None and r.p99_ms <= SCRAPE_GOAL_P99_MS and not r.errors
         p50 = "—" if r.p50_ms is None else f"{r.p50_ms:.1f} ms"
@@ -100,7 +107,7 @@ def scrape_rows(runs: list[Any]) -> tuple[list[str], list[str]]:
         if run is not baseline and baseline is not None:
             rows.append(summary_line(
                 f"faults d: /readyz p99 while vLLM serves {run.what.lstrip('+ ')} (baseline: {p99(baseline.readyz)})",
-                f"{p99(r)}; agent /metrics {own.split(',')[0]}",
+                f"{p99(r)}; agent /metrics {lines}" + ("; RSS over MemoryMax" if over else ""),
                 f"<= {SCRAPE_GOAL_P99_MS:g} ms; agent /metrics lines fixed",
             ))
     return table, rows
@@ -114,8 +121,10 @@ def notice_stats(values: list[float | None], limit_s: float) -> tuple[str, str, 
     """p50, p99, max (text) and how many were not seen within the limit (counted as the limit)."""
     seen = [v if v is not None else limit_s for v in values]
     missed = sum(v is None for v in values)
-    flag = f" (>= {limit_s:g} s: {missed} not seen)" if missed else ""
-    return seconds(percentile(seen, 0.5)), seconds(percentile(seen, 0.99)) + flag, seconds(max(seen)), missed
+    if not missed:
+        return seconds(percentile(seen, 0.5)), seconds(percentile(seen, 0.99)), seconds(max(seen)), 0
+    at_least = f">= {seconds(percentile(seen, 0.99))} ({missed} not seen within {limit_s:g} s)"
+    return seconds(percentile(seen, 0.5)), at_least, f"> {limit_s:g} s", missed
 
 
 def notice_rows(notices: dict[str, Any], plan: Any) -> tuple[list[str], list[str]]:
