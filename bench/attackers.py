@@ -16,6 +16,7 @@ import contextlib
 import json
 import random
 import resource
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,8 @@ import uvloop
 HOST = "127.0.0.1"  # loopback only, whatever the caller asks
 _BATCH = 100  # connects in flight at once: a burst of thousands overflows the listen backlog
 _ANSWER_TIMEOUT_S = 5.0
+_SETUP_TIMEOUT_S = 10.0  # a connect into a full backlog can otherwise retry SYNs for minutes
+_OVERRUN_S = 60.0  # on top of --seconds, the most an attack may take in all before it exits
 _FIELD_BYTES = 8000  # under aiohttp's 8190-byte max_field_size: many fields, each accepted
 
 
@@ -63,7 +66,11 @@ class Attack:
 
         async def gated() -> None:
             async with gate:
-                await setup()
+                try:
+                    async with asyncio.timeout(_SETUP_TIMEOUT_S):
+                        await setup()
+                except TimeoutError:
+                    self.stats["setup_timed_out"] += 1
 
         await asyncio.gather(*(gated() for _ in range(self.connections)))
         self.stop_at = time.monotonic() + self.seconds
@@ -219,6 +226,15 @@ async def _endless(attack: Attack, reader: asyncio.StreamReader, writer: asyncio
         answer.cancel()
 
 
+async def bounded(body: Callable[[], Awaitable[None]], limit_s: float) -> None:
+    """Whatever the server does, the attack ends."""
+    try:
+        async with asyncio.timeout(limit_s):
+            await body()
+    except TimeoutError:
+        print(f"attack overran {limit_s:g} s: stopped", file=sys.stderr)
+
+
 def raise_nofile() -> None:
     """This client holds thousands of sockets: soft limit up to the hard one."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -243,7 +259,7 @@ def main() -> None:
         "idle": lambda: idle(attack),
         "headers": lambda: big_headers(attack, args.header_bytes, args.shape),
     }[args.kind]
-    uvloop.run(body())
+    uvloop.run(bounded(body, args.seconds + _OVERRUN_S))
     print("done " + json.dumps(attack.stats), flush=True)
 
 
