@@ -12,11 +12,12 @@ import asyncio
 import random
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
 
-from agent.sim.metadata import FakeMetadataServer
+from agent.sim.metadata import PREEMPTED, FakeMetadataServer
 from agent.sim.vllm import FakeVllm
 from bench.common import (
     AgentProcess,
@@ -43,14 +44,19 @@ async def poller(url: str, seen: asyncio.Future[float], phase_s: float) -> None:
             await asyncio.sleep(_POLL_S)
 
 
-async def one_trial(vllm: FakeVllm, tmp: Path, rng: random.Random) -> tuple[float, float]:
-    meta = FakeMetadataServer()
-    await meta.start()
-    agent = AgentProcess(tmp, {
+def watching_agent(vllm: FakeVllm, tmp: Path, meta: FakeMetadataServer) -> AgentProcess:
+    """A started agent watching `meta` for preemption."""
+    return AgentProcess(tmp, {
         "GPU_AGENT_INFERENCE__BASE_URL": vllm.url,
         "GPU_AGENT_PREEMPTION__ENABLED": "true",
         "GCE_METADATA_HOST": meta.address,
     }).start()
+
+
+async def one_trial(vllm: FakeVllm, tmp: Path, rng: random.Random) -> tuple[float, float]:
+    meta = FakeMetadataServer()
+    await meta.start()
+    agent = watching_agent(vllm, tmp, meta)
     seen: asyncio.Future[float] = asyncio.get_running_loop().create_future()
     polling = asyncio.create_task(poller(f"http://{meta.address}/computeMetadata/v1/instance/preempted", seen, rng.uniform(0, _POLL_S)))
     try:
@@ -68,6 +74,65 @@ async def one_trial(vllm: FakeVllm, tmp: Path, rng: random.Random) -> tuple[floa
         polling.cancel()
         agent.kill()
         await meta.stop()
+
+
+PRELUDE = ("garbage", "503", "reset", "garbage", "503")
+
+
+def hanging(meta: FakeMetadataServer) -> bool:
+    """A hanging GET on instance/preempted has arrived; the fake runs in this process,
+    so by the time it is recorded it is parked."""
+    return any(r.query.get("wait_for_change") == "true" for r in meta.served(PREEMPTED))
+
+
+async def bad_answers(meta: FakeMetadataServer, prelude: Sequence[str]) -> None:
+    """The watch of instance/preempted gets `prelude` as its next answers. The first
+    ends the hanging GET in place, so it is a garbage value (a hanging GET returns
+    on a change); the rest are injected faults, served before any value."""
+    assert prelude[0] == "garbage", "the parked hanging GET can only be ended by a (garbage) value"
+    parked = len(meta.served(PREEMPTED))
+    meta.inject(PREEMPTED, *prelude[1:])
+    await meta.set(PREEMPTED, "garbage: neither TRUE nor FALSE")
+    await until(lambda: len(meta.served(PREEMPTED)) > parked, 60, 0.005, "the watch's next request")
+    await meta.set(PREEMPTED, "FALSE")  # the old value and ETag: the watch hangs again once the faults are spent
+    await until(lambda: not meta.faults.get(PREEMPTED), 120, 0.005, "the prelude served")
+
+
+async def prelude_trial(vllm: FakeVllm, tmp: Path, prelude: Sequence[str], gap_s: float, limit_s: float) -> float | None:
+    """Seconds from instance/preempted=TRUE to the first /readyz 503 when the watch's
+    last answers were `prelude` and the notice comes `gap_s` after the last of them;
+    None if no 503 within `limit_s`."""
+    meta = FakeMetadataServer()
+    await meta.start()
+    agent = watching_agent(vllm, tmp, meta)
+    try:
+        await agent.started()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+            url = f"{agent.url}/readyz"
+            await until(lambda: status_is(session, url, 200), 20, 0.05, "READY")
+            await until(lambda: hanging(meta), 5, 0.01, "hanging GET in place")
+            await bad_answers(meta, prelude)
+            await asyncio.sleep(gap_s)
+            try:
+                return await time_to_first_503(session, url, lambda: meta.set(PREEMPTED, "TRUE"), limit_s)
+            except AssertionError:
+                return None
+    finally:
+        agent.kill()
+        await meta.stop()
+
+
+async def run_prelude(trials: int, prelude: Sequence[str], gap_s: float, limit_s: float) -> list[float | None]:
+    vllm = FakeVllm()
+    await vllm.start()
+    try:
+        results = []
+        for _ in range(trials):
+            with tempfile.TemporaryDirectory() as tmp:
+                results.append(await prelude_trial(vllm, Path(tmp), prelude, gap_s, limit_s))
+        return results
+    finally:
+        await vllm.stop()
 
 
 async def run(trials: int, seed: int = 5) -> tuple[list[float], list[float]]:

@@ -33,6 +33,7 @@ OPTIONAL = [
     ("bench_export", [], ["--quick"]),
     ("bench_soak_rss", ["--minutes", "10"], ["--minutes", "1"]),
     ("bench_cli", ["--runs", "30"], ["--runs", "10"]),
+    ("bench_faults", [], ["--quick"]),
 ]
 _SUMMARY = re.compile(r"<!-- summary: (.*?) \| (.*?) \| (.*?) -->")
 

@@ -1,0 +1,66 @@
+"""bench/loadgen.c, the C open-loop driver the /readyz benches measure with: it builds,
+sends what the rate asks for, and its own tail against a bare aiohttp app is small."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from aiohttp import web
+
+from bench import loadgen
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed: the C load driver cannot be built")
+
+RATE_PER_S = 500
+DURATION_S = 1.0
+
+
+@pytest.fixture
+async def bare_app_url(aiohttp_server):  # type: ignore[no-untyped-def]
+    app = web.Application()
+
+    async def ok(_request: web.Request) -> web.Response:
+        return web.json_response({"state": "READY", "ready": True})
+
+    async def missing(_request: web.Request) -> web.Response:
+        return web.Response(status=503, text="not ready")
+
+    app.router.add_get("/readyz", ok)
+    app.router.add_get("/down", missing)
+    server = await aiohttp_server(app)
+    return f"http://127.0.0.1:{server.port}"
+
+
+async def test_driver_sends_rate_times_duration_and_reads_every_answer(bare_app_url: str) -> None:
+    result = await loadgen.drive(f"{bare_app_url}/readyz", RATE_PER_S, DURATION_S, connections=4)
+    expected = int(RATE_PER_S * DURATION_S)
+    assert abs(result.requests - expected) <= 2
+    assert result.count == result.ok == result.requests
+    assert result.errors == 0 and not any(result.errors_by.values())
+    assert result.p50_ms is not None and result.p99_ms is not None and result.max_ms is not None
+    assert 0 < result.p50_ms <= result.p99_ms <= result.max_ms
+    # The app shares this process's event loop with pytest: generous, but a driver that
+    # waited for free connections (coordinated omission) or a broken parser shows far worse.
+    assert result.p99_ms < 20
+
+
+async def test_non_2xx_answers_are_counted_as_errors_with_their_latency(bare_app_url: str) -> None:
+    result = await loadgen.drive(f"{bare_app_url}/down", 100, 0.5, connections=2)
+    assert result.count == result.requests == 50
+    assert result.ok == 0 and result.errors == 50 and result.errors_by["status"] == 50
+    assert result.p99_ms is not None
+
+
+async def test_nothing_listening_is_connect_errors_not_a_hang(unused_tcp_port: int) -> None:
+    result = await loadgen.drive(f"http://127.0.0.1:{unused_tcp_port}/readyz", 100, 0.3, connections=2, timeout_s=1)
+    assert result.requests == 30
+    assert result.ok == 0 and result.count == 0
+    assert result.errors == 30 and result.errors_by["connect"] + result.errors_by["unsent"] == 30
+    assert result.p99_ms is None
+
+
+def test_binary_is_rebuilt_only_when_the_source_changes() -> None:
+    first = loadgen.binary()
+    assert first.exists() and first.parent == loadgen.BUILD_DIR
+    assert loadgen.binary() == first
