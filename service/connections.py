@@ -35,6 +35,7 @@ MAX_FIELD_BYTES = 8190
 MAX_HEADERS = 64
 MAX_HEAD_BYTES = 64 * 1024  # unparsed bytes a connection may send before a request is complete
 _LOG_EVERY_S = 10.0
+_NEW_CONNECTION_S = 0.25  # a connection younger than this may still be sending its first request
 _COLLECT_AFTER_BAD = 32  # a rejected head's buffers sit in reference cycles: collect them soon
 _TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
@@ -63,6 +64,9 @@ class ConnectionGuard:
     def open_connections(self) -> int:
         return len(self._open)
 
+    def now(self) -> float:
+        return self._clock()
+
     def opened(self, handler: GuardedRequestHandler) -> None:
         if len(self._open) >= self.limits.max_connections and not self._evict_idle():
             # Every connection is busy with a request: refuse the new one rather than
@@ -76,13 +80,27 @@ class ConnectionGuard:
         self._open.pop(handler, None)
 
     def _evict_idle(self) -> bool:
-        for victim in self._open:
-            if not victim.busy:
-                self._open.pop(victim)
-                victim.force_close()
-                self.closed["idle_evicted"] += 1
-                return True
-        return False
+        """Close one idle connection, in this order: one open a while that never sent a
+        whole request (a slowloris, a connection opened and left), oldest first; then
+        one used once (an idle keep-alive), idle the longest first; then one in steady
+        use (a load balancer's keep-alive checks, a scraper), idle the longest first;
+        last, one that has only just arrived (a kubelet probe opens a new connection
+        each time, and its request is on its way)."""
+        now = self._clock()
+        idle = [h for h in self._open if not h.busy]
+        if not idle:
+            return False
+
+        def rank(h: GuardedRequestHandler) -> tuple[int, float]:
+            if h.requests_seen:
+                return (1 if h.requests_seen == 1 else 2), h.last_active
+            return (0 if now - h.opened_at > _NEW_CONNECTION_S else 3), h.opened_at
+
+        victim = min(idle, key=rank)
+        self._open.pop(victim)
+        victim.force_close()
+        self.closed["idle_evicted"] += 1
+        return True
 
     def bad_request(self, kind: str, remote: str | None, detail: str, exc: BaseException | None = None) -> None:
         """Count it; log one line per kind every few seconds, saying how many were not
@@ -138,7 +156,11 @@ class GuardedRequestHandler(web.RequestHandler):
         self._head_bytes = 0
         self._seen_requests = 0
         self._logged_by_us = False
+        self.opened_at = self.last_active = guard.now()  # the connect, then each request head
 
+    @property
+    def requests_seen(self) -> int:
+        return self._seen_requests
     @property
     def busy(self) -> bool:
         return bool(getattr(self, "_request_in_progress", False))
@@ -152,9 +174,6 @@ class GuardedRequestHandler(web.RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        requests = getattr(self, "_request_count", 0)
-        if requests != self._seen_requests:  # a request head was parsed since: a new budget
-            self._seen_requests, self._head_bytes = requests, 0
         self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD_BYTES:
             # Refused before the parser sees it: parsing a megabyte head costs far more.
@@ -165,6 +184,10 @@ class GuardedRequestHandler(web.RequestHandler):
             self.force_close()
             return
         super().data_received(data)
+        requests = getattr(self, "_request_count", 0)
+        if requests != self._seen_requests:  # a request head was parsed: a new budget, and activity
+            self._seen_requests, self._head_bytes = requests, 0
+            self.last_active = self._guard.now()
 
     def handle_error(
         self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None

@@ -70,13 +70,17 @@ async def idle_keepalive(port: int) -> tuple[asyncio.StreamReader, asyncio.Strea
     """One full request, its answer read, then the connection held open idle."""
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return None
+    try:
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: agent\r\n\r\n")
         await writer.drain()
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
         await asyncio.wait_for(reader.readexactly(length), 5)
         return reader, writer
-    except (OSError, asyncio.IncompleteReadError, TimeoutError):
+    except (OSError, asyncio.IncompleteReadError, TimeoutError, StopIteration):
+        writer.close()
         return None
 
 
@@ -101,6 +105,40 @@ async def test_two_thousand_idle_connections_under_a_1024_fd_limit_never_stop_th
     finally:
         for _, writer in held:
             writer.close()
+        agent.kill()
+
+
+async def test_a_client_in_steady_use_keeps_its_connection_while_a_flood_is_evicted(tmp_path, vllm) -> None:
+    """The cap closes slowloris and long-idle connections first: a load balancer's
+    keep-alive health checks never see their connection reset under a flood."""
+    agent = await start(tmp_path, vllm, service__keepalive_timeout_s="30")
+    held: list[asyncio.StreamWriter] = []
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
+        steady = 0
+
+        async def check_once() -> None:
+            nonlocal steady
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: agent\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            length = next(int(x.split(b":")[1]) for x in head.split(b"\r\n") if x.lower().startswith(b"content-length:"))
+            await asyncio.wait_for(reader.readexactly(length), 5)
+            steady += 1
+
+        for wave in range(8):  # 800 idle keep-alives and 400 slowloris heads, probing in between
+            opened = await asyncio.gather(*(idle_keepalive(agent.port) for _ in range(100)))
+            held.extend(w for c in opened if c is not None for w in [c[1]])
+            for _ in range(50):
+                _, half = await asyncio.open_connection("127.0.0.1", agent.port)
+                half.write(b"GET /readyz HTTP/1.1\r\nHost: a")
+                held.append(half)
+            await check_once()  # the same connection, every wave
+            await asyncio.sleep(0.05 * wave)
+        assert steady == 8
+        writer.close()
+    finally:
+        for w in held:
+            w.close()
         agent.kill()
 
 
