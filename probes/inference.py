@@ -18,6 +18,10 @@ from probes.http import get_capped
 
 # Enough for an OpenAI model list; a bigger answer is not vLLM.
 _MAX_MODELS_BYTES = 1024 * 1024
+# Once /v1/models has listed a model, /health alone says the server lives: the list is
+# read again every this many polls, and at once after any failed /health (a restarted
+# server must list its model again). Each HTTP call costs the event loop ~0.5 ms.
+MODELS_EVERY_POLLS = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +54,8 @@ class InferenceHealthProbe:
         self.timeout_s = timeout_s * 2 + 1
         self._call_timeout_s = timeout_s
         self._check_models = check_models
+        self._models: tuple[str, ...] = ()
+        self._models_due_in = 0  # polls until /v1/models is read again
 
     async def sample(self) -> HealthReading:
         started = time.perf_counter()
@@ -65,8 +71,13 @@ class InferenceHealthProbe:
     async def _check(self) -> tuple[str, str, tuple[str, ...]]:
         code, detail, _ = await self._get("/health")
         if code != "ok" or not self._check_models:
+            self._models_due_in = 0
             return code, detail, ()
+        if self._models and self._models_due_in > 0:
+            self._models_due_in -= 1
+            return "ok", "healthy", self._models
         code, detail, body = await self._get("/v1/models")
+        self._models, self._models_due_in = (), 0
         if code != "ok":
             return code, f"/v1/models: {detail}", ()
         models = _model_ids(body)
@@ -74,6 +85,7 @@ class InferenceHealthProbe:
             return "garbage", "/v1/models: not an OpenAI model list", ()
         if not models:
             return "no_models", "/v1/models lists no model", ()
+        self._models, self._models_due_in = models, MODELS_EVERY_POLLS - 1
         return "ok", "healthy", models
 
     async def _get(self, path: str) -> tuple[str, str, bytes]:
