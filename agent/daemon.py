@@ -125,6 +125,8 @@ class Daemon:
         self._metadata_session: aiohttp.ClientSession | None = None
         self._metadata_watch: MetadataWatch | None = None
         self.lifecycle.subscribe(self._on_transition)
+        if self.exporter is None:
+            self.snapshot.subscribe(self._round_on_reading)
         lifecycle_context.provider = lambda: {"state": self.lifecycle.state.value, "reason": self.lifecycle.reason}
 
     # --- the life of the process ----------------------------------------------
@@ -158,8 +160,7 @@ class Daemon:
             # Not critical: export trouble must never make /healthz fail or flip readiness.
             supervisor.add("export", self.exporter.run)
             supervisor.add("final_report", self._report_when_terminated)
-        else:
-            supervisor.add("autoscaling", self._autoscaling_rounds)
+
         if saved is None:
             self.lifecycle.start_warming()
         self.notifier.ready(self._systemd_status())
@@ -401,12 +402,12 @@ class Daemon:
             "gpu_usage_percent": None if gpu is None else gpu.utilization_percent_mean,
         }
 
-    async def _autoscaling_rounds(self) -> None:
+    def _round_on_reading(self, key: str, _reading: Any) -> None:
         """With export off nothing writes rounds; /metrics (a Prometheus-based HPA) still
-        needs what a drain holds to be the last READY values."""
-        while True:
+        needs what a drain holds to be the last READY values: each vLLM or GPU reading
+        taken while READY is a round."""
+        if key in ("vllm", "gpu") and self.lifecycle.state is State.READY:
             self.autoscaling_round()
-            await asyncio.sleep(self.cfg.inference.poll_interval_s)
 
     def _metadata_hold(self) -> str | None:
         """Hold READY until instance/preempted has been read once, so an agent restarted

@@ -319,7 +319,7 @@ async def test_cli_drain_wait_returns_once_drained_and_status_renders(tmp_path, 
     assert status.stdout.startswith("DRAINING (admin, drained)")
     # The node is empty now, but what it tells the autoscalers is held from its last READY
     # round (1 request in flight), so a drain does not read as demand going away.
-    assert "queue/pending_requests 1," in " ".join(status.stdout.split())  # the line may wrap anywhere
+    assert "queue/pending_requests 1," in " ".join(status.stdout.split()), status.stdout  # the line may wrap anywhere
     _, full = await get_json(http, f"{agent.url}/status")
     assert full["readings"]["vllm"]["value"]["in_flight"] == 0
     assert full["autoscaling"]["queue/pending_requests"] == 1.0
