@@ -33,6 +33,7 @@ from agent.gpu_faults import GpuFaultPolicy
 from agent.idle import IdleWatchdog
 from agent.limits import connection_cap
 from agent.logs import LOG_STATS, lifecycle_context
+from agent.loop_monitor import LoopMonitor
 from agent.persistence import DrainPersistence
 from agent.preemption import MetadataWatch, PreemptionPolicy
 from agent.readiness import ReadinessPolicy
@@ -112,6 +113,7 @@ class Daemon:
         self.bound_port: int | None = None
         self.http_guard: ConnectionGuard | None = None
         self.log_stats = LOG_STATS
+        self.loop_monitor = LoopMonitor()
         self.admin_auth = AdminAuth(cfg.service.admin_token_file)
         self._signals: LoopSignals | None = None
         self._stop_requested = asyncio.Event()
@@ -156,6 +158,7 @@ class Daemon:
         supervisor.add("drain", self.drainer.run, critical=True)
         supervisor.add("persist", self.persistence.run)
         supervisor.add("idle", self.idle.run)
+        supervisor.add("loop_monitor", self.loop_monitor.run)
         if self.exporter is not None:
             # Not critical: export trouble must never make /healthz fail or flip readiness.
             supervisor.add("export", self.exporter.run)

@@ -94,7 +94,7 @@ def node_status(daemon: Any) -> dict[str, Any]:
         "state_file": daemon.persistence.describe(),
         "http": None if daemon.http_guard is None else daemon.http_guard.describe(),
         "systemd": {"notify": daemon.notifier.enabled, "watchdog_interval_s": daemon.notifier.watchdog_interval_s},
-        "process": _process_figures(),
+        "process": {**_process_figures(), "event_loop_lag": daemon.loop_monitor.describe()},
         "version": __version__,
         "pid": os.getpid(),
         "uptime_s": round(time.monotonic() - daemon.started_mono, 3),

@@ -45,6 +45,9 @@ class AgentCollector(Collector):
         guard = getattr(self._source, "http_guard", None)
         if guard is not None:
             yield from guard.collect()
+        monitor = getattr(self._source, "loop_monitor", None)
+        if monitor is not None:
+            yield from monitor.collect()
         logs = getattr(self._source, "log_stats", None)
         if logs is not None:
             yield CounterMetricFamily("gpu_node_agent_log_records_dropped", "log records dropped: the log writer could not keep up (stdout blocked?)", value=float(logs.dropped))

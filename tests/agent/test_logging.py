@@ -155,3 +155,4 @@ def test_a_queued_record_keeps_its_traceback_and_the_state_at_the_time_it_was_lo
         logs.lifecycle_context.provider = None
         logs.stop_logging()
         logging.getLogger().handlers.clear()
+
