@@ -1,5 +1,5 @@
 """Fixtures several test packages share: a client session for talking to the servers
-under test, and the fake GCE metadata server on loopback."""
+under test, and the fake vLLM and GCE metadata server on loopback."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 
 from agent.sim.metadata import FakeMetadataServer
+from agent.sim.vllm import FakeVllm
 
 
 @pytest.fixture
@@ -21,6 +22,15 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 async def metadata_server() -> AsyncIterator[FakeMetadataServer]:
     fake = FakeMetadataServer()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def vllm() -> AsyncIterator[FakeVllm]:
+    """A one-engine fake vLLM on loopback (tests that need another shape make their own)."""
+    fake = FakeVllm()
     await fake.start()
     yield fake
     await fake.stop()

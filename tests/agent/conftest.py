@@ -15,11 +15,9 @@ Launch = Callable[..., Awaitable[AgentProcess]]
 
 
 @pytest.fixture
-async def fake_vllm() -> AsyncIterator[FakeVllm]:
-    fake = FakeVllm()
-    await fake.start()
-    yield fake
-    await fake.stop()
+def fake_vllm(vllm: FakeVllm) -> FakeVllm:
+    """The shared `vllm` fixture (tests/conftest.py), under the name these tests use."""
+    return vllm
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import time
 import aiohttp
 import pytest
 
-from agent.sim.vllm import FakeVllm
 from tests.harness import AgentProcess, get_json, status_is, until
 
 
@@ -18,13 +17,6 @@ def label_explosion(lines: int) -> bytes:
     """Short lines: 100k of them fit well under the 8 MB body cap (~5 MB)."""
     return "".join(f'vllm:request_success_total{{finished_reason="reason-{i}"}} 1\n' for i in range(lines)).encode()
 
-
-@pytest.fixture
-async def vllm():
-    fake = FakeVllm()
-    await fake.start()
-    yield fake
-    await fake.stop()
 
 
 async def worst_readyz_s(http: aiohttp.ClientSession, url: str, seconds: float) -> float:

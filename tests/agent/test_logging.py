@@ -18,7 +18,6 @@ import threading
 import time
 
 import aiohttp
-import pytest
 
 from agent import logs
 from agent.sim.vllm import FakeVllm
@@ -33,12 +32,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-async def vllm():
-    fake = FakeVllm()
-    await fake.start()
-    yield fake
-    await fake.stop()
+
+async def ready(http: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        return await status_is(http, f"{url}/readyz", 200)
+    except (aiohttp.ClientError, TimeoutError):
+        return False
 
 
 def popen(tmp_path, vllm: FakeVllm, port: int, **kwargs) -> subprocess.Popen:
@@ -57,13 +56,7 @@ async def test_a_stdout_pipe_nobody_reads_never_stops_the_probes(tmp_path, vllm)
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
-            async def up() -> bool:
-                try:
-                    return await status_is(http, f"{url}/readyz", 200)
-                except (aiohttp.ClientError, TimeoutError):
-                    return False
-
-            await until(up, 15, 0.1, "READY")
+            await until(lambda: ready(http, url), 15, 0.1, "READY")
             vllm.set_fault("hang", "metrics")  # a failing probe: a DEBUG line every poll, and more
             deadline = time.monotonic() + 4  # long past the point where the pipe is full
             while time.monotonic() < deadline:
@@ -85,13 +78,7 @@ async def test_a_stdout_closed_at_start_still_ends_in_exit_0(tmp_path, vllm) -> 
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
-            async def up() -> bool:
-                try:
-                    return await status_is(http, f"{url}/readyz", 200)
-                except (aiohttp.ClientError, TimeoutError):
-                    return False
-
-            await until(up, 15, 0.1, "READY")
+            await until(lambda: ready(http, url), 15, 0.1, "READY")
         agent.send_signal(signal.SIGTERM)
         await until(lambda: agent.poll() is not None, 20, 0.05, "exit")  # the fake vLLM keeps answering meanwhile
         assert agent.returncode == 0  # was SIGABRT: a socket reused fd 1 and uvloop asserted at exit

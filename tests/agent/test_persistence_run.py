@@ -20,13 +20,6 @@ from agent.sim.vllm import FakeVllm
 from tests.harness import REPO, AgentProcess, get_json, post_json, status_is, until
 
 
-@pytest.fixture
-async def vllm():
-    fake = FakeVllm()
-    await fake.start()
-    yield fake
-    await fake.stop()
-
 
 async def start(tmp_path: Path, vllm: FakeVllm, state_dir: Path) -> AgentProcess:
     env = {"GPU_AGENT_INFERENCE__BASE_URL": vllm.url, "GPU_AGENT_SERVICE__STATE_DIR": str(state_dir)}

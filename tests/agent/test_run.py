@@ -27,13 +27,6 @@ from tests.harness import (
 )
 
 
-@pytest.fixture
-async def vllm():
-    fake = FakeVllm()
-    await fake.start()
-    yield fake
-    await fake.stop()
-
 
 @pytest.fixture
 async def http():

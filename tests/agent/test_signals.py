@@ -15,13 +15,6 @@ from agent.sim.vllm import FakeVllm
 from tests.harness import AgentProcess, get_json, status_is, until
 
 
-@pytest.fixture
-async def vllm():
-    fake = FakeVllm()
-    await fake.start()
-    yield fake
-    await fake.stop()
-
 
 async def ready_agent(tmp_path, vllm: FakeVllm) -> AgentProcess:
     agent = await AgentProcess(tmp_path, {"GPU_AGENT_INFERENCE__BASE_URL": vllm.url}).start().started()

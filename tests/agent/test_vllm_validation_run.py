@@ -10,16 +10,8 @@ import signal
 import aiohttp
 import pytest
 
-from agent.sim.vllm import FakeVllm
 from tests.harness import AgentProcess, get_json, status_is, until
 
-
-@pytest.fixture
-async def vllm():
-    fake = FakeVllm()
-    await fake.start()
-    yield fake
-    await fake.stop()
 
 
 async def vllm_reading(http: aiohttp.ClientSession, agent: AgentProcess) -> dict:

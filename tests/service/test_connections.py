@@ -23,13 +23,6 @@ _LIMITED = (
 )
 
 
-@pytest.fixture
-async def vllm():
-    fake = FakeVllm()
-    await fake.start()
-    yield fake
-    await fake.stop()
-
 
 def client_fds(needed: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
