@@ -54,6 +54,8 @@ class VllmReading:
     metric_names: str
     engine_sleeping: bool | None
     notes: tuple[str, ...] = ()
+    # vllm:generation_tokens_total as served (summed over engines); None when not served.
+    generation_tokens_total: float | None = None
 
 
 def kv_capacity(
@@ -128,6 +130,7 @@ def make_reading(scrape: VllmScrape, stats: WindowStats, capacity: tuple[float |
         metric_names=scrape.metric_names,
         engine_sleeping=scrape.engine_sleeping,
         notes=stats.notes,
+        generation_tokens_total=scrape.generation_tokens_total,
     )
 
 
