@@ -91,12 +91,10 @@ class IterationFloor:
     readings (weight `weight` on the newest): one reading is noisy (+-30 %: the running
     gauge is instantaneous, the token rates a window's means)."""
 
-    __slots__ = ("configured", "floor_s", "lightest", "_mean", "_widest")
+    __slots__ = ("configured", "floor_s", "lightest", "spread", "weight", "_mean", "_widest")
 
-    weight, spread = 0.25, 1.25
-
-    def __init__(self, configured: float | None = None) -> None:
-        self.configured = configured
+    def __init__(self, configured: float | None = None, *, weight: float = 0.25, spread: float = 1.25) -> None:
+        self.configured, self.weight, self.spread = configured, weight, spread
         self.floor_s: float | None = configured
         self.lightest: tuple[float, float, float] | None = None  # (t_iter, kv, tokens/s)
         self._mean: tuple[float, float, float] | None = None

@@ -26,9 +26,14 @@ def _main(results: Sequence[RunResult]) -> list[RunResult]:
 
 
 def winner(runs: Sequence[RunResult]) -> RunResult | None:
-    """The cheapest run with >= 99 % within the SLO (None: no policy reaches it)."""
+    """The cheapest run with >= 99 % within the SLO (None: no policy reaches it); the
+    demand gauge wins a tie (within 0.5 % of the GPU-hours: the same fleet)."""
     passing = [r for r in runs if r.slo_share >= SLO_GOAL]
-    return min(passing, key=lambda r: r.gpu_hours) if passing else None
+    if not passing:
+        return None
+    best = min(passing, key=lambda r: r.gpu_hours)
+    gauge = next((r for r in passing if r.policy == GAUGE), None)
+    return gauge if gauge is not None and gauge.gpu_hours <= best.gpu_hours * 1.005 else best
 
 
 def _row(r: RunResult, best: bool) -> str:
@@ -94,7 +99,7 @@ def goal_count(results: Sequence[RunResult], kind: str) -> tuple[int, int]:
 def sensitivity_table(results: Sequence[RunResult], columns: Sequence[str]) -> list[str]:
     """Rows: policy x autoscaler; columns: realistic, then each knob set back to ideal."""
     runs = [r for r in results if r.rule == "agent" and r.fidelity in columns]
-    if not runs or len(columns) < 2:
+    if not any(r.fidelity != columns[0] for r in runs):
         return []
     trace = runs[0].trace
     lines = [
@@ -114,40 +119,48 @@ def sensitivity_table(results: Sequence[RunResult], columns: Sequence[str]) -> l
     return lines
 
 
-def plot(results: Sequence[RunResult], path: Path, trace: str) -> None:
-    """Nodes and SLO attainment over time, per policy, on one trace, both autoscalers."""
+def plot(results: Sequence[RunResult], path: Path, traces: Sequence[str]) -> None:
+    """Nodes and SLO attainment over time, per policy, on each trace, both autoscalers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in _main(results) if r.trace == trace]
-    kinds = list(dict.fromkeys(r.kind for r in runs))
+    main = _main(results)
+    traces = [t for t in traces if any(r.trace == t for r in main)]
+    kinds = list(dict.fromkeys(r.kind for r in main))
+    if not traces:
+        return
+    fig, axes = plt.subplots(2 * len(traces), len(kinds), figsize=(7.0 * len(kinds), 3.4 * 2 * len(traces)), squeeze=False)
+    for i, trace in enumerate(traces):
+        for j, kind in enumerate(kinds):
+            _panel(axes[2 * i][j], axes[2 * i + 1][j], [r for r in main if r.trace == trace and r.kind == kind], f"{trace} - {kind.upper()}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+_COLORS = {"gpu80": "tab:red", "queue": "tab:orange", "ttft1.5s": "tab:purple", "kv0.5": "tab:blue", "batch64": "tab:brown", "demand": "tab:green"}
+
+
+def _panel(nodes_ax, slo_ax, runs: Sequence[RunResult], title: str) -> None:
     if not runs:
         return
-    fig, axes = plt.subplots(2, len(kinds), figsize=(7.0 * len(kinds), 7.0), squeeze=False, sharex=True)
-    colors = {"gpu80": "tab:red", "queue": "tab:orange", "ttft1.5s": "tab:purple", "kv0.5": "tab:blue", "batch64": "tab:brown", "demand": "tab:green"}
-    for j, kind in enumerate(kinds):
-        nodes_ax, slo_ax = axes[0][j], axes[1][j]
-        same = [r for r in runs if r.kind == kind]
-        rate = nodes_ax.twinx()
-        hours = [t / 3600 for t, *_ in same[0].timeline]
-        rate.fill_between(hours, [row[1] for row in same[0].timeline], color="0.88", step="pre")
-        rate.set_ylabel("requests/s", color="0.5")
-        nodes_ax.set_zorder(rate.get_zorder() + 1)
-        nodes_ax.patch.set_visible(False)
-        for r in same:
-            label = f"{r.policy} ({r.gpu_hours:.0f} GPU-h, {r.slo_share * 100:.1f} %)"
-            xs = [row[0] / 3600 for row in r.timeline]
-            nodes_ax.step(xs, [row[2] for row in r.timeline], where="pre", color=colors.get(r.policy), label=label, linewidth=1.2)
-            slo_ax.step(xs, [row[4] * 100 for row in r.timeline], where="pre", color=colors.get(r.policy), linewidth=1.0)
-        nodes_ax.set_title(f"{trace} - {kind.upper()}: GPU nodes billed", fontsize=10)
-        nodes_ax.set_ylabel("GPU nodes")
-        nodes_ax.legend(fontsize=7, loc="upper left")
-        slo_ax.axhline(SLO_GOAL * 100, color="0.4", linestyle=":", linewidth=0.8)
-        slo_ax.set_ylim(0, 101)
-        slo_ax.set_ylabel("% of the minute's requests within the TTFT SLO")
-        slo_ax.set_xlabel("hour of the trace")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    rate = nodes_ax.twinx()
+    rate.fill_between([row[0] / 3600 for row in runs[0].timeline], [row[1] for row in runs[0].timeline], color="0.88", step="pre")
+    rate.set_ylabel("requests/s", color="0.5")
+    nodes_ax.set_zorder(rate.get_zorder() + 1)
+    nodes_ax.patch.set_visible(False)
+    for r in runs:
+        xs = [row[0] / 3600 for row in r.timeline]
+        label = f"{r.policy} ({r.gpu_hours:.0f} GPU-h, {r.slo_share * 100:.1f} %)"
+        nodes_ax.step(xs, [row[2] for row in r.timeline], where="pre", color=_COLORS.get(r.policy), label=label, linewidth=1.1)
+        slo_ax.step(xs, [row[4] * 100 for row in r.timeline], where="pre", color=_COLORS.get(r.policy), linewidth=0.9)
+    nodes_ax.set_title(f"{title}: GPU nodes billed", fontsize=10)
+    nodes_ax.set_ylabel("GPU nodes")
+    nodes_ax.legend(fontsize=7, loc="upper left")
+    slo_ax.axhline(SLO_GOAL * 100, color="0.4", linestyle=":", linewidth=0.8)
+    slo_ax.set_ylim(0, 101)
+    slo_ax.set_title(f"{title}: share of each minute's requests within the TTFT SLO", fontsize=9)
+    slo_ax.set_ylabel("%")
+    slo_ax.set_xlabel("hour of the trace")

@@ -1,5 +1,5 @@
 """The traces the study runs and the request stream of each run: the sample rate
-traces of bench/traces (in cohorts of 2 requests: a cost knob, see requests.py), and
+traces of bench/traces (in cohorts of 3 requests: a cost knob, see requests.py), and
 the Azure LLM inference trace 2023 read from its directory as conv, code and mixed
 (each part scaled by `scale`, the hour tiled `tiles` times). Streams are built per run;
 the Azure traces once per process."""
@@ -17,7 +17,7 @@ from bench.fleet.trace import load_trace
 
 AZURE_FILES = {"conv": "AzureLLMInferenceTrace_conv.csv", "code": "AzureLLMInferenceTrace_code.csv"}
 AZURE_TRACES = {"azure_conv": ("conv",), "azure_code": ("code",), "azure_mixed": ("conv", "code")}
-RATE_COHORT = 2  # requests per simulated arrival on the day-long sample traces
+RATE_COHORT = 3  # requests per simulated arrival on the day-long sample traces (run time)
 
 
 @dataclass(frozen=True, slots=True)
