@@ -85,46 +85,56 @@ class IterationFloor:
     and r = w_l / w, the utilization at the busier point is (1 - a) / (1 - a * r), and
     t0 = t_l * (1 - r * utilization) / (1 - kv_l). A pair counts once the load is
     `spread` times the lightest point's (closer pairs amplify the noise); the widest
-    pair seen sets t0, for good: it is the engine's, not the load's. Until then t0 is
-    unknown and the gauge leaves the utilization term out (the fleet then shrinks until
-    a node's load grows enough to calibrate it). Points are averages of the recent
-    readings (weight `weight` on the newest): one reading is noisy (+-30 %: the running
-    gauge is instantaneous, the token rates a window's means)."""
+    pair seen sets t0, for good: it is the engine's, not the load's. Before a pair,
+    vLLM's median inter-token latency (a decode-only iteration at the current batch)
+    bounds t0 from above, and a pair may lower that bound by half at most. Points are
+    averages of the recent readings (weight `weight` on the newest) with at least
+    `min_batch` sequences running: a reading is noisy (the running gauge is
+    instantaneous, the token rates a window's means; +-30 % at a steady load, far more
+    at a batch of a few)."""
 
-    __slots__ = ("configured", "floor_s", "lightest", "spread", "weight", "_mean", "_widest")
+    __slots__ = ("bound_s", "configured", "floor_s", "lightest", "min_batch", "spread", "weight", "_mean", "_widest")
 
-    def __init__(self, configured: float | None = None, *, weight: float = 0.25, spread: float = 1.25) -> None:
-        self.configured, self.weight, self.spread = configured, weight, spread
+    def __init__(self, configured: float | None = None, *, weight: float = 0.25, spread: float = 1.25, min_batch: float = 8.0) -> None:
+        self.configured, self.weight, self.spread, self.min_batch = configured, weight, spread, min_batch
+        self.bound_s: float | None = None
         self.floor_s: float | None = configured
-        self.lightest: tuple[float, float, float] | None = None  # (t_iter, kv, tokens/s)
-        self._mean: tuple[float, float, float] | None = None
+        self.lightest: tuple[float, ...] | None = None  # (t_iter, kv, tokens/s, running)
+        self._mean: tuple[float, ...] | None = None
         self._widest = 1.0  # r of the pair t0 came from
 
     def observe(
-        self, t_iter_s: float | None, kv: float | None = None, tokens_per_s: float | None = None, itl_p50_s: float | None = None
+        self, t_iter_s: float | None, kv: float | None = None, tokens_per_s: float | None = None, itl_p50_s: float | None = None,
+        running: float | None = None,
     ) -> float | None:
         if self.configured is not None:
             return self.floor_s
-        if self._widest >= 1.0 and itl_p50_s is not None and itl_p50_s > 0:
-            # Before a pair: vLLM's median inter-token latency, a decode-only iteration at
-            # the current batch, bounds t0 from above (never reset by load: no feedback).
-            self.floor_s = itl_p50_s if self.floor_s is None else min(self.floor_s, itl_p50_s)
-        if t_iter_s is None or kv is None or not tokens_per_s:
+        if itl_p50_s is not None and itl_p50_s > 0:
+            # vLLM's median inter-token latency, a decode-only iteration at the current
+            # batch, bounds t0 from above (it is not lowered by load: no feedback loop).
+            self.bound_s = itl_p50_s if self.bound_s is None else min(self.bound_s, itl_p50_s)
+            if self._widest >= 1.0:
+                self.floor_s = self.bound_s
+        if t_iter_s is None or kv is None or not tokens_per_s or running is None:
             return self.floor_s
-        point = (t_iter_s, min(kv, 0.99), tokens_per_s)
+        point = (t_iter_s, min(kv, 0.99), tokens_per_s, running)
         if self._mean is not None:
             point = (*(m + self.weight * (x - m) for m, x in zip(self._mean, point)),)  # type: ignore[assignment]
         self._mean = point
+        if point[3] < self.min_batch:
+            return self.floor_s
         if self.lightest is None or point[0] < self.lightest[0]:
             self.lightest = point
         r = self.lightest[2] / point[2]
         if r * self.spread <= 1.0 and r < self._widest:
-            self._widest, self.floor_s = r, _pair_floor(self.lightest, point)
+            floor = _pair_floor(self.lightest, point)
+            self._widest = r
+            self.floor_s = floor if self.bound_s is None else min(self.bound_s, max(floor, self.bound_s / 2))
         return self.floor_s
 
 
-def _pair_floor(light: tuple[float, float, float], busy: tuple[float, float, float]) -> float:
-    (t_l, kv_l, w_l), (t, kv, w) = light, busy
+def _pair_floor(light: tuple[float, ...], busy: tuple[float, ...]) -> float:
+    (t_l, kv_l, w_l, _), (t, kv, w, _) = light, busy
     a, r = (1 - kv) * t_l / (t * (1 - kv_l)), w_l / w
     utilization = min(1.0, max(0.0, (1 - a) / (1 - a * r))) if a * r < 1 else 1.0
     return min(t_l, max(0.1 * t_l, t_l * (1 - r * utilization) / (1 - kv_l)))

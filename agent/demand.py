@@ -347,7 +347,9 @@ class DemandGauge:
         utilization = admissions = None
         if not stale:  # a held reading teaches nothing new
             tokens_per_s = None if load.generation_tokens_per_s is None else load.generation_tokens_per_s + (load.prompt_tokens_per_s or 0.0)
-            floor_s = self.floor.observe(iteration_s(load.running, load.generation_tokens_per_s), load.kv_cache_usage_ratio, tokens_per_s, load.tpot_p50_s)
+            floor_s = self.floor.observe(
+                iteration_s(load.running, load.generation_tokens_per_s), load.kv_cache_usage_ratio, tokens_per_s, load.tpot_p50_s, load.running
+            )
             output = self.output_tokens.observe(load.generation_tokens_total, load.requests_completed_total)
             utilization = engine_utilization(load.running, load.generation_tokens_per_s, load.kv_cache_usage_ratio, floor_s, self.targets.max_num_seqs)
             admissions = admissions_per_s(load.generation_tokens_per_s, output)

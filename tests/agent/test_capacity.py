@@ -64,8 +64,17 @@ def test_two_operating_points_pin_the_floor() -> None:
     floor = IterationFloor(weight=1.0)  # no averaging: the points are exact here
     for batch in (20.0, 20.0, 40.0):
         tokens_per_s = batch / (t0 + m * batch)
-        floor.observe(t0 + m * batch, batch / full, tokens_per_s, itl_p50_s=0.0175)
+        floor.observe(t0 + m * batch, batch / full, tokens_per_s, itl_p50_s=0.0175, running=batch)
     assert floor.floor_s == pytest.approx(t0, rel=1e-6)
+
+
+def test_a_pair_lowers_the_bound_by_half_at_most_and_tiny_batches_teach_nothing() -> None:
+    floor = IterationFloor(weight=1.0)
+    floor.observe(0.004, 0.01, 100.0, itl_p50_s=0.0175, running=3)  # a batch of 3: too noisy to count
+    assert floor.lightest is None and floor.floor_s == pytest.approx(0.0175)
+    floor.observe(0.020, 0.02, 2400.0, running=20)
+    floor.observe(0.200, 0.99, 3000.0, running=100)  # a pair that says t0 ~ 4 ms
+    assert floor.floor_s == pytest.approx(0.0175 / 2)
 
 
 def test_a_configured_floor_is_not_learned() -> None:
