@@ -208,8 +208,9 @@ def _terms(
     if waiting is not None:
         if targets.queue_per_node is not None:
             terms["queue"] = waiting / targets.queue_per_node
-        elif (admissions := _known(admissions_per_s)) and admissions > 0:
-            terms["queue"] = waiting / (admissions * targets.ttft_p95_s / 2)
+        elif (admissions := _known(admissions_per_s)) is not None:
+            # No request starting at all while some wait: the queue does not drain.
+            terms["queue"] = waiting / (admissions * targets.ttft_p95_s / 2) if admissions > 0 else (targets.max_demand or 3.0) * (waiting > 0)
     if utilization is not None:
         terms["utilization"] = utilization / targets.utilization_target
     if kv is not None and targets.kv_usage_ratio is not None:
@@ -353,6 +354,8 @@ class DemandGauge:
             output = self.output_tokens.observe(load.generation_tokens_total, load.requests_completed_total)
             utilization = engine_utilization(load.running, load.generation_tokens_per_s, load.kv_cache_usage_ratio, floor_s, self.targets.max_num_seqs)
             admissions = admissions_per_s(load.generation_tokens_per_s, output)
+            if load.generation_tokens_per_s == 0:
+                admissions = 0.0  # known: nothing is being made
         values = autoscaling_values(state, load, self.targets, self._held, utilization=utilization, admissions_per_s=admissions)
         self._held = next_held(state, values, self._held)
         return values

@@ -97,6 +97,8 @@ DEFAULTS = DemandTargets()  # self-calibrated: no hand target
         (5.0, 0.2, None, None, None, None, "none"),  # waiting without a start rate says nothing
         (0.0, 0.1, 3.0, 0.2, 10.0, 1.5, "ttft"),  # the SLO missed: the outcome wins
         (200.0, 1.0, 40.0, 1.0, 10.0, 3.0, "queue"),  # capped
+        (7.0, 0.1, None, None, 0.0, 3.0, "queue"),  # requests wait and none starts: a queue that does not drain
+        (0.0, 0.1, None, None, 0.0, 0.0, "queue"),  # idle: nothing waits, nothing starts
     ],
 )
 def test_self_calibrated_demand(waiting, kv, ttft_s, utilization, admissions, value, dominant) -> None:
