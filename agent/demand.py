@@ -114,8 +114,8 @@ class DemandTargets:
     - Overrides, None by default (the gauge calibrates itself): queue_per_node (the
       queue term becomes waiting / queue_per_node), kv_usage_ratio (adds
       kv_cache_usage / kv_usage_ratio), max_num_seqs (vLLM's --max-num-seqs, when the
-      batch limit binds before the KV cache), iteration_floor_s (t0, instead of the
-      lightest iteration seen).
+      batch limit binds before the KV cache), iteration_floor_s (t0 measured once,
+      e.g. the TPOT of a lone request, instead of learned).
     """
 
     queue_per_node: float | None = None
