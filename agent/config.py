@@ -127,12 +127,18 @@ class SloConfig(_Section):
 
 
 class AutoscalingConfig(_Section):
-    """Targets of the node demand gauge (agent/demand.py): 1.0 = exactly at target."""
+    """The node demand gauge (agent/demand.py): 1.0 = exactly at target. It calibrates
+    itself from what vLLM reports; the hand targets are overrides, unset by default."""
 
-    queue_per_node: float = Field(10.0, gt=0)
-    kv_usage_ratio: float = Field(0.5, gt=0, le=1)
+    utilization_target: float = Field(0.6, gt=0, le=1)  # share of the node's saturation throughput
+    queue_per_node: float | None = Field(None, gt=0)  # override: waiting requests per node at 1.0
+    kv_usage_ratio: float | None = Field(None, gt=0, le=1)  # override: adds a KV-cache term
     ttft_p95_ms: float | None = Field(None, gt=0)  # default: slo.ttft_ms
     max_demand: float | None = Field(3.0, gt=0)
+    # Overrides of what the gauge learns or assumes: vLLM's --max-num-seqs where the batch
+    # limit binds before the KV cache; t0, the fixed cost of one engine iteration.
+    max_num_seqs: int | None = Field(None, ge=1)
+    iteration_floor_ms: float | None = Field(None, gt=0)
 
 
 class GpuConfig(_Section):

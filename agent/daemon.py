@@ -101,6 +101,9 @@ class Daemon:
                 kv_usage_ratio=auto.kv_usage_ratio,
                 ttft_p95_s=(auto.ttft_p95_ms or cfg.slo.ttft_ms) / 1000.0,
                 max_demand=auto.max_demand,
+                utilization_target=auto.utilization_target,
+                max_num_seqs=auto.max_num_seqs,
+                iteration_floor_s=None if auto.iteration_floor_ms is None else auto.iteration_floor_ms / 1000.0,
             )
         )
         self.idle = IdleWatchdog(self.lifecycle, self.snapshot, cfg.idle, cfg.drain)
@@ -127,6 +130,7 @@ class Daemon:
         self._metadata_session: aiohttp.ClientSession | None = None
         self._metadata_watch: MetadataWatch | None = None
         self.lifecycle.subscribe(self._on_transition)
+        self.snapshot.subscribe(self._learn_from_reading)
         if self.exporter is None:
             self.snapshot.subscribe(self._round_on_reading)
         lifecycle_context.provider = lambda: {"state": self.lifecycle.state.value, "reason": self.lifecycle.reason}
@@ -385,7 +389,7 @@ class Daemon:
         a READY round's values are what a later drain holds. Called by the export round
         only (or, with export off, by `_autoscaling_rounds`): a read must never move them."""
         vllm, kwargs = self._autoscaling_inputs()
-        return self.demand.values(self.lifecycle.state, vllm, **kwargs)
+        return self.demand.values(self.lifecycle.state, vllm, learn=False, **kwargs)  # learned per scrape
 
     def autoscaling_view(self) -> dict[Series, float | None]:
         """The same values for this moment, changing nothing (/status, /metrics)."""
@@ -404,6 +408,11 @@ class Daemon:
             "stale": source is VllmSource.HELD,
             "gpu_usage_percent": None if gpu is None else gpu.utilization_percent_mean,
         }
+
+    def _learn_from_reading(self, key: str, reading: Any) -> None:
+        """Each new good vLLM reading, once, teaches the demand gauge about the node."""
+        if key == "vllm" and reading.failed_at is None and reading.value is not None:
+            self.demand.learn(reading.value)
 
     def _round_on_reading(self, key: str, _reading: Any) -> None:
         """With export off nothing writes rounds; /metrics (a Prometheus-based HPA) still

@@ -1,12 +1,26 @@
 """The node demand gauge and the lifecycle rule for every autoscaling series. Pure.
 
 `node_demand` says how loaded the node is relative to its targets, 1.0 being exactly
-at target:
+at target. It calibrates itself from what vLLM reports on the node (agent/capacity.py):
 
     demand = min(max_demand,
-                 max(waiting / queue_per_node,
-                     kv_cache_usage_ratio / kv_usage_ratio,
-                     ttft_p95_s / ttft_p95_s target))
+                 max(utilization / utilization_target,
+                     waiting / (admissions_per_s * ttft_p95_s / 2),
+                     ttft_p95 / ttft_p95_s))
+
+- utilization: the share of its saturation throughput the node serves,
+  1 - (t0 / t_iter) * (1 - kv_cache_usage), t_iter = running / generation tokens/s and
+  t0 the engine's fixed cost per iteration, learned on the node (agent/capacity.py
+  says how and why). It rises with the load before anything waits, whichever limit
+  (prefill time, KV cache) the node will hit first. utilization_target 0.6 is the
+  headroom a reactive autoscaler needs for the minutes a new node takes to serve.
+- the queue as time: waiting / admissions per second is how long a new request waits
+  before its prefill starts (Little's law); 1.0 when that is half the TTFT SLO.
+- p95 TTFT over the SLO: the outcome itself, the safety net for what the others miss.
+
+One default holds across node models: no term has a per-node constant. The hand
+targets of `[autoscaling]` are overrides: `queue_per_node` replaces the queue term by
+waiting / queue_per_node, `kv_usage_ratio` adds kv_cache_usage / kv_usage_ratio.
 
 It is exported as `custom.googleapis.com/node/demand` (one label-free series per
 node) and on /metrics. Both fleet autoscalers scale a per-node gauge the same way,
@@ -18,13 +32,10 @@ IS the number of nodes the fleet needs:
 - HPA: a Pods metric `custom.googleapis.com|node|demand` with
   `target: {type: AverageValue, averageValue: "1"}`.
 
-Why these terms: the waiting queue is vLLM's direct "out of capacity" signal
-(requests wait only when the batch is full); KV-cache usage rises with the batch
-before anything waits, so it leads; p95 TTFT is the user-visible outcome and a
-safety net for load the other two miss (long prompts, prefill-bound nodes). Why the
-max: each term alone says "this node is past one of its limits", and the node is as
-full as its fullest limit (GKE's guidance: scale on whichever of queue and KV cache is
-further over its target). A term whose input is unknown is left out, never taken as 0.
+Why the max: each term alone says "this node is past one of its limits", and the node
+is as full as its fullest limit (GKE's guidance: scale on whichever of queue and KV
+cache is further over its target). A term whose input is unknown is left out, never
+taken as 0; with no utilization yet (first reading, idle node) the others decide.
 
 Lifecycle rule (`autoscaling_values`), the same for every autoscaling series
 (node/demand, vllm/queue_length, queue/pending_requests, vllm/ttft_ms,
@@ -63,6 +74,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from agent.capacity import IterationFloor, OutputTokens, admissions_per_s, engine_utilization, iteration_s
 from state_machine import State
 
 __all__ = [
@@ -85,45 +97,45 @@ _LEAVING = frozenset({State.DRAINING, State.TERMINATED})
 class DemandTargets:
     """Where each term reaches 1.0, and the most one node may claim. Defaults:
 
-    - queue_per_node 10: at ~5-15 request starts per second per GPU (an 8B model,
-      ~1.5k-token prompts, ~300-token answers) ten waiting requests are about a second
-      of queueing, half a 2 s TTFT budget. Set it to what one node starts in about
-      half your TTFT SLO. Requests wait only when the batch is full, so this term
-      speaks once the node is saturated.
-    - kv_usage_ratio 0.5: the early term, and the one that sets the headroom. A
-      node's throughput flattens as its batch grows (TPOT rises with it), so KV
-      usage climbs faster than load near saturation: at 0.5 a node runs at about
-      70 % of what it finishes at a full cache, the headroom a reactive autoscaler
-      needs to absorb the load that grows during the 5-10 minutes a new node takes
-      to load its model. At 0.8 that headroom is under 10 % and the fleet runs at
-      the edge (bench/FLEET.md, same cap: 0.8 kept 91-97 % of requests within the
-      SLO on the sample traces, 0.5 kept 93-100 %, for 0-19 % more GPU-hours).
-      Chosen with that simulation's node model: re-run it with yours.
-    - ttft_p95_s 2.0: the default TTFT SLO (slo.ttft_ms = 2000); at 1.0 the node
-      is missing its SLO for 5 % of its requests. Keep it equal to the SLO: the
-      KV term is the early one, this one is the safety net (long prompts,
-      prefill-bound nodes).
+    - utilization_target 0.6: demand 1.0 when the node serves 60 % of its saturation
+      throughput (as the gauge estimates it: t0 is learned from above, so the
+      estimate errs low by up to ~20 % until the node has calibrated). The fleet then
+      has headroom for the load that grows while a new node boots and loads its model
+      (6.5 minutes on a MIG, up to 12 on GKE); bench/FLEET.md has the sweep that chose
+      it. It is a share of what the node itself can do, so it holds for any GPU, model
+      and request size.
+    - ttft_p95_s 2.0: the TTFT SLO (slo.ttft_ms); the queue term reaches 1.0 when a
+      new request would wait half of it, the TTFT term when p95 reaches it.
     - max_demand 3.0: the queue and TTFT terms grow with the backlog, not with the
       arrival rate: a node two minutes into an overload reports 20-200x, and both
-      autoscalers, which size the fleet as the sum of the gauge, then jump to
-      their maximum and hold it through their scale-in stabilization. Capped at 3,
-      one decision at most triples the serving capacity; the next one, once the new
-      nodes serve, adds more if needed (in the simulation: the same SLO share
-      within 0.7 points for up to 42 % fewer GPU-hours). None disables the cap.
+      autoscalers, which size the fleet as the sum of the gauge, would jump to their
+      maximum and hold it through their scale-in stabilization. Capped at 3, one
+      decision at most triples the serving capacity. None disables the cap.
+    - Overrides, None by default (the gauge calibrates itself): queue_per_node (the
+      queue term becomes waiting / queue_per_node), kv_usage_ratio (adds
+      kv_cache_usage / kv_usage_ratio), max_num_seqs (vLLM's --max-num-seqs, when the
+      batch limit binds before the KV cache), iteration_floor_s (t0 measured once,
+      e.g. the TPOT of a lone request, instead of learned).
     """
 
-    queue_per_node: float = 10.0
-    kv_usage_ratio: float = 0.5
+    queue_per_node: float | None = None
+    kv_usage_ratio: float | None = None
     ttft_p95_s: float = 2.0
     max_demand: float | None = 3.0
+    utilization_target: float = 0.6
+    max_num_seqs: int | None = None
+    iteration_floor_s: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("queue_per_node", "kv_usage_ratio", "ttft_p95_s", "max_demand"):
+        optional = {"queue_per_node", "kv_usage_ratio", "max_demand", "max_num_seqs", "iteration_floor_s"}
+        for name in ("queue_per_node", "kv_usage_ratio", "ttft_p95_s", "max_demand", "utilization_target", "max_num_seqs", "iteration_floor_s"):
             value = getattr(self, name)
-            if name == "max_demand" and value is None:
+            if value is None and name in optional:
                 continue
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"DemandTargets.{name} must be a finite number > 0, got {value!r}")
+        if self.utilization_target > 1:
+            raise ValueError(f"DemandTargets.utilization_target must be at most 1, got {self.utilization_target!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,11 +168,15 @@ def node_demand(
     state: State = State.READY,
     stale: bool = False,
     held: float | None = None,
+    utilization: float | None = None,
+    admissions_per_s: float | None = None,
 ) -> DemandResult:
     """The demand of one node (rules in the module docstring).
 
-    `stale`: the inputs come from a held vLLM reading (hung server, garbage scrape).
-    `held`: the demand last written while READY, for DRAINING and TERMINATED.
+    `utilization` and `admissions_per_s` come from agent/capacity.py (DemandGauge
+    keeps what they learn). `stale`: the inputs come from a held vLLM reading (hung
+    server, garbage scrape). `held`: the demand last written while READY, for DRAINING
+    and TERMINATED.
     """
     if state in _WARMING:
         return DemandResult(0.0, "warming", f"{state.value}: no load yet, counted as capacity on its way")
@@ -168,19 +184,11 @@ def node_demand(
         if held is None:
             return DemandResult(0.0, "held", f"{state.value}: never served, holds zero")
         return DemandResult(held, "held", f"{state.value}: holds its last READY demand {held:.3g}")
-    terms: dict[str, float] = {}
-    for name, value, target in (
-        ("queue", waiting, targets.queue_per_node),
-        ("kv_cache", kv_usage_ratio, targets.kv_usage_ratio),
-        ("ttft", ttft_p95_s, targets.ttft_p95_s),
-    ):
-        known = _known(value)
-        if known is not None:
-            terms[name] = known / target
+    terms = _terms(waiting, kv_usage_ratio, ttft_p95_s, targets, utilization, admissions_per_s)
     if not terms:
-        why = "no queue, KV-cache or TTFT input"
+        why = "no utilization, queue, KV-cache or TTFT input"
         return DemandResult(1.0 if stale else None, "stale" if stale else "none", why)
-    dominant = max(terms, key=lambda name: terms[name])  # ties: the first listed (queue) wins
+    dominant = max(terms, key=lambda name: terms[name])  # ties: the first listed wins
     value = terms[dominant]
     why = ", ".join(f"{name} {ratio:.3g}" for name, ratio in terms.items())
     if stale and value < 1.0:
@@ -188,6 +196,28 @@ def node_demand(
     if targets.max_demand is not None and value > targets.max_demand:
         return DemandResult(targets.max_demand, dominant, f"{dominant} is furthest over its target ({why}), capped", terms)
     return DemandResult(value, dominant, f"{dominant} is furthest over its target ({why})", terms)
+
+
+def _terms(
+    waiting: float | None, kv: float | None, ttft_s: float | None, targets: DemandTargets,
+    utilization: float | None, admissions_per_s: float | None,
+) -> dict[str, float]:
+    """Each known input over where it reaches 1.0 (queue first: it wins ties)."""
+    waiting, kv, ttft_s, utilization = _known(waiting), _known(kv), _known(ttft_s), _known(utilization)
+    terms: dict[str, float] = {}
+    if waiting is not None:
+        if targets.queue_per_node is not None:
+            terms["queue"] = waiting / targets.queue_per_node
+        elif (admissions := _known(admissions_per_s)) is not None:
+            # No request starting at all while some wait: the queue does not drain.
+            terms["queue"] = waiting / (admissions * targets.ttft_p95_s / 2) if admissions > 0 else (targets.max_demand or 3.0) * (waiting > 0)
+    if utilization is not None:
+        terms["utilization"] = utilization / targets.utilization_target
+    if kv is not None and targets.kv_usage_ratio is not None:
+        terms["kv_cache"] = kv / targets.kv_usage_ratio
+    if ttft_s is not None:
+        terms["ttft"] = ttft_s / targets.ttft_p95_s
+    return terms
 
 
 class Series(StrEnum):
@@ -217,6 +247,11 @@ class NodeLoad:
     stale: bool = False
     ttft_p50_s: float | None = None
     ttft_p99_s: float | None = None
+    generation_tokens_per_s: float | None = None
+    prompt_tokens_per_s: float | None = None
+    generation_tokens_total: float | None = None
+    requests_completed_total: float | None = None
+    tpot_p50_s: float | None = None
 
     @classmethod
     def from_reading(cls, vllm: Any, *, gpu_usage_percent: float | None = None, stale: bool = False) -> NodeLoad:
@@ -234,6 +269,12 @@ class NodeLoad:
             stale=stale,
             ttft_p50_s=vllm.ttft_s.get("p50"),
             ttft_p99_s=vllm.ttft_s.get("p99"),
+            # Readings from before these fields existed (and test doubles) carry none.
+            generation_tokens_per_s=getattr(vllm, "generation_tokens_per_s", None),
+            prompt_tokens_per_s=getattr(vllm, "prompt_tokens_per_s", None),
+            generation_tokens_total=getattr(vllm, "generation_tokens_total", None),
+            requests_completed_total=getattr(vllm, "requests_completed_total", None),
+            tpot_p50_s=(getattr(vllm, "tpot_s", None) or {}).get("p50"),
         )
 
 
@@ -242,6 +283,9 @@ def autoscaling_values(
     load: NodeLoad,
     targets: DemandTargets,
     held: Mapping[Series, float | None] | None = None,
+    *,
+    utilization: float | None = None,
+    admissions_per_s: float | None = None,
 ) -> dict[Series, float | None]:
     """The value each autoscaling series carries this round (None: not written)."""
     held = held or {}
@@ -253,6 +297,8 @@ def autoscaling_values(
         state=state,
         stale=load.stale,
         held=held.get(Series.DEMAND),
+        utilization=utilization,
+        admissions_per_s=admissions_per_s,
     )
     gpu_known = _known(load.gpu_usage_percent)
     if state is State.READY:
@@ -287,23 +333,54 @@ def next_held(
 class DemandGauge:
     """The autoscaling values the agent publishes this moment (node/demand on /metrics;
     every autoscaling series to Cloud Monitoring), with the values held from the last
-    READY round. `vllm` is the VllmReading (None: not read, or refusing connections),
-    `stale` True when it is the last good one of an unreadable vLLM. Every caller must
-    pass the GPU utilization too: what a READY round holds is what DRAINING writes."""
+    READY round and what the node has learned about itself (agent/capacity.py: its
+    lightest iteration, the tokens a request makes). `vllm` is the VllmReading (None:
+    not read, or refusing connections), `stale` True when it is the last good one of an
+    unreadable vLLM. Every caller must pass the GPU utilization too: what a READY round
+    holds is what DRAINING writes."""
 
     def __init__(self, targets: DemandTargets) -> None:
         self.targets = targets
         self._held: dict[Series, float | None] = {}
+        self.floor = IterationFloor(targets.iteration_floor_s)
+        self.output_tokens = OutputTokens()
 
-    def values(self, state: State, vllm: Any, *, stale: bool, gpu_usage_percent: float | None) -> dict[Series, float | None]:
+    def learn(self, vllm: Any, *, stale: bool = False) -> None:
+        """What one new vLLM reading teaches the node about itself (its lightest
+        iteration, the tokens a request makes). Once per reading: the daemon calls it as
+        each scrape lands, so how often the node is read never changes what it learns."""
+        if stale or vllm is None:  # a held reading teaches nothing new
+            return
+        load = NodeLoad.from_reading(vllm)
+        tokens_per_s = None if load.generation_tokens_per_s is None else load.generation_tokens_per_s + (load.prompt_tokens_per_s or 0.0)
+        self.floor.observe(
+            iteration_s(load.running, load.generation_tokens_per_s), load.kv_cache_usage_ratio, tokens_per_s, load.tpot_p50_s, load.running
+        )
+        self.output_tokens.observe(load.generation_tokens_total, load.requests_completed_total)
+
+    def values(
+        self, state: State, vllm: Any, *, stale: bool, gpu_usage_percent: float | None, learn: bool = True
+    ) -> dict[Series, float | None]:
         """This round's values, and they become what a later drain holds (a READY round).
-        Only the round that writes them calls this: the export round."""
+        Only the round that writes them calls this (the export round). `learn`: take the
+        reading as a new one too (the fleet simulation); the daemon learns on each scrape."""
+        if learn:
+            self.learn(vllm, stale=stale)
         values = self.view(state, vllm, stale=stale, gpu_usage_percent=gpu_usage_percent)
         self._held = next_held(state, values, self._held)
         return values
 
     def view(self, state: State, vllm: Any, *, stale: bool, gpu_usage_percent: float | None) -> dict[Series, float | None]:
         """The values for this moment, changing nothing: what /status and /metrics show.
-        (A read that advanced the held values would change what a drain later exports.)"""
+        (A read that advanced the held values, or the learning, would change what the
+        node later exports.)"""
         load = NodeLoad.from_reading(vllm, gpu_usage_percent=gpu_usage_percent, stale=stale)
-        return autoscaling_values(state, load, self.targets, self._held)
+        utilization = admissions = None
+        if not stale:
+            utilization = engine_utilization(
+                load.running, load.generation_tokens_per_s, load.kv_cache_usage_ratio, self.floor.floor_s, self.targets.max_num_seqs
+            )
+            admissions = admissions_per_s(load.generation_tokens_per_s, self.output_tokens.mean)
+            if load.generation_tokens_per_s == 0:
+                admissions = 0.0  # known: nothing is being made
+        return autoscaling_values(state, load, self.targets, self._held, utilization=utilization, admissions_per_s=admissions)

@@ -65,6 +65,8 @@ class VllmReading:
     engines_unhealthy: int | None = None  # engines with vllm:engine_healthy 0
     queue_time_s: dict[str, float | None] = field(default_factory=dict)  # vllm:request_queue_time_seconds
     requests_failed_total: float = 0.0  # finished_reason="error": failed, neither completed nor aborted
+    # vllm:generation_tokens_total as served (summed over engines); None when not served.
+    generation_tokens_total: float | None = None
 
 
 def kv_capacity(
@@ -144,6 +146,7 @@ def make_reading(scrape: VllmScrape, stats: WindowStats, capacity: tuple[float |
         engines_unhealthy=scrape.engines_unhealthy,
         queue_time_s=stats.queue_time_s,
         requests_failed_total=failed,
+        generation_tokens_total=scrape.generation_tokens_total,
     )
 
 

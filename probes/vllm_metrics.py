@@ -57,10 +57,15 @@ class InvalidScrape(PromParseError):
     KV usage outside 0-1): the scrape is dropped, never read as "empty"."""
 
 
-def _check(name: str, labels: Mapping[str, str], value: float, top: float = math.inf) -> None:
+_ROUNDING = 1e-9  # a ratio computed as 1 - free/total can land a hair outside 0-1
+
+
+def _check(name: str, labels: Mapping[str, str], value: float, top: float = math.inf) -> float:
+    """The value, clamped by float rounding only; anything further out is impossible."""
     # NaN fails every comparison; a bound of inf still needs +Inf caught by name.
-    if not 0.0 <= value <= top or value == math.inf:
+    if not -_ROUNDING <= value <= top + _ROUNDING or value == math.inf:
         raise InvalidScrape(f"{name}{dict(labels)} = {value}: not a possible value")
+    return min(max(value, 0.0), top)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +135,7 @@ class ScrapeAccumulator:
                 key = (labels.get("engine"), labels.get("model_name"), labels.get("pid"))
                 buckets[_BUCKETS[name]].setdefault(key, {})[labels.get("le", "")] = value
             elif name in _GAUGES:
-                _check(name, labels, value, 1.0 if name in (KV_V1, KV_V0) else math.inf)
+                value = _check(name, labels, value, 1.0 if name in (KV_V1, KV_V0) else math.inf)
                 key = tuple(f"{k}={v}" for k, v in labels.items() if k != "pid")
                 series = gauges[name]
                 series[key] = max(value, series.get(key, value))

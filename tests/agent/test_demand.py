@@ -1,5 +1,6 @@
-"""The demand gauge (agent/demand.py): the formula, its missing and stale inputs, and
-what every autoscaling series carries in each lifecycle state."""
+"""The demand gauge (agent/demand.py): the formula (self-calibrated terms and the hand
+overrides), its missing and stale inputs, and what every autoscaling series carries in
+each lifecycle state."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from agent.demand import (
 )
 from state_machine import State
 
+# The hand targets (overrides): the formula the gauge had before it calibrated itself.
 TARGETS = DemandTargets(queue_per_node=10.0, kv_usage_ratio=0.5, ttft_p95_s=2.0, max_demand=3.0)
 
 
@@ -40,7 +42,7 @@ TARGETS = DemandTargets(queue_per_node=10.0, kv_usage_ratio=0.5, ttft_p95_s=2.0,
         (-3.0, None, math.inf, False, None, "none"),
     ],
 )
-def test_demand_is_the_term_furthest_over_its_target(waiting, kv, ttft_s, stale, value, dominant) -> None:
+def test_with_hand_targets_demand_is_the_term_furthest_over_its_target(waiting, kv, ttft_s, stale, value, dominant) -> None:
     result = node_demand(waiting, kv, ttft_s, TARGETS, stale=stale)
     assert result.dominant == dominant
     if value is None:
@@ -69,18 +71,49 @@ def test_demand_outside_ready_follows_the_lifecycle_rule(state, held, value, dom
     assert (result.value, result.dominant) == (pytest.approx(value), dominant)
 
 
-@pytest.mark.parametrize("field", ["queue_per_node", "kv_usage_ratio", "ttft_p95_s", "max_demand"])
+@pytest.mark.parametrize(
+    "field", ["queue_per_node", "kv_usage_ratio", "ttft_p95_s", "max_demand", "utilization_target", "max_num_seqs", "iteration_floor_s"]
+)
 @pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf])
 def test_targets_reject_values_that_are_not_positive_and_finite(field, bad) -> None:
     with pytest.raises(ValueError, match=field):
         DemandTargets(**{field: bad})
 
 
-def test_targets_defaults_put_the_gauge_at_one_at_its_targets() -> None:
-    t = DemandTargets()
-    assert node_demand(t.queue_per_node, None, None, t).value == pytest.approx(1.0)
-    assert node_demand(None, t.kv_usage_ratio, None, t).value == pytest.approx(1.0)
-    assert node_demand(None, None, t.ttft_p95_s, t).value == pytest.approx(1.0)
+def test_a_utilization_target_above_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="utilization_target"):
+        DemandTargets(utilization_target=1.2)
+
+
+DEFAULTS = DemandTargets()  # self-calibrated: no hand target
+
+
+@pytest.mark.parametrize(
+    ("waiting", "kv", "ttft_s", "utilization", "admissions", "value", "dominant"),
+    [
+        (0.0, 0.2, 0.3, 0.6, 10.0, 1.0, "utilization"),  # at its utilization target
+        (0.0, 0.2, 0.3, 0.3, 10.0, 0.5, "utilization"),
+        (10.0, 0.2, 0.3, 0.6, 10.0, 1.0, "queue"),  # 10 waiting at 10 starts/s: 1 s, half the 2 s SLO (ties: queue)
+        (20.0, 0.9, 0.3, 0.9, 10.0, 2.0, "queue"),  # a backlog of 2 s
+        (0.0, 0.95, 0.3, None, None, 0.15, "ttft"),  # KV alone is no term without a hand target
+        (5.0, 0.2, None, None, None, None, "none"),  # waiting without a start rate says nothing
+        (0.0, 0.1, 3.0, 0.2, 10.0, 1.5, "ttft"),  # the SLO missed: the outcome wins
+        (200.0, 1.0, 40.0, 1.0, 10.0, 3.0, "queue"),  # capped
+        (7.0, 0.1, None, None, 0.0, 3.0, "queue"),  # requests wait and none starts: a queue that does not drain
+        (0.0, 0.1, None, None, 0.0, 0.0, "queue"),  # idle: nothing waits, nothing starts
+    ],
+)
+def test_self_calibrated_demand(waiting, kv, ttft_s, utilization, admissions, value, dominant) -> None:
+    result = node_demand(waiting, kv, ttft_s, DEFAULTS, utilization=utilization, admissions_per_s=admissions)
+    assert result.dominant == dominant
+    assert result.value == (None if value is None else pytest.approx(value))
+
+
+def test_hand_targets_override_the_calibrated_queue_and_add_a_kv_term() -> None:
+    hand = DemandTargets(queue_per_node=5.0, kv_usage_ratio=0.5)
+    assert node_demand(10.0, 0.1, None, hand, utilization=0.3, admissions_per_s=100.0).terms["queue"] == pytest.approx(2.0)
+    assert node_demand(0.0, 0.8, None, hand, utilization=0.3, admissions_per_s=100.0).terms["kv_cache"] == pytest.approx(1.6)
+    assert "kv_cache" not in node_demand(0.0, 0.8, None, DEFAULTS, utilization=0.3, admissions_per_s=100.0).terms
 
 
 READY_LOAD = NodeLoad(
@@ -154,7 +187,7 @@ def test_demand_gauge_warming_zero_ready_live_draining_held() -> None:
         kv_cache_usage_ratio: float | None
         ttft_s: dict
 
-    gauge = DemandGauge(DemandTargets(queue_per_node=10, kv_usage_ratio=0.5, ttft_p95_s=2.0, max_demand=3.0))
+    gauge = DemandGauge(TARGETS)
 
     def values(state: State, vllm: V, gpu: float | None = 60.0) -> dict[Series, float | None]:
         return gauge.values(state, vllm, stale=False, gpu_usage_percent=gpu)
@@ -184,3 +217,37 @@ def test_a_view_never_moves_the_held_values() -> None:
         gauge.view(State.READY, Reading(2), stale=False, gpu_usage_percent=None)
     held = gauge.values(State.DRAINING, Reading(0), stale=False, gpu_usage_percent=None)
     assert held[Series.QUEUE_LENGTH] == 7
+
+
+def _reading(running: float, generation_tps: float, kv: float, *, waiting: float = 0.0, generated: float = 0.0, done: float = 0.0,
+             itl_p50: float | None = None, prompt_tps: float = 0.0):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        requests_waiting=waiting, requests_running=running, kv_cache_usage_ratio=kv, ttft_s={"p50": 0.1, "p95": 0.2, "p99": 0.3},
+        tpot_s={"p50": itl_p50}, generation_tokens_per_s=generation_tps, prompt_tokens_per_s=prompt_tps,
+        generation_tokens_total=generated, requests_completed_total=done,
+    )
+
+
+def test_the_gauge_calibrates_itself_from_what_vllm_reports() -> None:
+    from agent.demand import DemandGauge
+
+    gauge = DemandGauge(DemandTargets())  # t0 unknown: bounded from above by the median inter-token latency
+    first = gauge.values(State.READY, _reading(20, 1000.0, 0.1, generated=2e4, done=100, itl_p50=0.015), stale=False, gpu_usage_percent=None)
+    # t_iter 20 ms, t0 <= 15 ms: utilization 1 - 0.9 * 15/20 = 0.325, over the 0.6 target
+    assert first[Series.DEMAND] == pytest.approx(0.325 / 0.6)
+    # 200 tokens a request, 1000 tokens/s: 5 starts/s; 10 waiting are 2 s of queue, the whole SLO
+    queued = gauge.values(State.READY, _reading(20, 1000.0, 0.1, waiting=10, generated=4e4, done=200, itl_p50=0.015), stale=False, gpu_usage_percent=None)
+    assert queued[Series.DEMAND] == pytest.approx(2.0)
+    # a held reading teaches nothing and cannot show spare capacity
+    held = gauge.values(State.READY, _reading(1, 10.0, 0.0, itl_p50=0.001), stale=True, gpu_usage_percent=None)
+    assert held[Series.DEMAND] == 1.0 and gauge.floor.floor_s == pytest.approx(0.015)
+
+
+def test_a_configured_iteration_floor_replaces_the_learning() -> None:
+    from agent.demand import DemandGauge
+
+    gauge = DemandGauge(DemandTargets(iteration_floor_s=0.010))
+    values = gauge.values(State.READY, _reading(40, 1000.0, 0.2, itl_p50=0.001), stale=False, gpu_usage_percent=None)
+    assert values[Series.DEMAND] == pytest.approx((1 - 0.8 * 0.010 / 0.040) / 0.6)

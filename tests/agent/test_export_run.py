@@ -52,7 +52,9 @@ async def start(tmp_path: Path, sink: FakeMetricService, vllm: FakeVllm, meta: F
 async def test_pushes_autoscaling_series_and_the_report_on_sigterm(tmp_path, world) -> None:
     sink, vllm, _ = world
     vllm.set_load(running=2, waiting=7)
-    agent = await start(tmp_path, sink, vllm)
+    # The hand queue target (an [autoscaling] override) keeps the formula fixed here: this
+    # test is about the lifecycle rule of what is pushed, not the self-calibrated gauge.
+    agent = await start(tmp_path, sink, vllm, GPU_AGENT_AUTOSCALING__QUEUE_PER_NODE="10")
     try:
         await until(lambda: sink.series(QUEUE), 15, 0.05, "first push")
         point = sink.series(QUEUE)[-1]

@@ -249,7 +249,7 @@ def test_termination_report_comes_from_the_drain_and_becomes_labelled_points() -
 def test_autoscaling_series_follow_the_lifecycle_rule_and_the_facts_do_not() -> None:
     from agent.demand import DemandGauge, DemandTargets
 
-    gauge = DemandGauge(DemandTargets())
+    gauge = DemandGauge(DemandTargets(queue_per_node=10.0, kv_usage_ratio=0.5))  # hand targets: a fixed formula here
     node = Node()
 
     def written(state: State) -> dict[tuple[str, tuple], float]:

@@ -162,14 +162,14 @@ def test_the_agent_runs_as_non_root_with_a_read_only_root_and_a_state_volume() -
     assert mount["mountPath"] == agent_env()["GPU_AGENT_SERVICE__STATE_DIR"]
 
 
-def test_the_hpa_scales_the_deployment_on_the_queue_length_from_1_to_20() -> None:
+def test_the_hpa_scales_the_deployment_on_the_demand_gauge_from_1_to_20() -> None:
     hpa = manifest("HorizontalPodAutoscaler")["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": manifest("Deployment")["metadata"]["name"]}
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 20)
     (metric,) = hpa["metrics"]
     assert metric["type"] == "Pods"
-    assert metric["pods"]["metric"]["name"] == "custom.googleapis.com|vllm|queue_length"
-    assert metric["pods"]["target"]["type"] == "AverageValue"
+    assert metric["pods"]["metric"]["name"] == "custom.googleapis.com|node|demand"
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "1"}  # 1.0 = a pod at its target
 
 
 @pytest.mark.parametrize("kind", ["PodDisruptionBudget", "Service", "PodMonitoring"])

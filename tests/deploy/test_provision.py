@@ -100,7 +100,8 @@ def test_a_spot_template_is_deleted_on_preemption_and_recreated_by_the_mig(capsy
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        ([], {"metric": "custom.googleapis.com/vllm/queue_length", "utilization_target": 4.0, "utilization_target_type": "GAUGE"}),
+        ([], {"metric": "custom.googleapis.com/node/demand", "utilization_target": 1.0, "utilization_target_type": "GAUGE"}),
+        (["--metric", "queue"], {"metric": "custom.googleapis.com/vllm/queue_length", "utilization_target": 4.0, "utilization_target_type": "GAUGE"}),
         (
             ["--metric", "ttft", "--target", "1200"],
             {
@@ -112,7 +113,7 @@ def test_a_spot_template_is_deleted_on_preemption_and_recreated_by_the_mig(capsy
         ),
         (["--metric", "gpu"], {"metric": "custom.googleapis.com/gpu/usage_percent", "utilization_target": 80.0, "utilization_target_type": "GAUGE"}),
     ],
-    ids=["queue", "ttft-p95", "gpu"],
+    ids=["demand", "queue", "ttft-p95", "gpu"],
 )
 def test_the_autoscaler_scales_the_mig_on_the_chosen_custom_metric(argv: list[str], expected: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     policy = body(planned(capsys, *argv), "InsertAutoscalerRequest")["autoscaling_policy"]
