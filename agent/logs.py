@@ -98,7 +98,7 @@ class LogStats:
 
 
 LOG_STATS = LogStats()
-_QUEUE_RECORDS = 10_000
+_QUEUE_RECORDS = 2_000  # a few MB at most, held only while the writer lags; past it, drops (counted)
 _listener: logging.handlers.QueueListener | None = None
 
 
