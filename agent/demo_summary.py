@@ -15,7 +15,7 @@ README_SERIES = (
     "gpu/usage_percent", "gpu/memory_used_gb", "vllm/tps", "vllm/queue_length", "vllm/kv_cache_usage_gb",
     "queue/pending_requests", "vllm/ttft_ms", "vllm/tpot_ms", "node/demand", "agent/state",
     "agent/termination/count", "agent/termination/drain_seconds", "agent/termination/in_flight_at_notice",
-    "agent/termination/completed_requests", "agent/termination/aborted_requests",
+    "agent/termination/completed_requests", "agent/termination/aborted_requests", "agent/termination/failed_requests",
 )
 
 

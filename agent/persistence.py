@@ -35,7 +35,7 @@ class DrainPersistence:
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self.error: str | None = None  # the last write's failure, None once one succeeds
-        self.pending = False  # the lifecycle has a change the disk does not have yet
+        self.pending = False  # the last write failed: the disk does not have what a restart needs
         self.quarantined: list[str] = []  # unusable state files moved aside at start
         self.blocked: str | None = None  # why nothing may be written (an unmovable bad file)
         self.unwritable: str | None = None  # the state dir refused a write at start
@@ -97,7 +97,8 @@ class DrainPersistence:
             if self.blocked is not None:
                 self.pending = True
                 return False
-            self.pending = True
+            # `pending` changes only with a write's outcome: a write under way is not a
+            # warning (every admin call waits for its own write before it answers).
             drain = self._lifecycle.drain
             try:
                 if drain is None:
@@ -111,6 +112,7 @@ class DrainPersistence:
                 if error != self.error:
                     log.error("cannot persist the drain state; retrying", extra={"error": error})
                 self.error = error
+                self.pending = True
                 return False
             if self.error is not None:
                 log.info("drain state persisted again", extra={"path": str(self.store.path)})
