@@ -3,24 +3,20 @@ metadata, export), passes Prometheus' own linter: `promtool check metrics`."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
 import aiohttp
-import pytest
 
 from agent.sim.metadata import FakeMetadataServer
 from agent.sim.monitoring import FakeMetricService
 from agent.sim.vllm import FakeVllm
 from tests.harness import AgentProcess, status_is, until
+from tests.tools import require_tool
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.skip("promtool is not installed (Debian package prometheus)")
-    return path
+    return require_tool("promtool", "prometheus")
 
 
 async def test_promtool_finds_nothing_to_say_about_a_live_agents_metrics(tmp_path) -> None:
