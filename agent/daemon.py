@@ -93,7 +93,9 @@ class Daemon:
         if cfg.export.enabled:
             from agent.exporter.client import Exporter  # light; monitoring_v3 loads at the first push
 
-            self.exporter = Exporter(cfg.export, self.snapshot, self.lifecycle, environ=self.environ, autoscaling=self.autoscaling_round)
+            self.exporter = Exporter(
+                cfg.export, self.snapshot, self.lifecycle, environ=self.environ, autoscaling=self.autoscaling_round
+            )
         auto = cfg.autoscaling
         self.demand = DemandGauge(
             DemandTargets(
@@ -235,9 +237,7 @@ class Daemon:
         self._changed.set()
         if self.signals_received == 1:
             log.info("stop signal received; draining", extra={"signal": name})
-            self.lifecycle.begin_drain(
-                DrainReason.SIGNAL, Source.SIGNAL, deadline_s=self.cfg.drain.timeout_s, detail=name
-            )
+            self.lifecycle.begin_drain(DrainReason.SIGNAL, Source.SIGNAL, deadline_s=self.cfg.drain.timeout_s, detail=name)
             self.notifier.stopping(self._systemd_status())
         elif self.signals_received == 2:
             log.warning("second stop signal: skipping the wait", extra={"signal": name})

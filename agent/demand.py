@@ -128,7 +128,15 @@ class DemandTargets:
 
     def __post_init__(self) -> None:
         optional = {"queue_per_node", "kv_usage_ratio", "max_demand", "max_num_seqs", "iteration_floor_s"}
-        for name in ("queue_per_node", "kv_usage_ratio", "ttft_p95_s", "max_demand", "utilization_target", "max_num_seqs", "iteration_floor_s"):
+        for name in (
+            "queue_per_node",
+            "kv_usage_ratio",
+            "ttft_p95_s",
+            "max_demand",
+            "utilization_target",
+            "max_num_seqs",
+            "iteration_floor_s",
+        ):
             value = getattr(self, name)
             if value is None and name in optional:
                 continue
@@ -199,8 +207,12 @@ def node_demand(
 
 
 def _terms(
-    waiting: float | None, kv: float | None, ttft_s: float | None, targets: DemandTargets,
-    utilization: float | None, admissions_per_s: float | None,
+    waiting: float | None,
+    kv: float | None,
+    ttft_s: float | None,
+    targets: DemandTargets,
+    utilization: float | None,
+    admissions_per_s: float | None,
 ) -> dict[str, float]:
     """Each known input over where it reaches 1.0 (queue first: it wins ties)."""
     waiting, kv, ttft_s, utilization = _known(waiting), _known(kv), _known(ttft_s), _known(utilization)
@@ -210,7 +222,9 @@ def _terms(
             terms["queue"] = waiting / targets.queue_per_node
         elif (admissions := _known(admissions_per_s)) is not None:
             # No request starting at all while some wait: the queue does not drain.
-            terms["queue"] = waiting / (admissions * targets.ttft_p95_s / 2) if admissions > 0 else (targets.max_demand or 3.0) * (waiting > 0)
+            terms["queue"] = (
+                waiting / (admissions * targets.ttft_p95_s / 2) if admissions > 0 else (targets.max_demand or 3.0) * (waiting > 0)
+            )
     if utilization is not None:
         terms["utilization"] = utilization / targets.utilization_target
     if kv is not None and targets.kv_usage_ratio is not None:
@@ -352,9 +366,15 @@ class DemandGauge:
         if stale or vllm is None:  # a held reading teaches nothing new
             return
         load = NodeLoad.from_reading(vllm)
-        tokens_per_s = None if load.generation_tokens_per_s is None else load.generation_tokens_per_s + (load.prompt_tokens_per_s or 0.0)
+        tokens_per_s = (
+            None if load.generation_tokens_per_s is None else load.generation_tokens_per_s + (load.prompt_tokens_per_s or 0.0)
+        )
         self.floor.observe(
-            iteration_s(load.running, load.generation_tokens_per_s), load.kv_cache_usage_ratio, tokens_per_s, load.tpot_p50_s, load.running
+            iteration_s(load.running, load.generation_tokens_per_s),
+            load.kv_cache_usage_ratio,
+            tokens_per_s,
+            load.tpot_p50_s,
+            load.running,
         )
         self.output_tokens.observe(load.generation_tokens_total, load.requests_completed_total)
 
@@ -378,7 +398,11 @@ class DemandGauge:
         utilization = admissions = None
         if not stale:
             utilization = engine_utilization(
-                load.running, load.generation_tokens_per_s, load.kv_cache_usage_ratio, self.floor.floor_s, self.targets.max_num_seqs
+                load.running,
+                load.generation_tokens_per_s,
+                load.kv_cache_usage_ratio,
+                self.floor.floor_s,
+                self.targets.max_num_seqs,
             )
             admissions = admissions_per_s(load.generation_tokens_per_s, self.output_tokens.mean)
             if load.generation_tokens_per_s == 0:

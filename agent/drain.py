@@ -74,6 +74,8 @@ class InFlightView:
             return 0.0
         if reading.taken_at is None or reading.taken_at < t0 or reading.is_stale(self._snapshot.now()):
             return None
+        if reading.value is None:
+            return None
         return float(reading.value.in_flight)
 
     def counters(self) -> tuple[float, float, float] | None:
@@ -202,7 +204,8 @@ class DrainController:
         reading = asyncio.ensure_future(self._refresh())
         forced = asyncio.ensure_future(self.force.wait())
         try:
-            await asyncio.wait({reading, forced}, timeout=None if budget_s is None else max(0.0, budget_s), return_when=asyncio.FIRST_COMPLETED)
+            timeout = None if budget_s is None else max(0.0, budget_s)
+            await asyncio.wait({reading, forced}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in (reading, forced):
                 waiter.cancel()
@@ -246,12 +249,12 @@ class DrainController:
         return None if self.progress is None else asdict(self.progress)
 
 
-def _deltas(
-    baseline: tuple[float, float, float] | None, now: tuple[float, float, float] | None
-) -> tuple[float, float, float]:
+def _deltas(baseline: tuple[float, float, float] | None, now: tuple[float, float, float] | None) -> tuple[float, float, float]:
     """Completed, aborted and failed since the drain began; a counter that went
     backwards (vLLM restarted) counts from zero."""
     if baseline is None or now is None:
         return 0.0, 0.0, 0.0
-    completed, aborted, failed = (after - before if after >= before else after for before, after in zip(baseline, now, strict=True))
+    completed, aborted, failed = (
+        after - before if after >= before else after for before, after in zip(baseline, now, strict=True)
+    )
     return completed, aborted, failed

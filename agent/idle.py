@@ -65,7 +65,8 @@ class IdleWatchdog:
 
     async def run(self) -> None:
         if self._cfg.after_s <= 0:
-            return await asyncio.Event().wait()  # disabled: park (the supervisor would restart a return)
+            await asyncio.Event().wait()  # disabled: park (the supervisor would restart a return)
+            return
         while self._lifecycle.state is not State.TERMINATED or not self._idle_drain():
             self.check()
             await asyncio.sleep(_CHECK_S)

@@ -16,12 +16,16 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from state_machine import Lifecycle, Source
 from state_machine.persist import DrainStore, SavedDrain, StateFileError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _IO_DEADLINE_S = 5.0  # a hung disk (NFS, a dying device) must not hang the caller
 _RETRY_BASE_S, _RETRY_CAP_S = 1.0, 30.0
@@ -141,7 +145,7 @@ class DrainPersistence:
             extra={"error": problem, "moved_to": str(moved), "path": str(self.store.path)},
         )
 
-    async def _io(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         async with asyncio.timeout(_IO_DEADLINE_S):
             return await asyncio.to_thread(fn, *args)
 

@@ -152,7 +152,8 @@ class PreemptionPolicy:
             DrainReason.MAINTENANCE,
             Source.METADATA,
             deadline_s=deadline_s,
-            detail=f"instance/upcoming-maintenance: window starts in {max(0.0, start - self._wall()):.0f}s; {deadline_s:g}s to drain",
+            detail=f"instance/upcoming-maintenance: window starts in {max(0.0, start - self._wall()):.0f}s; "
+            f"{deadline_s:g}s to drain",
             event_id=f"gce:upcoming-maintenance:{info.get('window_start_time', info.get('windowStartTime')) if info else ''}",
         )
         self._record("upcoming_maintenance", summary, "drain" if started else "no change: already draining")
@@ -302,13 +303,14 @@ class MetadataWatch:
 
     def _watcher(self, path: str) -> MetadataWatcher[Any]:
         policy, tuning = self._policy, self._tuning
-        parse, on_value, key, none_codes = {
+        table: dict[str, tuple[Callable[[str], Any], Callable[[Any, str | None], None], str, frozenset[str]]] = {
             PREEMPTED: (parse_preempted, policy.on_preempted, "metadata.preempted", frozenset()),
             MAINTENANCE_EVENT: (parse_maintenance_event, policy.on_maintenance_event,
                                 "metadata.maintenance_event", frozenset()),
             UPCOMING_MAINTENANCE: (parse_upcoming_maintenance, policy.on_upcoming_maintenance,
                                    "metadata.upcoming_maintenance", NO_NOTICE_CODES),
-        }[path]  # fmt: skip
+        }  # fmt: skip
+        parse, on_value, key, none_codes = table[path]
         base_s, cap_s = (
             (tuning.preempted_backoff_base_s, tuning.preempted_backoff_cap_s)
             if path == PREEMPTED

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 from probes.base import backoff_s
@@ -47,10 +48,12 @@ class Supervisor:
         self._entered = True
         return self
 
-    async def __aexit__(self, *exc: object) -> bool | None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         for task in self._tasks:
             task.cancel()
-        return await self._group.__aexit__(*exc)
+        await self._group.__aexit__(exc_type, exc, tb)
 
     def add(self, name: str, factory: Callable[[], Awaitable[None]], *, critical: bool = False) -> None:
         """Run `factory()` now and again after each failure. `critical` tasks that

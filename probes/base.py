@@ -101,13 +101,15 @@ class ProbeRunner:
         try:
             async with asyncio.timeout(self.probe.timeout_s):
                 value = await self.probe.sample()
-        except Exception as exc:  # noqa: BLE001 - any probe failure is data, not a crash
+        except Exception as exc:
             reason = _describe(exc, self.probe.timeout_s)
             code = exc.code if isinstance(exc, ProbeError) else "timeout" if isinstance(exc, TimeoutError) else "error"
             self.consecutive_failures += 1
             self._errors[name] += 1
             self._snapshot.fail(name, reason, self._stale_after_s, code=code)
-            level = logging.WARNING if self.consecutive_failures in (1, 10) or self.consecutive_failures % 100 == 0 else logging.DEBUG
+            level = (
+                logging.WARNING if self.consecutive_failures in (1, 10) or self.consecutive_failures % 100 == 0 else logging.DEBUG
+            )
             log.log(level, "probe failed", extra={"probe": name, "error": reason, "failures": self.consecutive_failures})
             self._notify(None, reason)
             return False

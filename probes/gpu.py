@@ -65,7 +65,8 @@ class GpuFault:
     at_wall: float = field(default_factory=time.time)
 
 
-FaultCallback = Callable[[GpuFault], None]
+# What the fault callback returns is ignored (the fault policy says whether it drained).
+FaultCallback = Callable[[GpuFault], object]
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ also reported as GpuFaults (once per condition) to the fault callback.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -33,8 +34,8 @@ from probes.nvml_backend import (
     NvmlBackend,
     describe_error,
     error_name,
-    is_lost,
     is_function_not_found,
+    is_lost,
     is_no_driver,
     is_not_supported,
 )
@@ -93,7 +94,7 @@ class _GpuReader:
         self.read(("temperature_c",), lambda: float(nvml.nvmlDeviceGetTemperatureV(handle, pynvml.NVML_TEMPERATURE_GPU)))
         self.read(("power_w",), lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0)
         for name, error_type, counter_type in _ECC_COUNTERS:
-            self.read((name,), lambda e=error_type, c=counter_type: int(nvml.nvmlDeviceGetTotalEccErrors(handle, e, c)))
+            self.read((name,), functools.partial(_ecc_errors, nvml, handle, error_type, counter_type))
         self.read(
             ("remapped_rows_correctable", "remapped_rows_uncorrectable", "remap_pending", "remap_failure"),
             lambda: _remapped(nvml.nvmlDeviceGetRemappedRows(handle)),
@@ -118,6 +119,10 @@ def read_gpu(nvml: NvmlBackend, index: int) -> GpuInfo:
         if is_lost(exc):
             return GpuInfo(index=index, lost=True, detail=describe_error(exc))
         raise
+
+
+def _ecc_errors(nvml: NvmlBackend, handle: Any, error_type: int, counter_type: int) -> int:
+    return int(nvml.nvmlDeviceGetTotalEccErrors(handle, error_type, counter_type))
 
 
 def _memory(info: Any) -> tuple[int, int]:

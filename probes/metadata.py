@@ -326,7 +326,7 @@ class MetadataWatcher(Generic[T]):
         while True:
             try:
                 value, etag = await self._read(etag)
-            except Exception as exc:  # noqa: BLE001 - a failed read is data (unknown), never a crash
+            except Exception as exc:
                 self._failed(exc)
                 await asyncio.sleep(backoff_s(self.failures, *self._backoff, rng=self._rng))
                 continue

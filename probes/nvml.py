@@ -130,7 +130,7 @@ class NvmlWorker:
         except TimeoutError:
             log.warning("NVML did not finish in time: nvmlShutdown not done", extra={"stuck": self.stuck_calls()})
             return False
-        except Exception as exc:  # noqa: BLE001 - closing must not fail the daemon's shutdown
+        except Exception as exc:
             log.warning("nvmlShutdown failed", extra={"error": f"{type(exc).__name__}: {exc}"})
             return False
         finally:
@@ -156,7 +156,7 @@ class NvmlWorker:
                 self._running.add(job)
             try:
                 result = job.fn(*job.args)
-            except Exception as exc:  # noqa: BLE001 - handed to the caller through the future
+            except Exception as exc:
                 self._finish(job)
                 job.future.set_exception(exc)
             else:

@@ -21,7 +21,6 @@ from probes.vllm_metrics import (
     VllmScrape,
     VllmWindow,
     WindowStats,
-    summarize,
 )
 
 log = logging.getLogger(__name__)
@@ -209,7 +208,8 @@ class VllmMetricsProbe:
         work is bounded by the line cap, checked before anything is parsed."""
         lines = body.count(b"\n")
         if lines > self._max_lines:
-            raise ProbeError(f"/metrics has {lines} lines, over inference.metrics_max_lines ({self._max_lines}): dropped", code="too_large")
+            why = f"/metrics has {lines} lines, over inference.metrics_max_lines ({self._max_lines}): dropped"
+            raise ProbeError(why, code="too_large")
         acc = ScrapeAccumulator()
         try:
             text = decode(body)

@@ -38,7 +38,9 @@ class AgentCollector(Collector):
         yield from self._gpu_faults()
         demand = getattr(self._source, "demand_now", None)
         if demand is not None:
-            yield _gauge("gpu_node_agent_node_demand_ratio", "load relative to the autoscaling targets; 1.0 = at target", demand())
+            yield _gauge(
+                "gpu_node_agent_node_demand_ratio", "load relative to the autoscaling targets; 1.0 = at target", demand()
+            )
         exporter = getattr(self._source, "exporter", None)
         if exporter is not None:
             yield from exporter.collect()
@@ -50,8 +52,16 @@ class AgentCollector(Collector):
             yield from monitor.collect()
         logs = getattr(self._source, "log_stats", None)
         if logs is not None:
-            yield CounterMetricFamily("gpu_node_agent_log_records_dropped", "log records dropped: the log writer could not keep up (stdout blocked?)", value=float(logs.dropped))
-            yield CounterMetricFamily("gpu_node_agent_log_write_errors", "log records that could not be written (stdout closed?)", value=float(logs.write_errors))
+            yield CounterMetricFamily(
+                "gpu_node_agent_log_records_dropped",
+                "log records dropped: the log writer could not keep up (stdout blocked?)",
+                value=float(logs.dropped),
+            )
+            yield CounterMetricFamily(
+                "gpu_node_agent_log_write_errors",
+                "log records that could not be written (stdout closed?)",
+                value=float(logs.write_errors),
+            )
 
     def _lifecycle(self) -> Iterator[Metric]:
         lifecycle = self._source.lifecycle
@@ -63,9 +73,7 @@ class AgentCollector(Collector):
         yield GaugeMetricFamily(
             "gpu_node_agent_state_seconds", "seconds in the current state", value=lifecycle.seconds_in_state()
         )
-        transitions = CounterMetricFamily(
-            "gpu_node_agent_transitions", "lifecycle transitions", labels=["from", "to", "reason"]
-        )
+        transitions = CounterMetricFamily("gpu_node_agent_transitions", "lifecycle transitions", labels=["from", "to", "reason"])
         for (src, dst, reason), count in sorted(lifecycle.transitions_total.items()):
             transitions.add_metric([src, dst, reason], float(count))
         yield transitions
@@ -91,28 +99,50 @@ class AgentCollector(Collector):
             stale.add_metric([key], float(reading.is_stale(now)))
         yield age
         yield stale
-        broken = GaugeMetricFamily("gpu_node_agent_up", "1 while no critical task is crash-looping", value=float(not self._source.broken()))
+        broken = GaugeMetricFamily(
+            "gpu_node_agent_up", "1 while no critical task is crash-looping", value=float(not self._source.broken())
+        )
         yield broken
 
     def _vllm(self) -> Iterator[Metric]:
         vllm = self._source.snapshot.value("vllm", fresh=False)
         if vllm is None:
             return
-        yield _gauge("gpu_node_agent_vllm_requests_waiting", "requests waiting (queue length), all engines", vllm.requests_waiting)
+        yield _gauge(
+            "gpu_node_agent_vllm_requests_waiting", "requests waiting (queue length), all engines", vllm.requests_waiting
+        )
         yield _gauge("gpu_node_agent_vllm_requests_running", "requests running, all engines", vllm.requests_running)
-        yield _gauge("gpu_node_agent_vllm_queue_length", "requests waiting for capacity: the queue the autoscalers see", vllm.queue_waiting)
-        yield _gauge("gpu_node_agent_vllm_requests_deferred", "requests waiting on a KV transfer or a LoRA budget (not demand)", vllm.waiting_deferred)
+        yield _gauge(
+            "gpu_node_agent_vllm_queue_length", "requests waiting for capacity: the queue the autoscalers see", vllm.queue_waiting
+        )
+        yield _gauge(
+            "gpu_node_agent_vllm_requests_deferred",
+            "requests waiting on a KV transfer or a LoRA budget (not demand)",
+            vllm.waiting_deferred,
+        )
         yield _gauge("gpu_node_agent_vllm_engines_unhealthy", "engines whose vllm:engine_healthy is 0", vllm.engines_unhealthy)
-        yield _quantiles("gpu_node_agent_vllm_queue_time_seconds", "time requests waited in vLLM's queue over the window", vllm.queue_time_s)
-        yield _gauge("gpu_node_agent_vllm_kv_cache_usage_ratio", "KV-cache usage 0-1, max over engines", vllm.kv_cache_usage_ratio)
-        yield _gauge("gpu_node_agent_vllm_kv_cache_used_bytes", "KV-cache bytes in use, where the capacity is known", vllm.kv_cache_used_bytes)
-        yield _gauge("gpu_node_agent_vllm_generation_tokens_per_second", "generated tokens per second", vllm.generation_tokens_per_s)
+        yield _quantiles(
+            "gpu_node_agent_vllm_queue_time_seconds", "time requests waited in vLLM's queue over the window", vllm.queue_time_s
+        )
+        yield _gauge(
+            "gpu_node_agent_vllm_kv_cache_usage_ratio", "KV-cache usage 0-1, max over engines", vllm.kv_cache_usage_ratio
+        )
+        yield _gauge(
+            "gpu_node_agent_vllm_kv_cache_used_bytes",
+            "KV-cache bytes in use, where the capacity is known",
+            vllm.kv_cache_used_bytes,
+        )
+        yield _gauge(
+            "gpu_node_agent_vllm_generation_tokens_per_second", "generated tokens per second", vllm.generation_tokens_per_s
+        )
         yield _gauge("gpu_node_agent_vllm_prompt_tokens_per_second", "prompt tokens per second", vllm.prompt_tokens_per_s)
         yield _gauge("gpu_node_agent_vllm_goodput_ratio", "share of the window's requests within the SLO", vllm.goodput_ratio)
         yield _quantiles("gpu_node_agent_vllm_ttft_seconds", "time to first token over the window", vllm.ttft_s)
         yield _quantiles("gpu_node_agent_vllm_tpot_seconds", "time per output token over the window", vllm.tpot_s)
         yield _quantiles("gpu_node_agent_vllm_e2e_seconds", "end-to-end request latency over the window", vllm.e2e_s)
-        finished = CounterMetricFamily("gpu_node_agent_vllm_requests_finished", "finished requests by reason", labels=["finished_reason"])
+        finished = CounterMetricFamily(
+            "gpu_node_agent_vllm_requests_finished", "finished requests by reason", labels=["finished_reason"]
+        )
         for reason, count in sorted(vllm.requests_finished_total.items()):
             finished.add_metric([reason], float(count))
         yield finished
@@ -141,7 +171,9 @@ class AgentCollector(Collector):
         yield GaugeMetricFamily("gpu_node_agent_gpus", "GPUs NVML sees", value=float(gpu.gpu_count))
 
     def _gpu_faults(self) -> Iterator[Metric]:
-        faults = CounterMetricFamily("gpu_node_agent_gpu_faults", "GPU faults seen (XID, lost, row remap)", labels=["kind", "fatal"])
+        faults = CounterMetricFamily(
+            "gpu_node_agent_gpu_faults", "GPU faults seen (XID, lost, row remap)", labels=["kind", "fatal"]
+        )
         for (kind, fatal), count in sorted(self._source.gpu_faults.faults_total.items(), key=str):
             faults.add_metric([str(getattr(kind, "value", kind)), str(bool(fatal)).lower()], float(count))
         yield faults

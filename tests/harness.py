@@ -178,7 +178,9 @@ async def get_json(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
         return resp.status, await resp.json(content_type=None)
 
 
-async def post_json(session: aiohttp.ClientSession, url: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+async def post_json(
+    session: aiohttp.ClientSession, url: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
     async with session.post(url, json=body, headers=headers) as resp:
         return resp.status, await resp.json(content_type=None)
 

@@ -163,7 +163,8 @@ class Exporter:
         dropped = self._backlog.trim(self._wall() - _MAX_BATCH_AGE_S)
         if dropped:
             self.stats.points_total["dropped"] += dropped
-            log.warning("export backlog full: oldest points dropped", extra={"dropped": dropped, "backlog_max_points": self._backlog.max_points})
+            extra = {"dropped": dropped, "backlog_max_points": self._backlog.max_points}
+            log.warning("export backlog full: oldest points dropped", extra=extra)
 
     async def flush_final(self, report: TerminationReport | None, deadline_s: float) -> bool:
         """Write the termination report, then the last points and what is queued,
@@ -230,10 +231,22 @@ class Exporter:
             end = self._last_end_wall + MIN_POINT_GAP_S
         if self._last_end_wall is not None and end - self._last_end_wall < MIN_POINT_GAP_S:
             # One point per series per 10 s, in time order: skip rather than squeeze.
-            log.log(logging.INFO if final else logging.WARNING, "export sample skipped: the previous one is under 10 s old",
-                    extra={"previous_age_s": round(end - self._last_end_wall, 3)})
+            log.log(
+                logging.INFO if final else logging.WARNING,
+                "export sample skipped: the previous one is under 10 s old",
+                extra={"previous_age_s": round(end - self._last_end_wall, 3)},
+            )
             return
-        self._backlog.append(Batch(end, series_points(node_metrics_from_snapshot(self._snapshot, self._lifecycle, None if self._autoscaling is None else self._autoscaling()))))
+        self._backlog.append(
+            Batch(
+                end,
+                series_points(
+                    node_metrics_from_snapshot(
+                        self._snapshot, self._lifecycle, None if self._autoscaling is None else self._autoscaling()
+                    )
+                ),
+            )
+        )
         self._last_end_wall = end
 
     async def _final_sample(self, deadline: float) -> None:
@@ -242,7 +255,10 @@ class Exporter:
         else skip it and say so (the last regular point then stands as the final one)."""
         wait_s = 0.0 if self._last_end_wall is None else self._last_end_wall + MIN_POINT_GAP_S - self._wall()
         if wait_s > 0 and self._clock() + wait_s + _FINAL_SEND_S > deadline:
-            self.final_sample = f"skipped: the last point is {MIN_POINT_GAP_S - wait_s:.1f} s old, under the 10 s quota, and the deadline leaves no time to wait"
+            self.final_sample = (
+                f"skipped: the last point is {MIN_POINT_GAP_S - wait_s:.1f} s old, under the 10 s quota, "
+                "and the deadline leaves no time to wait"
+            )
             log.info("final export sample skipped", extra={"reason": self.final_sample})
             return
         if wait_s > 0:
@@ -277,7 +293,7 @@ class Exporter:
             except ExportSetupError as exc:
                 self.stats.fail("credentials", str(exc))
                 return False
-            except Exception as exc:  # noqa: BLE001 - reported in /status, tried again next round
+            except Exception as exc:
                 self.stats.fail("setup", f"cannot build the Cloud Monitoring client: {type(exc).__name__}: {exc}")
                 return False
         return await self._ensure_descriptors(deadline)
@@ -299,9 +315,15 @@ class Exporter:
             if desc.type in self._created:
                 continue
             proto = descriptor_proto(desc, project)
+
+            def create(t: float, proto: Any = proto) -> Awaitable[Any]:
+                return self._client.create_metric_descriptor(
+                    name=f"projects/{project}", metric_descriptor=proto, timeout=t, retry=None
+                )
+
             outcome, exc = await self._call(
                 "CreateMetricDescriptor",
-                lambda t, proto=proto: self._client.create_metric_descriptor(name=f"projects/{project}", metric_descriptor=proto, timeout=t, retry=None),
+                create,
                 deadline,
                 0,
                 ok_codes=frozenset({"ALREADY_EXISTS"}),
@@ -332,8 +354,15 @@ class Exporter:
         while batch.points:
             chunk = batch.points[: min(self.tuning.max_series_per_request, MAX_SERIES_PER_REQUEST)]
             request = create_request(project, time_series_protos(chunk, self.resource.type.value, labels, batch.end_wall))
+
+            def write(t: float, request: Any = request) -> Awaitable[Any]:
+                return self._client.create_time_series(request=request, timeout=t, retry=None)
+
             outcome, exc = await self._call(
-                "CreateTimeSeries", lambda t, request=request: self._client.create_time_series(request=request, timeout=t, retry=None), deadline, len(chunk)
+                "CreateTimeSeries",
+                write,
+                deadline,
+                len(chunk),
             )
             if outcome is Outcome.TRANSIENT:
                 return False
@@ -356,7 +385,13 @@ class Exporter:
         return stored
 
     async def _call(
-        self, what: str, invoke: Callable[[float], Awaitable[Any]], deadline: float, n_points: int, *, ok_codes: frozenset[str] = frozenset()
+        self,
+        what: str,
+        invoke: Callable[[float], Awaitable[Any]],
+        deadline: float,
+        n_points: int,
+        *,
+        ok_codes: frozenset[str] = frozenset(),
     ) -> tuple[Outcome, BaseException | None]:
         """One API call; only UNAVAILABLE and DEADLINE_EXCEEDED are tried again, with backoff."""
         stats, attempt = self.stats, 0
@@ -368,7 +403,7 @@ class Exporter:
                 await invoke(timeout_s)
                 stats.requests_total["OK"] += 1
                 return Outcome.SENT, None
-            except Exception as exc:  # noqa: BLE001 - every failure is classified and counted
+            except Exception as exc:
                 code = code_of(exc)
                 stats.requests_total[code] += 1
                 if code in ok_codes:

@@ -20,17 +20,26 @@ from agent.exporter.series import TERMINATION, MetricKind, SeriesPoint
 
 
 class DrainOutcome(Protocol):
-    """agent.drain.DrainReport, as far as the report needs it."""
+    """agent.drain.DrainReport, as far as the report needs it (read-only: the report is frozen)."""
 
-    reason: str
-    detail: str
-    finished_at_wall: float
-    drain_s: float
-    in_flight_at_notice: float | None
-    completed: float
-    aborted: float
-    outcome: str
-    failed: float
+    @property
+    def reason(self) -> str: ...
+    @property
+    def detail(self) -> str: ...
+    @property
+    def finished_at_wall(self) -> float: ...
+    @property
+    def drain_s(self) -> float: ...
+    @property
+    def in_flight_at_notice(self) -> float | None: ...
+    @property
+    def completed(self) -> float: ...
+    @property
+    def aborted(self) -> float: ...
+    @property
+    def outcome(self) -> str: ...
+    @property
+    def failed(self) -> float: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -114,16 +114,70 @@ DESCRIPTORS: tuple[Descriptor, ...] = (
     _d("vllm/queue_length", ValueType.DOUBLE, "{request}", "requests waiting in vLLM's queue, all engines"),
     _d("vllm/kv_cache_usage_gb", ValueType.DOUBLE, "GBy", "KV-cache in use (10^9 bytes), where the cache size is known"),
     _d("queue/pending_requests", ValueType.DOUBLE, "{request}", "requests the node still owes an answer: running + waiting"),
-    _d("vllm/ttft_ms", ValueType.DOUBLE, "ms", "time to first token over the sliding window; 0 when no request finished", _QUANTILE_LABEL),
-    _d("vllm/tpot_ms", ValueType.DOUBLE, "ms", "time per output token over the sliding window; 0 when no request finished", _QUANTILE_LABEL),
+    _d(
+        "vllm/ttft_ms",
+        ValueType.DOUBLE,
+        "ms",
+        "time to first token over the sliding window; 0 when no request finished",
+        _QUANTILE_LABEL,
+    ),
+    _d(
+        "vllm/tpot_ms",
+        ValueType.DOUBLE,
+        "ms",
+        "time per output token over the sliding window; 0 when no request finished",
+        _QUANTILE_LABEL,
+    ),
     _d("node/demand", ValueType.DOUBLE, "1", "load relative to the autoscaling targets, 1.0 = at target (agent/demand.py)"),
-    _d("agent/state", ValueType.INT64, "1", "1 for the node's lifecycle state, 0 for the others", ("state", "INIT, WARMING, READY, DRAINING or TERMINATED")),
-    _d("agent/termination/count", ValueType.INT64, "1", "1 per termination report, written once as the node goes away", *_TERMINATION_LABELS),
-    _d("agent/termination/drain_seconds", ValueType.DOUBLE, "s", "seconds from the drain's start to its end", *_TERMINATION_LABELS),
-    _d("agent/termination/in_flight_at_notice", ValueType.DOUBLE, "{request}", "requests in flight when the drain started (absent when unknown)", *_TERMINATION_LABELS),
-    _d("agent/termination/completed_requests", ValueType.DOUBLE, "{request}", "requests completed during the drain", *_TERMINATION_LABELS),
-    _d("agent/termination/aborted_requests", ValueType.DOUBLE, "{request}", "requests aborted during the drain (or left in flight at its deadline)", *_TERMINATION_LABELS),
-    _d("agent/termination/failed_requests", ValueType.DOUBLE, "{request}", "requests that finished with an error during the drain", *_TERMINATION_LABELS),
+    _d(
+        "agent/state",
+        ValueType.INT64,
+        "1",
+        "1 for the node's lifecycle state, 0 for the others",
+        ("state", "INIT, WARMING, READY, DRAINING or TERMINATED"),
+    ),
+    _d(
+        "agent/termination/count",
+        ValueType.INT64,
+        "1",
+        "1 per termination report, written once as the node goes away",
+        *_TERMINATION_LABELS,
+    ),
+    _d(
+        "agent/termination/drain_seconds",
+        ValueType.DOUBLE,
+        "s",
+        "seconds from the drain's start to its end",
+        *_TERMINATION_LABELS,
+    ),
+    _d(
+        "agent/termination/in_flight_at_notice",
+        ValueType.DOUBLE,
+        "{request}",
+        "requests in flight when the drain started (absent when unknown)",
+        *_TERMINATION_LABELS,
+    ),
+    _d(
+        "agent/termination/completed_requests",
+        ValueType.DOUBLE,
+        "{request}",
+        "requests completed during the drain",
+        *_TERMINATION_LABELS,
+    ),
+    _d(
+        "agent/termination/aborted_requests",
+        ValueType.DOUBLE,
+        "{request}",
+        "requests aborted during the drain (or left in flight at its deadline)",
+        *_TERMINATION_LABELS,
+    ),
+    _d(
+        "agent/termination/failed_requests",
+        ValueType.DOUBLE,
+        "{request}",
+        "requests that finished with an error during the drain",
+        *_TERMINATION_LABELS,
+    ),
 )
 DESCRIPTOR_BY_TYPE: dict[str, Descriptor] = {d.type: d for d in DESCRIPTORS}
 
@@ -261,7 +315,10 @@ def descriptor_proto(desc: Descriptor, project_id: str) -> Any:
         unit=desc.unit,
         description=desc.description,
         display_name=desc.short,
-        labels=[label_pb2.LabelDescriptor(key=k, value_type=label_pb2.LabelDescriptor.STRING, description=text) for k, text in desc.labels],
+        labels=[
+            label_pb2.LabelDescriptor(key=k, value_type=label_pb2.LabelDescriptor.STRING, description=text)
+            for k, text in desc.labels
+        ],
     )
 
 

@@ -80,9 +80,8 @@ async def test_gpu_figures_reach_status_and_metrics(node) -> None:
     daemon, nvml, _ = node
     nvml.set(0, utilization_percent=73)
     await until(lambda: (v := daemon.snapshot.value("gpu")) is not None and v.gpus[0].utilization_percent == 73, 5)
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{daemon.bound_port}/metrics") as resp:
-            text = await resp.text()
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{daemon.bound_port}/metrics") as resp:
+        text = await resp.text()
     assert 'gpu_node_agent_gpu_utilization_ratio{gpu="0"} 0.73' in text
     assert "gpu_node_agent_gpus 2.0" in text
 

@@ -160,7 +160,9 @@ def test_window_start_is_read_from_either_spelling_in_utc(info, wall) -> None:
 
 # --- the watch over the wire -----------------------------------------------------------
 @contextlib.asynccontextmanager
-async def watching(base_url: str, session: aiohttp.ClientSession, lifecycle: Lifecycle, identity_wanted: bool = False, **cfg: Any):
+async def watching(
+    base_url: str, session: aiohttp.ClientSession, lifecycle: Lifecycle, identity_wanted: bool = False, **cfg: Any
+):
     snapshot = Snapshot()
     preemption = PreemptionConfig(**cfg)
     policy = PreemptionPolicy(lifecycle, preemption, DrainConfig())
@@ -245,7 +247,10 @@ async def test_an_upcoming_window_within_the_budget_drains_by_its_start(metadata
     lifecycle = ready()
     start = datetime.fromtimestamp(time.time() + 600, UTC).isoformat().replace("+00:00", "Z")
     async with watching(metadata_server.url, session, lifecycle) as (_, snapshot, policy):
-        await until(lambda: metadata_server.parked("instance/upcoming-maintenance") == 1 or snapshot.get("metadata.upcoming_maintenance"), 2)
+        await until(
+            lambda: metadata_server.parked("instance/upcoming-maintenance") == 1 or snapshot.get("metadata.upcoming_maintenance"),
+            2,
+        )
         notice = {"type": "SCHEDULED", "maintenance_status": "PENDING", "window_start_time": start}
         await metadata_server.set("instance/upcoming-maintenance", json.dumps(notice))
         await until(lambda: lifecycle.state is State.DRAINING, 3)
