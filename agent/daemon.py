@@ -26,14 +26,15 @@ from prometheus_client import CollectorRegistry
 
 from agent import __version__
 from agent.config import AgentConfig
-from agent.demand import DemandGauge, DemandTargets, Series
+from agent.core.snapshot import Snapshot
+from agent.demand import DemandGauge, DemandTargets
 from agent.drain import DrainController
-from agent.exporter.series import VllmSource, gpu_view, vllm_view
 from agent.gpu_faults import GpuFaultPolicy
 from agent.idle import IdleWatchdog
 from agent.limits import connection_cap
 from agent.logs import LOG_STATS, lifecycle_context
 from agent.loop_monitor import LoopMonitor
+from agent.node_view import NodeViews
 from agent.persistence import DrainPersistence
 from agent.preemption import MetadataWatch, PreemptionPolicy
 from agent.readiness import ReadinessPolicy
@@ -45,10 +46,9 @@ from probes.base import ProbeRunner
 from probes.gpu_probe import GpuProbe
 from probes.host import HostProbe
 from probes.inference import InferenceHealthProbe
-from probes.metadata import MetadataClient, metadata_base_url
+from probes.metadata import PREEMPTED_KEY, MetadataClient, metadata_base_url
 from probes.nvml_backend import NvmlBackend, PynvmlBackend
-from probes.snapshot import Snapshot
-from probes.vllm import VllmMetricsProbe
+from probes.vllm import VLLM, VllmMetricsProbe
 from probes.xid import XidWatcher
 from service.app import build_app
 from service.auth import AdminAuth
@@ -89,13 +89,6 @@ class Daemon:
         self.nvml = nvml
         self.gpu_probe: GpuProbe | None = None
         self.xid_watcher: XidWatcher | None = None
-        self.exporter: Any = None
-        if cfg.export.enabled:
-            from agent.exporter.client import Exporter  # light; monitoring_v3 loads at the first push
-
-            self.exporter = Exporter(
-                cfg.export, self.snapshot, self.lifecycle, environ=self.environ, autoscaling=self.autoscaling_round
-            )
         auto = cfg.autoscaling
         self.demand = DemandGauge(
             DemandTargets(
@@ -108,6 +101,14 @@ class Daemon:
                 iteration_floor_s=None if auto.iteration_floor_ms is None else auto.iteration_floor_ms / 1000.0,
             )
         )
+        # The one view of the node /metrics, /status and the exporter read; with export
+        # off each READY reading is a round (what a drain holds), else the export round is.
+        self.node = NodeViews(self.snapshot, self.lifecycle, self.demand, rounds_on_readings=not cfg.export.enabled)
+        self.exporter: Any = None
+        if cfg.export.enabled:
+            from agent.exporter.client import Exporter  # light; monitoring_v3 loads at the first push
+
+            self.exporter = Exporter(cfg.export, self.node, environ=self.environ)
         self.idle = IdleWatchdog(self.lifecycle, self.snapshot, cfg.idle, cfg.drain)
         self.readiness = ReadinessPolicy(
             self.lifecycle, cfg.inference.ready_after, cfg.inference.lost_after, hold=self._metadata_hold
@@ -125,16 +126,13 @@ class Daemon:
         self._changed = asyncio.Event()
         self._transitioned = asyncio.Event()
         self._flush_lock = asyncio.Lock()
-        self._runners: dict[str, ProbeRunner] = {}
+        self._runners: dict[str, ProbeRunner[Any]] = {}
         self.supervisor: Supervisor | None = None
         self._http: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._metadata_session: aiohttp.ClientSession | None = None
         self._metadata_watch: MetadataWatch | None = None
         self.lifecycle.subscribe(self._on_transition)
-        self.snapshot.subscribe(self._learn_from_reading)
-        if self.exporter is None:
-            self.snapshot.subscribe(self._round_on_reading)
         lifecycle_context.provider = lambda: {"state": self.lifecycle.state.value, "reason": self.lifecycle.reason}
 
     # --- the life of the process ----------------------------------------------
@@ -384,43 +382,6 @@ class Daemon:
         self._runners[probe.name] = runner
         supervisor.add(f"probe.{probe.name}", runner.run, critical=critical)
 
-    def autoscaling_round(self) -> dict[Series, float | None]:
-        """The autoscaling series for this round under the lifecycle rule (agent/demand.py);
-        a READY round's values are what a later drain holds. Called by the export round
-        only (or, with export off, by `_autoscaling_rounds`): a read must never move them."""
-        vllm, kwargs = self._autoscaling_inputs()
-        return self.demand.values(self.lifecycle.state, vllm, learn=False, **kwargs)  # learned per scrape
-
-    def autoscaling_view(self) -> dict[Series, float | None]:
-        """The same values for this moment, changing nothing (/status, /metrics)."""
-        vllm, kwargs = self._autoscaling_inputs()
-        return self.demand.view(self.lifecycle.state, vllm, **kwargs)
-
-    def demand_now(self) -> float | None:
-        """node/demand for this moment (/metrics scrape)."""
-        return self.autoscaling_view()[Series.DEMAND]
-
-    def _autoscaling_inputs(self) -> tuple[Any, dict[str, Any]]:
-        """From the same vLLM and GPU views the exporter writes from."""
-        vllm, source = vllm_view(self.snapshot)
-        gpu = gpu_view(self.snapshot)
-        return None if source is VllmSource.DOWN else vllm, {
-            "stale": source is VllmSource.HELD,
-            "gpu_usage_percent": None if gpu is None else gpu.utilization_percent_mean,
-        }
-
-    def _learn_from_reading(self, key: str, reading: Any) -> None:
-        """Each new good vLLM reading, once, teaches the demand gauge about the node."""
-        if key == "vllm" and reading.failed_at is None and reading.value is not None:
-            self.demand.learn(reading.value)
-
-    def _round_on_reading(self, key: str, _reading: Any) -> None:
-        """With export off nothing writes rounds; /metrics (a Prometheus-based HPA) still
-        needs what a drain holds to be the last READY values: each vLLM or GPU reading
-        taken while READY is a round."""
-        if key in ("vllm", "gpu") and self.lifecycle.state is State.READY:
-            self.autoscaling_round()
-
     def _metadata_hold(self) -> str | None:
         """Hold READY until instance/preempted has been read once, so an agent restarted
         on a preempted node never advertises it; bounded, since unknown is not preempted."""
@@ -429,20 +390,20 @@ class Daemon:
             return None
         if not watch.settled.is_set():
             return "waiting for the first metadata read"
-        if "instance/preempted" in watch.watchers and self.snapshot.value("metadata.preempted", fresh=False) is None:
+        if "instance/preempted" in watch.watchers and self.snapshot.value(PREEMPTED_KEY, fresh=False) is None:
             return "instance/preempted not read yet"
         return None
 
     def _on_health(self, reading: Any, error: str | None) -> None:
         self.readiness.on_health(reading, error)
-        vllm = self._runners.get("vllm")
+        vllm = self._runners.get(VLLM)
         if reading is not None and reading.ok and vllm is not None and vllm.consecutive_failures:
             # vLLM answers again (a model load can take minutes): the metrics probe may be
             # 30 s into its backoff; read the queue now, not after READY has been for a while.
             vllm.poll_now()
 
     async def _refresh_in_flight(self) -> None:
-        runner = self._runners.get("vllm")
+        runner = self._runners.get(VLLM)
         if runner is not None:
             await runner.refresh()
 

@@ -63,7 +63,7 @@ kv_cache_usage_gb, memory_used_gb) stay plain facts.
 
 Every series is written in every state (never None), except gpu/usage_percent
 when the node reports no GPU utilization (no GPU, or MIG): unknown, not zero.
-The exporter keeps `held` itself: `held = next_held(state, values, held)` each round.
+`DemandGauge` keeps `held`: `hold(state, values)` after each round (agent/node_view.py's `NodeViews.round`).
 """
 
 from __future__ import annotations
@@ -387,8 +387,12 @@ class DemandGauge:
         if learn:
             self.learn(vllm, stale=stale)
         values = self.view(state, vllm, stale=stale, gpu_usage_percent=gpu_usage_percent)
-        self._held = next_held(state, values, self._held)
+        self.hold(state, values)
         return values
+
+    def hold(self, state: State, values: Mapping[Series, float | None]) -> None:
+        """A round wrote `values` in `state`: a READY round's become what a drain holds."""
+        self._held = next_held(state, values, self._held)
 
     def view(self, state: State, vllm: Any, *, stale: bool, gpu_usage_percent: float | None) -> dict[Series, float | None]:
         """The values for this moment, changing nothing: what /status and /metrics show.

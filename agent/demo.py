@@ -29,6 +29,8 @@ from agent.sim.metadata import FakeMetadataServer
 from agent.sim.monitoring import FakeMetricService
 from agent.sim.nvml import FakeNvml
 from agent.sim.vllm import FakeVllm, TrafficPattern
+from probes.gpu import GPU
+from probes.vllm import VLLM
 from state_machine import State, Transition
 
 _STEP_S = 0.25
@@ -226,8 +228,8 @@ class Demo:
             self.say(f"the agent keeps answering /readyz 503 until its SIGTERM at power-off ({self.duration_s:g} s)")
 
     def _figures(self, daemon: Daemon) -> str:
-        vllm = daemon.snapshot.value("vllm")
-        gpu = daemon.snapshot.value("gpu")
+        vllm = daemon.snapshot.value(VLLM)
+        gpu = daemon.snapshot.value(GPU)
         state = daemon.lifecycle.state.value
         gpus = "" if gpu is None else "  gpus " + "/".join(f"{g.utilization_percent or 0:.0f}%" for g in gpu.gpus)
         if vllm is None:

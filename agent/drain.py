@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from agent.config import DrainConfig
-from probes.snapshot import Snapshot
+from agent.core.snapshot import Snapshot
+from probes.base import FailureCode
+from probes.vllm import VLLM
 from state_machine import Drain, DrainReason, Lifecycle, State
 
 log = logging.getLogger(__name__)
@@ -67,10 +69,10 @@ class InFlightView:
         self._snapshot = snapshot
 
     def since(self, t0: float) -> float | None:
-        reading = self._snapshot.get("vllm")
+        reading = self._snapshot.get(VLLM)
         if reading is None:
             return None
-        if reading.failed_with("refused") and reading.failed_at is not None and reading.failed_at >= t0:
+        if reading.failed_with(FailureCode.REFUSED) and reading.failed_at is not None and reading.failed_at >= t0:
             return 0.0
         if reading.taken_at is None or reading.taken_at < t0 or reading.is_stale(self._snapshot.now()):
             return None
@@ -80,7 +82,7 @@ class InFlightView:
 
     def counters(self) -> tuple[float, float, float] | None:
         """Completed, aborted and failed requests since vLLM started."""
-        value = self._snapshot.value("vllm", fresh=False)
+        value = self._snapshot.value(VLLM, fresh=False)
         if value is None:
             return None
         failed = float(getattr(value, "requests_failed_total", 0.0))

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.config import DrainConfig, IdleConfig
-from probes.snapshot import Snapshot
+from agent.core.snapshot import Snapshot
+from probes.vllm import VLLM
 from state_machine import DrainReason, Lifecycle, Source, State
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class IdleWatchdog:
     def check(self) -> bool:
         """One look at the snapshot; True when it started the idle drain."""
         now = self._clock()
-        if self._lifecycle.state is not State.READY or not is_idle(self._snapshot.value("vllm")):
+        if self._lifecycle.state is not State.READY or not is_idle(self._snapshot.value(VLLM)):
             self.idle_since = None
             return False
         if self.idle_since is None:

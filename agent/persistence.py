@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.core.backoff import backoff_s
 from state_machine import Lifecycle, Source
 from state_machine.persist import DrainStore, SavedDrain, StateFileError
 
@@ -82,7 +82,7 @@ class DrainPersistence:
         failures = 0
         while True:
             if self.pending:
-                delay = random.uniform(_RETRY_BASE_S, min(_RETRY_CAP_S, _RETRY_BASE_S * 2**min(failures, 8)))
+                delay = backoff_s(failures, _RETRY_BASE_S, _RETRY_CAP_S)
                 try:
                     async with asyncio.timeout(delay):
                         await self._changed.wait()

@@ -23,12 +23,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.config import DrainConfig, PreemptionConfig
-from probes.base import ProbeError, backoff_s
+from agent.core.backoff import backoff_s
+from agent.core.snapshot import Key, Snapshot
+from probes.base import FailureCode, ProbeError
 from probes.metadata import (
+    IDENTITY_KEY,
     MAINTENANCE_EVENT,
+    MAINTENANCE_EVENT_KEY,
     NO_NOTICE_CODES,
     PREEMPTED,
+    PREEMPTED_KEY,
     UPCOMING_MAINTENANCE,
+    UPCOMING_MAINTENANCE_KEY,
+    WATCH_KEY,
     MetadataClient,
     MetadataPresence,
     MetadataWatcher,
@@ -40,13 +47,12 @@ from probes.metadata import (
     parse_upcoming_maintenance,
     serves,
 )
-from probes.snapshot import Snapshot
 from state_machine import DrainReason, Lifecycle, Source
+
+__all__ = ["IDENTITY_KEY", "WATCH_KEY", "MetadataWatch", "PreemptionPolicy", "WatchTuning"]
 
 log = logging.getLogger(__name__)
 
-WATCH_KEY = "metadata.watch"
-IDENTITY_KEY = "metadata.identity"
 PREEMPTION_EVENT_ID = "gce:instance/preempted=TRUE"  # one preemption per VM life: a repeat is no second drain
 TERMINATE = "TERMINATE_ON_HOST_MAINTENANCE"
 MIGRATE = "MIGRATE_ON_HOST_MAINTENANCE"
@@ -294,21 +300,21 @@ class MetadataWatch:
         }
         self._snapshot.put(WATCH_KEY, watch, math.inf)
         if self.presence is MetadataPresence.RESTRICTED:
-            self._snapshot.fail(WATCH_KEY, f"blind to preemption: {BLIND_NOTE}", math.inf, code="blind")
+            self._snapshot.fail(WATCH_KEY, f"blind to preemption: {BLIND_NOTE}", math.inf, code=FailureCode.BLIND)
         elif self.presence is MetadataPresence.ABSENT and self._cfg.enabled == "true":
-            self._snapshot.fail(WATCH_KEY, f"preemption.enabled=true but {note}", math.inf, code="absent")
+            self._snapshot.fail(WATCH_KEY, f"preemption.enabled=true but {note}", math.inf, code=FailureCode.ABSENT)
         if watch != self._published:
             log.info("metadata watch", extra={"watch": watch})
             self._published = watch
 
     def _watcher(self, path: str) -> MetadataWatcher[Any]:
         policy, tuning = self._policy, self._tuning
-        table: dict[str, tuple[Callable[[str], Any], Callable[[Any, str | None], None], str, frozenset[str]]] = {
-            PREEMPTED: (parse_preempted, policy.on_preempted, "metadata.preempted", frozenset()),
+        table: dict[str, tuple[Callable[[str], Any], Callable[[Any, str | None], None], Key[Any], frozenset[str]]] = {
+            PREEMPTED: (parse_preempted, policy.on_preempted, PREEMPTED_KEY, frozenset()),
             MAINTENANCE_EVENT: (parse_maintenance_event, policy.on_maintenance_event,
-                                "metadata.maintenance_event", frozenset()),
+                                MAINTENANCE_EVENT_KEY, frozenset()),
             UPCOMING_MAINTENANCE: (parse_upcoming_maintenance, policy.on_upcoming_maintenance,
-                                   "metadata.upcoming_maintenance", NO_NOTICE_CODES),
+                                   UPCOMING_MAINTENANCE_KEY, NO_NOTICE_CODES),
         }  # fmt: skip
         parse, on_value, key, none_codes = table[path]
         base_s, cap_s = (

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from probes.base import backoff_s
+from agent.core.backoff import backoff_s
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,13 @@ from types import SimpleNamespace
 from typing import Any
 
 from agent.config import ExportConfig
+from agent.core.snapshot import Snapshot
 from agent.exporter import series as s
 from agent.exporter.client import Exporter, Tuning
+from agent.node_view import NodeViews, node_view
 from agent.sim.monitoring import FakeMetricService
 from bench.common import REPO, machine_header, summary_line
 from probes.gpu import GpuInfo, GpuReading
-from probes.snapshot import Snapshot
 from probes.vllm import VllmReading
 from state_machine import State
 
@@ -90,7 +91,7 @@ def pure_per_push_s(pushes: int) -> float:
     labels = {"project_id": PROJECT, "instance_id": "1", "zone": "z"}
     started = time.process_time()
     for i in range(pushes):
-        points = s.series_points(s.node_metrics_from_snapshot(snapshot, lifecycle))
+        points = s.series_points(s.node_metrics(node_view(snapshot, lifecycle.state)))
         s.create_request(PROJECT, s.time_series_protos(points, "gce_instance", labels, 1.8e9 + 10 * i))
     return (time.process_time() - started) / pushes
 
@@ -101,7 +102,7 @@ async def push_costs(endpoint: str, repetitions: int, pushes: int) -> dict[str, 
     cfg = ExportConfig(
         project_id=PROJECT, insecure=True, endpoint=endpoint, interval_s=10, resource="generic_node", node_id="bench"
     )
-    exporter = Exporter(cfg, snapshot, lifecycle, wall=wall, environ={}, tuning=Tuning(identity_wait_s=0))
+    exporter = Exporter(cfg, NodeViews(snapshot, lifecycle, None), wall=wall, environ={}, tuning=Tuning(identity_wait_s=0))
     cpu0, wall0 = time.process_time(), time.perf_counter()
     await exporter.push_once()
     first = (time.process_time() - cpu0, time.perf_counter() - wall0, dict(exporter.stats.requests_total))
@@ -117,7 +118,7 @@ async def push_costs(endpoint: str, repetitions: int, pushes: int) -> dict[str, 
     await exporter.close()
     assert not health["failures_by_code"], health
     requests = exporter.stats.requests_total["OK"] - first[2].get("OK", 0)
-    per_push = len(s.series_points(s.node_metrics_from_snapshot(snapshot, lifecycle)))
+    per_push = len(s.series_points(s.node_metrics(node_view(snapshot, lifecycle.state))))
     return {
         "first": first,
         "cpu": cpu,
@@ -136,8 +137,7 @@ async def replay(outage_intervals: int, replay_interval_s: float) -> dict[str, A
     )
     exporter = Exporter(
         cfg,
-        snapshot,
-        lifecycle,
+        NodeViews(snapshot, lifecycle, None),
         wall=wall,
         environ={},
         tuning=Tuning(retry_base_s=0.01, retry_cap_s=0.02, replay_interval_s=replay_interval_s, identity_wait_s=0),

@@ -1,67 +1,94 @@
 """The one Probe protocol and the shared runner that gives every probe its
-interval, deadline, backoff, error counting and staleness."""
+interval, deadline, backoff, error counting and staleness; `ProbeError` and the
+closed set of its failure codes (`FailureCode`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Protocol
+from enum import StrEnum
+from typing import Any, Generic, Protocol, TypeVar
 
-from probes.snapshot import Snapshot
+from agent.core.backoff import backoff_s
+from agent.core.snapshot import Key, Snapshot
 
 log = logging.getLogger(__name__)
+
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class FailureCode(StrEnum):
+    """Why a reading failed, as policies compare it. Closed, except two open families
+    that are plain strings: `http_<status>` (`http_code()`) and an NVML error's name."""
+
+    ERROR = "error"  # anything else (a bug, an unexpected exception)
+    TIMEOUT = "timeout"
+    REFUSED = "refused"  # not listening: vLLM loading or gone (a drain counts that as empty)
+    CONNECTION = "connection"  # other connect or transport failures
+    TOO_LARGE = "too_large"  # bytes, lines or one line over its cap
+    GARBAGE = "garbage"  # not what the protocol says (not an exposition, not a metadata answer)
+    INVALID = "invalid"  # well-formed, impossible numbers (negative, NaN, KV usage of 1.7)
+    NOT_FOUND = "not_found"  # metadata: the path does not exist
+    NO_NOTICE = "no_notice"  # metadata: upcoming-maintenance has nothing scheduled
+    RESET = "reset"  # metadata: the connection was lost mid-answer
+    ABSENT = "absent"  # metadata: nothing answers at the first contact
+    UNREACHABLE = "unreachable"  # metadata: gone after having answered
+    BLIND = "blind"  # metadata: instance/preempted is hidden (GKE Workload Identity)
+    WEDGED = "wedged"  # NVML: too many calls stuck
+    CLOSED = "closed"  # NVML: the worker is closed
+
+
+def http_code(status: int) -> str:
+    """The code of an HTTP answer other than 200 (an open family: http_503, ...)."""
+    return f"http_{status}"
 
 
 class ProbeError(Exception):
     """A probe could not produce a reading; the message says why (shown in /status).
 
-    `code` is a short machine-readable kind (refused, timeout, http_503, garbage,
-    too_large, ...) that policies can act on without parsing the message.
+    `code` is a short machine-readable kind (a `FailureCode`, `http_<n>` or an NVML
+    error name) that policies can act on without parsing the message.
     """
 
-    def __init__(self, message: str, code: str = "error") -> None:
+    def __init__(self, message: str, code: str = FailureCode.ERROR) -> None:
         super().__init__(message)
         self.code = code
 
 
-class Probe(Protocol):
+class Probe(Protocol[T_co]):
     """A source of one snapshot key, polled on an interval.
 
-    `sample()` returns the new reading (stored whole under `name`) or raises;
+    `sample()` returns the new reading (stored whole under the key `name`) or raises;
     it must not block the loop (blocking work goes to a thread with a deadline).
     """
 
-    name: str
-    interval_s: float
-    timeout_s: float
+    @property
+    def name(self) -> Key[Any]: ...
+    @property
+    def interval_s(self) -> float: ...
+    @property
+    def timeout_s(self) -> float: ...
 
-    async def sample(self) -> Any: ...
-
-
-def backoff_s(failures: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
-    """Exponential backoff with full jitter in [base, min(cap, base * 2**n)]."""
-    if failures <= 0:
-        return base_s
-    top = min(cap_s, base_s * (2 ** min(failures, 16)))
-    return (rng or random).uniform(base_s, max(base_s, top))
+    async def sample(self) -> T_co: ...
 
 
-class ProbeRunner:
+class ProbeRunner(Generic[T]):
     """Polls one probe forever; a failing sample is logged, counted, backed off and
     marked stale, and never ends the loop (only cancellation does)."""
 
     def __init__(
         self,
-        probe: Probe,
+        probe: Probe[T],
         snapshot: Snapshot,
         errors: Counter[str],
         *,
         stale_after_s: float | None = None,
         backoff_cap_s: float = 30.0,
-        on_sample: Callable[[Any | None, str | None], None] | None = None,
+        on_sample: Callable[[T | None, str | None], None] | None = None,
     ) -> None:
         self.probe = probe
         self._snapshot = snapshot
@@ -103,7 +130,10 @@ class ProbeRunner:
                 value = await self.probe.sample()
         except Exception as exc:
             reason = _describe(exc, self.probe.timeout_s)
-            code = exc.code if isinstance(exc, ProbeError) else "timeout" if isinstance(exc, TimeoutError) else "error"
+            if isinstance(exc, ProbeError):
+                code = exc.code
+            else:
+                code = FailureCode.TIMEOUT if isinstance(exc, TimeoutError) else FailureCode.ERROR
             self.consecutive_failures += 1
             self._errors[name] += 1
             self._snapshot.fail(name, reason, self._stale_after_s, code=code)

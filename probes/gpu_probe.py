@@ -17,6 +17,7 @@ import pynvml
 
 from probes.base import ProbeError
 from probes.gpu import (
+    GPU,
     NOT_IN_DRIVER,
     NOT_SUPPORTED,
     NOT_SUPPORTED_MIG,
@@ -138,7 +139,7 @@ class GpuProbe:
     """Probe "gpu": `sample()` returns a GpuReading; `close()` shuts NVML down
     only when no call is still running."""
 
-    name = "gpu"
+    name = GPU
 
     def __init__(
         self,

@@ -21,8 +21,9 @@ from typing import Any, Generic, TypeVar
 
 import aiohttp
 
-from probes.base import ProbeError, backoff_s
-from probes.snapshot import Snapshot
+from agent.core.backoff import backoff_s
+from agent.core.snapshot import Key, Snapshot
+from probes.base import FailureCode, ProbeError, http_code
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ UPCOMING_MAINTENANCE = "instance/upcoming-maintenance"
 MAINTENANCE_VALUES = frozenset({"NONE", "MIGRATE_ON_HOST_MAINTENANCE", "TERMINATE_ON_HOST_MAINTENANCE"})
 # Answers that mean "no notice" on instance/upcoming-maintenance: a 503 saying so, or a
 # 404 where the server does not offer the path at all.
-NO_NOTICE_CODES = frozenset({"no_notice", "not_found"})
+NO_NOTICE_CODES = frozenset({FailureCode.NO_NOTICE, FailureCode.NOT_FOUND})
 
 _FLAVOR = {"Metadata-Flavor": "Google"}
 _MAX_BYTES = 64 * 1024
@@ -52,10 +53,10 @@ def metadata_base_url(preemption_cfg_metadata_host: str | None, environ: Mapping
 def error_code(status: int, body: str) -> str:
     """The ProbeError code for a non-200 answer."""
     if status == 404:
-        return "not_found"
+        return FailureCode.NOT_FOUND
     if status == 503 and "no notification" in body.lower():
-        return "no_notice"  # upcoming-maintenance's way of saying "nothing scheduled"
-    return f"http_{status}"
+        return FailureCode.NO_NOTICE  # upcoming-maintenance's way of saying "nothing scheduled"
+    return http_code(status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,14 +112,14 @@ class MetadataClient:
                     body = await self._read(resp, path)
                     return _value(path, resp, body)
         except TimeoutError:
-            raise ProbeError(f"{path}: no answer within {timeout_s:g}s", code="timeout") from None
+            raise ProbeError(f"{path}: no answer within {timeout_s:g}s", code=FailureCode.TIMEOUT) from None
         except aiohttp.ClientConnectorError as exc:
-            code = "unreachable" if self.contacted else "absent"
+            code = FailureCode.UNREACHABLE if self.contacted else FailureCode.ABSENT
             raise ProbeError(f"{path}: cannot connect to {self.base_url}: {exc.os_error or exc}", code=code) from None
         except aiohttp.ClientResponseError as exc:  # not HTTP the client can parse
-            raise ProbeError(f"{path}: bad HTTP answer: {exc.message}", code="garbage") from None
+            raise ProbeError(f"{path}: bad HTTP answer: {exc.message}", code=FailureCode.GARBAGE) from None
         except aiohttp.ClientError as exc:  # disconnected, reset, truncated body
-            raise ProbeError(f"{path}: connection lost: {type(exc).__name__}: {exc}", code="reset") from None
+            raise ProbeError(f"{path}: connection lost: {type(exc).__name__}: {exc}", code=FailureCode.RESET) from None
 
     async def _read(self, resp: aiohttp.ClientResponse, path: str) -> bytes:
         chunks: list[bytes] = []
@@ -127,7 +128,7 @@ class MetadataClient:
             size += len(chunk)
             if size > self._max_bytes:
                 resp.close()  # nothing on this server is that big: drop the connection
-                raise ProbeError(f"{path}: answer over {self._max_bytes} bytes", code="garbage")
+                raise ProbeError(f"{path}: answer over {self._max_bytes} bytes", code=FailureCode.GARBAGE)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -138,22 +139,22 @@ def _value(path: str, resp: aiohttp.ClientResponse, body: bytes) -> MetadataValu
         raise ProbeError(f"{path} answered {resp.status}: {text[:80]!r}", code=error_code(resp.status, text))
     # The real server marks every answer; anything else at this address is not it.
     if resp.headers.get("Metadata-Flavor") != "Google":
-        raise ProbeError(f"{path}: answer without Metadata-Flavor: Google (not a metadata server)", code="garbage")
+        raise ProbeError(f"{path}: answer without Metadata-Flavor: Google (not a metadata server)", code=FailureCode.GARBAGE)
     try:
         return MetadataValue(body.decode("utf-8").strip(), resp.headers.get("ETag"))
     except UnicodeDecodeError:
-        raise ProbeError(f"{path}: answer is not text", code="garbage") from None
+        raise ProbeError(f"{path}: answer is not text", code=FailureCode.GARBAGE) from None
 
 
 def parse_preempted(text: str) -> bool:
     if text not in ("TRUE", "FALSE"):
-        raise ProbeError(f"{PREEMPTED}: unexpected value {text[:40]!r}", code="garbage")
+        raise ProbeError(f"{PREEMPTED}: unexpected value {text[:40]!r}", code=FailureCode.GARBAGE)
     return text == "TRUE"
 
 
 def parse_maintenance_event(text: str) -> str:
     if text not in MAINTENANCE_VALUES:
-        raise ProbeError(f"{MAINTENANCE_EVENT}: unexpected value {text[:40]!r}", code="garbage")
+        raise ProbeError(f"{MAINTENANCE_EVENT}: unexpected value {text[:40]!r}", code=FailureCode.GARBAGE)
     return text
 
 
@@ -169,11 +170,11 @@ def parse_upcoming_maintenance(text: str) -> dict[str, Any] | None:
     try:
         notice = json.loads(text)
     except (ValueError, RecursionError):
-        raise ProbeError(f"{UPCOMING_MAINTENANCE}: not JSON: {text[:40]!r}", code="garbage") from None
+        raise ProbeError(f"{UPCOMING_MAINTENANCE}: not JSON: {text[:40]!r}", code=FailureCode.GARBAGE) from None
     if notice in ("NONE", {}, None):
         return None
     if not isinstance(notice, dict):
-        raise ProbeError(f"{UPCOMING_MAINTENANCE}: not a JSON object", code="garbage")
+        raise ProbeError(f"{UPCOMING_MAINTENANCE}: not a JSON object", code=FailureCode.GARBAGE)
     return notice
 
 
@@ -188,13 +189,13 @@ async def detect_metadata(client: MetadataClient) -> MetadataPresence:
     try:
         await client.get("project/project-id")
     except ProbeError as exc:
-        if exc.code == "absent":
+        if exc.code == FailureCode.ABSENT:
             return MetadataPresence.ABSENT
         raise
     try:
         parse_preempted((await client.get(PREEMPTED)).text)
     except ProbeError as exc:
-        if exc.code == "not_found":
+        if exc.code == FailureCode.NOT_FOUND:
             return MetadataPresence.RESTRICTED
         raise
     return MetadataPresence.PRESENT
@@ -206,7 +207,7 @@ async def serves(client: MetadataClient, path: str, params: Mapping[str, str] | 
     try:
         await client.get(path, params)
     except ProbeError as exc:
-        return exc.code != "not_found"
+        return exc.code != FailureCode.NOT_FOUND
     return True
 
 
@@ -225,6 +226,13 @@ class NodeIdentity:
     cluster_location: str | None = None
     unreadable: tuple[str, ...] = ()
 
+
+# The metadata source's snapshot keys, one writer each.
+PREEMPTED_KEY: Key[bool] = Key("metadata.preempted")
+MAINTENANCE_EVENT_KEY: Key[str] = Key("metadata.maintenance_event")
+UPCOMING_MAINTENANCE_KEY: Key[dict[str, Any] | None] = Key("metadata.upcoming_maintenance")
+IDENTITY_KEY: Key[NodeIdentity] = Key("metadata.identity")
+WATCH_KEY: Key[dict[str, Any]] = Key("metadata.watch")  # what is watched and why (a failure when blind)
 
 _IDENTITY_PATHS = {
     "project_id": "project/project-id",
@@ -270,7 +278,7 @@ async def _optional(client: MetadataClient, path: str, attempts: int, retry_base
         try:
             return (await client.get(path)).text, False
         except ProbeError as exc:
-            if exc.code == "not_found":
+            if exc.code == FailureCode.NOT_FOUND:
                 return None, False
             if attempt == attempts:
                 log.warning("identity field unreadable", extra={"path": path, "error": str(exc)})
@@ -292,7 +300,7 @@ class MetadataWatcher(Generic[T]):
         parse: Callable[[str], T],
         on_value: Callable[[T | None, str | None], None],
         snapshot: Snapshot,
-        key: str,
+        key: Key[T | None],
         timeout_sec: int = 60,
         *,
         backoff_base_s: float = 1.0,
@@ -345,7 +353,7 @@ class MetadataWatcher(Generic[T]):
                 return None, None
             raise
         if answer.etag is None:
-            raise ProbeError(f"{self.path}: answer without an ETag: changes cannot be watched", code="garbage")
+            raise ProbeError(f"{self.path}: answer without an ETag: changes cannot be watched", code=FailureCode.GARBAGE)
         return self._parse(answer.text), answer.etag
 
     def _succeeded(self, value: T | None, etag: str | None) -> None:
@@ -366,7 +374,7 @@ class MetadataWatcher(Generic[T]):
     def _failed(self, exc: Exception) -> None:
         if not isinstance(exc, ProbeError):
             log.exception("metadata watch bug", extra={"path": self.path})
-            exc = ProbeError(f"{type(exc).__name__}: {exc}", code="error")
+            exc = ProbeError(f"{type(exc).__name__}: {exc}", code=FailureCode.ERROR)
         self.failures += 1
         if self._errors is not None:
             self._errors[self.key] += 1

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from probes.base import ProbeError
+from probes.base import FailureCode, ProbeError
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,14 @@ class NvmlCallTimeout(ProbeError):
     """An NVML call passed its deadline; its thread is left to finish (or not)."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, code="timeout")
+        super().__init__(message, code=FailureCode.TIMEOUT)
 
 
 class NvmlWedged(ProbeError):
     """Too many NVML calls are stuck: new calls are refused until they return."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, code="wedged")
+        super().__init__(message, code=FailureCode.WEDGED)
 
 
 @dataclass(eq=False, slots=True)
@@ -91,7 +91,7 @@ class NvmlWorker:
         """`fn(*args)` on a worker thread; raises NvmlCallTimeout after `timeout_s`,
         NvmlWedged at once while too many calls are stuck, or what `fn` raised."""
         if self._closed:
-            raise ProbeError("NVML worker is closed", code="closed")
+            raise ProbeError("NVML worker is closed", code=FailureCode.CLOSED)
         stuck = self.stuck_calls()
         if len(stuck) >= self._max_stuck:
             raise NvmlWedged(f"NVML wedged: {len(stuck)} calls stuck ({', '.join(stuck)})")

@@ -1,5 +1,6 @@
 """/metrics: one custom prometheus_client Collector that builds every family from
-the lifecycle and the snapshot at scrape time (no second set of Gauges to sync)."""
+the lifecycle, the node view and the snapshot's reading ages at scrape time (no
+second set of Gauges to sync). It never imports a probe: readings come in the view."""
 
 from __future__ import annotations
 
@@ -9,16 +10,26 @@ from typing import Any, Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from probes.snapshot import Snapshot
+from agent.core.snapshot import Snapshot
+from agent.node_view import GpuReading, HostReading, NodeView, VllmReading
 from state_machine import Lifecycle, State
 
 _QUANTILES = ("p50", "p95", "p99")
 _QUANTILE_LABEL = {"p50": "0.5", "p95": "0.95", "p99": "0.99"}
 
 
+class NodeNow(Protocol):
+    def now(self) -> NodeView: ...
+
+
 class MetricsSource(Protocol):
     lifecycle: Lifecycle
-    snapshot: Snapshot
+    snapshot: Snapshot  # every reading's age and staleness
+
+    @property
+    def node(self) -> NodeNow:
+        """agent/node_view.py: what the node reads, one number per quantity."""
+        ...
     probe_errors: Any  # Counter[str]
     gpu_faults: Any  # GpuFaultPolicy
 
@@ -30,17 +41,16 @@ class AgentCollector(Collector):
         self._source = source
 
     def collect(self) -> Iterator[Metric]:
+        view = self._source.node.now()
         yield from self._lifecycle()
         yield from self._probes()
-        yield from self._vllm()
-        yield from self._gpu()
-        yield from self._host()
+        yield from self._vllm(view.vllm_last)
+        yield from self._gpu(view.gpu_last)
+        yield from self._host(view.host_last)
         yield from self._gpu_faults()
-        demand = getattr(self._source, "demand_now", None)
-        if demand is not None:
-            yield _gauge(
-                "gpu_node_agent_node_demand_ratio", "load relative to the autoscaling targets; 1.0 = at target", demand()
-            )
+        if view.autoscaling is not None:
+            doc = "load relative to the autoscaling targets; 1.0 = at target"
+            yield _gauge("gpu_node_agent_node_demand_ratio", doc, view.demand)
         exporter = getattr(self._source, "exporter", None)
         if exporter is not None:
             yield from exporter.collect()
@@ -104,8 +114,7 @@ class AgentCollector(Collector):
         )
         yield broken
 
-    def _vllm(self) -> Iterator[Metric]:
-        vllm = self._source.snapshot.value("vllm", fresh=False)
+    def _vllm(self, vllm: VllmReading | None) -> Iterator[Metric]:
         if vllm is None:
             return
         yield _gauge(
@@ -147,8 +156,7 @@ class AgentCollector(Collector):
             finished.add_metric([reason], float(count))
         yield finished
 
-    def _gpu(self) -> Iterator[Metric]:
-        gpu = self._source.snapshot.value("gpu", fresh=False)
+    def _gpu(self, gpu: GpuReading | None) -> Iterator[Metric]:
         if gpu is None:
             return
         util = GaugeMetricFamily("gpu_node_agent_gpu_utilization_ratio", "GPU utilization 0-1", labels=["gpu"])
@@ -178,8 +186,7 @@ class AgentCollector(Collector):
             faults.add_metric([str(getattr(kind, "value", kind)), str(bool(fatal)).lower()], float(count))
         yield faults
 
-    def _host(self) -> Iterator[Metric]:
-        host = self._source.snapshot.value("host", fresh=False)
+    def _host(self, host: HostReading | None) -> Iterator[Metric]:
         if host is None:
             return
         yield _gauge("gpu_node_agent_host_cpu_ratio", "host CPU use 0-1", host.cpu_percent / 100.0)

@@ -24,13 +24,13 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from agent.config import ExportConfig, ExportResource
-from agent.demand import Series
+from agent.core.backoff import backoff_s
 from agent.exporter.api import (
     DEFAULT_ENDPOINT,
     RETRYABLE,
@@ -44,22 +44,21 @@ from agent.exporter.api import (
 from agent.exporter.backlog import Backlog, Batch
 from agent.exporter.health import ExportStats
 from agent.exporter.report import TerminationReport, report_points
-from agent.exporter.resource import Resource, ResourceError, detect_resource
+from agent.exporter.resource import Identity, Resource, ResourceError, detect_resource
 from agent.exporter.series import (
     DESCRIPTORS,
     MAX_SERIES_PER_REQUEST,
     MIN_POINT_GAP_S,
     create_request,
     descriptor_proto,
-    node_metrics_from_snapshot,
+    node_metrics,
     series_points,
     time_series_protos,
 )
-from probes.base import backoff_s
+from agent.node_view import NodeView
 
 log = logging.getLogger(__name__)
 
-IDENTITY_KEY = "metadata.identity"
 _MAX_BATCH_AGE_S = 24 * 3600.0  # the API refuses points older than 25 h
 _FINAL_SEND_S = 1.0  # time kept to write the final sample after waiting for its gap
 _JITTER_S = 0.5
@@ -78,6 +77,18 @@ class Tuning:
     max_series_per_request: int = MAX_SERIES_PER_REQUEST
 
 
+class NodeRounds(Protocol):
+    """What the exporter reads of the node (agent/node_view.py's NodeViews)."""
+
+    identity_seen: asyncio.Event  # set once the metadata source has named the node
+
+    def round(self) -> NodeView:
+        """The node view for this export round (it advances what a drain holds)."""
+        ...
+
+    def identity(self) -> Identity | None: ...
+
+
 class Outcome(StrEnum):
     SENT = "sent"
     REJECTED = "rejected"  # not retried: counted failed
@@ -91,8 +102,7 @@ class Exporter:
     def __init__(
         self,
         cfg: ExportConfig,
-        snapshot: Any,
-        lifecycle: Any,
+        node: NodeRounds,
         *,
         client_factory: Callable[[ExportConfig], Awaitable[Any]] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -100,13 +110,11 @@ class Exporter:
         environ: dict[str, str] | None = None,
         hostname: str | None = None,
         tuning: Tuning = Tuning(),
-        autoscaling: Callable[[], Mapping[Series, float | None]] | None = None,
     ) -> None:
         self.cfg = cfg
-        self._snapshot, self._lifecycle = snapshot, lifecycle
-        # The autoscaling series for this round under the lifecycle rule (agent/demand.py);
-        # without it they are written as plain facts and node/demand is not written.
-        self._autoscaling = autoscaling
+        # Each sample is one round of the node view (a READY round's autoscaling values
+        # are what a later drain holds); without a demand gauge they are plain facts.
+        self._node = node
         self._client_factory = client_factory or build_client
         self._clock, self._wall = clock, wall
         self._environ = dict(os.environ if environ is None else environ)
@@ -124,8 +132,6 @@ class Exporter:
         self.final_sample: str | None = None  # what became of the final flush's sample (/status)
         self._wake = asyncio.Event()
         self._send_lock = asyncio.Lock()
-        self._identity_seen = asyncio.Event()
-        snapshot.subscribe(lambda key, _reading: self._identity_seen.set() if key == IDENTITY_KEY else None)
 
     @property
     def points_total(self) -> Counter[str]:
@@ -237,16 +243,7 @@ class Exporter:
                 extra={"previous_age_s": round(end - self._last_end_wall, 3)},
             )
             return
-        self._backlog.append(
-            Batch(
-                end,
-                series_points(
-                    node_metrics_from_snapshot(
-                        self._snapshot, self._lifecycle, None if self._autoscaling is None else self._autoscaling()
-                    )
-                ),
-            )
-        )
+        self._backlog.append(Batch(end, series_points(node_metrics(self._node.round()))))
         self._last_end_wall = end
 
     async def _final_sample(self, deadline: float) -> None:
@@ -276,10 +273,10 @@ class Exporter:
         if self.cfg.resource is ExportResource.GENERIC_NODE and self.cfg.project_id:
             return
         left = self.tuning.identity_wait_s - (self._clock() - self._started)
-        if self._snapshot.get(IDENTITY_KEY) is None and left > 0:
+        if self._node.identity() is None and left > 0:
             try:
                 async with asyncio.timeout(left):
-                    await self._identity_seen.wait()
+                    await self._node.identity_seen.wait()
             except TimeoutError:
                 log.info("no node identity from the metadata server; exporting without it", extra={"waited_s": round(left, 3)})
 
@@ -299,9 +296,8 @@ class Exporter:
         return await self._ensure_descriptors(deadline)
 
     def _resolve_resource(self) -> bool:
-        reading = self._snapshot.get(IDENTITY_KEY)
         try:
-            self.resource = detect_resource(self.cfg, None if reading is None else reading.value, self._environ, self._hostname)
+            self.resource = detect_resource(self.cfg, self._node.identity(), self._environ, self._hostname)
         except ResourceError as exc:
             self.stats.fail("resource", str(exc))
             return False

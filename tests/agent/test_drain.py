@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import pytest
 
 from agent.config import DrainConfig
+from agent.core.snapshot import Snapshot
 from agent.drain import DrainController
-from probes.snapshot import Snapshot
 from state_machine import DrainReason, Lifecycle, Source, State
 from tests.harness import until
 

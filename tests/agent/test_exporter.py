@@ -15,11 +15,13 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.config import ExportConfig
+from agent.core.snapshot import Snapshot
 from agent.exporter import series as s
-from agent.exporter.client import IDENTITY_KEY, Exporter, Tuning
+from agent.exporter.client import Exporter, Tuning
 from agent.exporter.report import TerminationReport
+from agent.node_view import NodeViews
 from agent.sim.monitoring import FakeMetricService
-from probes.snapshot import Snapshot
+from probes.metadata import IDENTITY_KEY
 from probes.vllm import VllmReading
 from state_machine import DrainReason, Lifecycle, Source
 from tests.harness import until
@@ -88,8 +90,7 @@ class Node:
         settings = {"project_id": PROJECT, "insecure": True, "endpoint": self.fake.endpoint, "interval_s": 10, **cfg}
         exporter = Exporter(
             ExportConfig(**settings),
-            self.snapshot,
-            self.lifecycle,
+            NodeViews(self.snapshot, self.lifecycle, None),
             wall=self.wall,
             environ=environ or {},
             hostname="node-a",

@@ -12,12 +12,13 @@ import pytest
 from google.api import metric_pb2
 
 from agent.config import ExportConfig, ExportResource
+from agent.core.snapshot import Snapshot
 from agent.drain import DrainReport
 from agent.exporter import series as s
 from agent.exporter.report import TerminationReport, report_points
 from agent.exporter.resource import ResourceError, detect_resource
+from agent.node_view import NodeViews, VllmSource, node_view
 from probes.gpu import GpuInfo, GpuReading, GpuStatus
-from probes.snapshot import Snapshot
 from probes.vllm import VllmReading
 from state_machine import State
 
@@ -54,7 +55,7 @@ class Node:
         self.lifecycle = SimpleNamespace(state=state)
 
     def metrics(self) -> s.NodeMetrics:
-        return s.node_metrics_from_snapshot(self.snapshot, self.lifecycle)
+        return s.node_metrics(node_view(self.snapshot, self.lifecycle.state))
 
 
 def test_descriptors_cover_spec_types_with_units_descriptions_and_gauge_kind_only() -> None:
@@ -124,15 +125,15 @@ def _fresh_but_empty_window(node: Node) -> None:
 @pytest.mark.parametrize(
     "setup, source, queue, kv_gb, ttft_p95_ms, tps",
     [
-        (_never, s.VllmSource.DOWN, 0.0, None, 0.0, 0.0),
-        (_refused_after_good, s.VllmSource.DOWN, 0.0, 0.0, 0.0, 0.0),
-        (_hung_after_good, s.VllmSource.HELD, 5.0, 10.0, 400.0, 250.0),
-        (_old, s.VllmSource.HELD, 5.0, 10.0, 400.0, 250.0),
-        (_fresh_but_empty_window, s.VllmSource.FRESH, 5.0, None, 0.0, 0.0),
+        (_never, VllmSource.DOWN, 0.0, None, 0.0, 0.0),
+        (_refused_after_good, VllmSource.DOWN, 0.0, 0.0, 0.0, 0.0),
+        (_hung_after_good, VllmSource.HELD, 5.0, 10.0, 400.0, 250.0),
+        (_old, VllmSource.HELD, 5.0, 10.0, 400.0, 250.0),
+        (_fresh_but_empty_window, VllmSource.FRESH, 5.0, None, 0.0, 0.0),
     ],
 )
 def test_vllm_series_never_go_missing_whatever_the_reading(
-    setup: Any, source: s.VllmSource, queue: float, kv_gb: float | None, ttft_p95_ms: float, tps: float
+    setup: Any, source: VllmSource, queue: float, kv_gb: float | None, ttft_p95_ms: float, tps: float
 ) -> None:
     node = Node(State.WARMING)
     setup(node)
@@ -332,16 +333,11 @@ def test_autoscaling_series_follow_the_lifecycle_rule_and_the_facts_do_not() -> 
     gauge = DemandGauge(DemandTargets(queue_per_node=10.0, kv_usage_ratio=0.5))  # hand targets: a fixed formula here
     node = Node()
 
+    views = NodeViews(node.snapshot, node.lifecycle, gauge)
+
     def written(state: State) -> dict[tuple[str, tuple], float]:
         node.lifecycle.state = state
-        source, fresh = s.vllm_view(node.snapshot), s.gpu_view(node.snapshot)
-        autoscaling = gauge.values(
-            state, source[0], stale=False, gpu_usage_percent=None if fresh is None else fresh.utilization_percent_mean
-        )
-        return {
-            (p.metric_type, p.labels): p.value
-            for p in s.series_points(s.node_metrics_from_snapshot(node.snapshot, node.lifecycle, autoscaling))
-        }
+        return {(p.metric_type, p.labels): p.value for p in s.series_points(s.node_metrics(views.round()))}
 
     p95 = (s.TTFT, (("quantile", "p95"),))
     node.snapshot.put("vllm", vllm(), stale_after_s=5)

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from agent.config import DrainConfig, PreemptionConfig
+from agent.core.snapshot import Snapshot
 from agent.preemption import (
     IDENTITY_KEY,
     WATCH_KEY,
@@ -25,7 +26,6 @@ from agent.preemption import (
 )
 from agent.sim.metadata import FakeMetadataServer
 from probes.metadata import MetadataClient, MetadataPresence
-from probes.snapshot import Snapshot
 from state_machine import DrainReason, Lifecycle, State
 from tests.harness import until
 

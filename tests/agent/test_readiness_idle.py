@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import pytest
 
 from agent.config import DrainConfig, IdleConfig
+from agent.core.snapshot import Snapshot
 from agent.idle import IdleWatchdog, is_idle
 from agent.readiness import ReadinessPolicy
 from probes.inference import HealthReading
-from probes.snapshot import Snapshot
 from state_machine import DrainReason, Lifecycle, State
 
 OK = HealthReading(ok=True, code="ok", detail="healthy", latency_ms=1.0)

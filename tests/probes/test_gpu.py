@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pynvml
 import pytest
 
+from agent.core.snapshot import Snapshot
 from agent.sim.nvml import FakeNvml
 from probes.base import ProbeError, ProbeRunner
 from probes.gpu import (
@@ -28,7 +29,6 @@ from probes.gpu import (
 from probes.gpu_probe import GpuProbe
 from probes.nvml import NvmlCallTimeout, NvmlWedged, NvmlWorker
 from probes.nvml_backend import PynvmlBackend
-from probes.snapshot import Snapshot
 from tests.harness import until
 
 
