@@ -28,17 +28,19 @@ from agent import __version__
 from agent.config import AgentConfig
 from agent.core.snapshot import Snapshot
 from agent.demand import DemandGauge, DemandTargets
-from agent.drain import DrainController
-from agent.gpu_faults import GpuFaultPolicy
-from agent.idle import IdleWatchdog
 from agent.limits import connection_cap
 from agent.logs import LOG_STATS, lifecycle_context
 from agent.loop_monitor import LoopMonitor
 from agent.node_view import NodeViews
 from agent.persistence import DrainPersistence
-from agent.preemption import MetadataWatch, PreemptionPolicy
-from agent.readiness import ReadinessPolicy
+from agent.policy.drain import DrainController
+from agent.policy.gpu_faults import GpuFaultPolicy
+from agent.policy.idle import IdleWatchdog
+from agent.policy.preemption import PreemptionPolicy
+from agent.policy.readiness import MetadataHold, ReadinessPolicy
+from agent.policy.requests import DrainDesk, DrainRequest
 from agent.signals import LoopSignals, stack_dump
+from agent.state_file import DrainStore
 from agent.status import node_status
 from agent.supervisor import Supervisor
 from agent.systemd import SystemdNotifier
@@ -46,7 +48,7 @@ from probes.base import ProbeRunner
 from probes.gpu_probe import GpuProbe
 from probes.host import HostProbe
 from probes.inference import InferenceHealthProbe
-from probes.metadata import PREEMPTED_KEY, MetadataClient, metadata_base_url
+from probes.metadata import MetadataClient, MetadataWatch, metadata_base_url
 from probes.nvml_backend import NvmlBackend, PynvmlBackend
 from probes.vllm import VLLM, VllmMetricsProbe
 from probes.xid import XidWatcher
@@ -55,14 +57,12 @@ from service.auth import AdminAuth
 from service.connections import ConnectionGuard, ConnectionLimits, GuardedSite
 from service.metrics import AgentCollector
 from state_machine import DrainReason, Lifecycle, Source, State, Transition
-from state_machine.persist import DrainStore
 
 log = logging.getLogger(__name__)
 
 _TICK_S = 1.0
 _SHUTDOWN_BUDGET_S = 10.0
 _FLUSH_BUDGET_S = 5.0
-_METADATA_HOLD_MAX_S = 30.0
 
 
 class StartupError(Exception):
@@ -80,12 +80,13 @@ class Daemon:
         self.lifecycle = Lifecycle()
         self.probe_errors: Counter[str] = Counter()
         self.notifier = SystemdNotifier(self.environ)
+        self.drains = DrainDesk(self.lifecycle)  # every drain request passes here
         self.persistence = DrainPersistence(
-            self.lifecycle, DrainStore(cfg.service.state_dir), restore_deadline_s=cfg.drain.timeout_s
+            self.drains, DrainStore(cfg.service.state_dir), restore_deadline_s=cfg.drain.timeout_s
         )
         self.drainer = DrainController(self.lifecycle, self.snapshot, cfg.drain, refresh=self._refresh_in_flight)
-        self.preemption = PreemptionPolicy(self.lifecycle, cfg.preemption, cfg.drain)
-        self.gpu_faults = GpuFaultPolicy(self.lifecycle, cfg.gpu, cfg.drain)
+        self.preemption = PreemptionPolicy(self.drains, cfg.preemption, cfg.drain)
+        self.gpu_faults = GpuFaultPolicy(self.drains, cfg.gpu, cfg.drain)
         self.nvml = nvml
         self.gpu_probe: GpuProbe | None = None
         self.xid_watcher: XidWatcher | None = None
@@ -109,9 +110,10 @@ class Daemon:
             from agent.exporter.client import Exporter  # light; monitoring_v3 loads at the first push
 
             self.exporter = Exporter(cfg.export, self.node, environ=self.environ)
-        self.idle = IdleWatchdog(self.lifecycle, self.snapshot, cfg.idle, cfg.drain)
+        self.idle = IdleWatchdog(self.drains, self.snapshot, cfg.idle, cfg.drain)
+        self.metadata_hold = MetadataHold(self.snapshot)
         self.readiness = ReadinessPolicy(
-            self.lifecycle, cfg.inference.ready_after, cfg.inference.lost_after, hold=self._metadata_hold
+            self.lifecycle, cfg.inference.ready_after, cfg.inference.lost_after, hold=self.metadata_hold
         )
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(AgentCollector(self))
@@ -131,7 +133,6 @@ class Daemon:
         self._http: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._metadata_session: aiohttp.ClientSession | None = None
-        self._metadata_watch: MetadataWatch | None = None
         self.lifecycle.subscribe(self._on_transition)
         lifecycle_context.provider = lambda: {"state": self.lifecycle.state.value, "reason": self.lifecycle.reason}
 
@@ -235,7 +236,7 @@ class Daemon:
         self._changed.set()
         if self.signals_received == 1:
             log.info("stop signal received; draining", extra={"signal": name})
-            self.lifecycle.begin_drain(DrainReason.SIGNAL, Source.SIGNAL, deadline_s=self.cfg.drain.timeout_s, detail=name)
+            self.drains.request(DrainRequest(DrainReason.SIGNAL, name, self.cfg.drain.timeout_s, Source.SIGNAL))
             self.notifier.stopping(self._systemd_status())
         elif self.signals_received == 2:
             log.warning("second stop signal: skipping the wait", extra={"signal": name})
@@ -283,9 +284,7 @@ class Daemon:
         return [] if self.supervisor is None else self.supervisor.broken()
 
     async def admin_drain(self, reason: str) -> bool:
-        started = self.lifecycle.begin_drain(
-            DrainReason.ADMIN, Source.ADMIN_API, deadline_s=self.cfg.drain.timeout_s, detail=reason
-        )
+        started = self.drains.request(DrainRequest(DrainReason.ADMIN, reason, self.cfg.drain.timeout_s, Source.ADMIN_API))
         await self.persistence.sync()
         return started
 
@@ -362,7 +361,7 @@ class Daemon:
         watch = MetadataWatch(
             client, self.snapshot, self.preemption, cfg, errors=self.probe_errors, identity_wanted=self.cfg.export.enabled
         )
-        self._metadata_watch = watch
+        self.metadata_hold.watch = watch
         supervisor.add("metadata", watch.run)  # "false" contacts nothing and says so
 
     def _start_gpu(self, supervisor: Supervisor) -> None:
@@ -381,18 +380,6 @@ class Daemon:
         runner = ProbeRunner(probe, self.snapshot, self.probe_errors, on_sample=on_sample)
         self._runners[probe.name] = runner
         supervisor.add(f"probe.{probe.name}", runner.run, critical=critical)
-
-    def _metadata_hold(self) -> str | None:
-        """Hold READY until instance/preempted has been read once, so an agent restarted
-        on a preempted node never advertises it; bounded, since unknown is not preempted."""
-        watch = self._metadata_watch
-        if watch is None or time.monotonic() - self.started_mono > _METADATA_HOLD_MAX_S:
-            return None
-        if not watch.settled.is_set():
-            return "waiting for the first metadata read"
-        if "instance/preempted" in watch.watchers and self.snapshot.value(PREEMPTED_KEY, fresh=False) is None:
-            return "instance/preempted not read yet"
-        return None
 
     def _on_health(self, reading: Any, error: str | None) -> None:
         self.readiness.on_health(reading, error)

@@ -1,4 +1,4 @@
-"""Keeps the persisted drain (state_machine/persist.py) in step with the lifecycle:
+"""Keeps the persisted drain (agent/state_file.py) in step with the lifecycle:
 restore at start, write on every change, and retry a failed write until it lands.
 Blocking file work runs in a thread with a deadline; a failing disk is reported
 (/status, the admin answer, the log), never fatal and never silent.
@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.core.backoff import backoff_s
-from state_machine import Lifecycle, Source
-from state_machine.persist import DrainStore, SavedDrain, StateFileError
+from agent.policy.requests import DrainDesk, DrainRequest
+from agent.state_file import DrainStore, StateFileError
+from state_machine import Source
+from state_machine.saved_drain import SavedDrain
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,9 @@ _RETRY_BASE_S, _RETRY_CAP_S = 1.0, 30.0
 
 
 class DrainPersistence:
-    def __init__(self, lifecycle: Lifecycle, store: DrainStore, *, restore_deadline_s: float) -> None:
-        self._lifecycle = lifecycle
+    def __init__(self, drains: DrainDesk, store: DrainStore, *, restore_deadline_s: float) -> None:
+        self._drains = drains
+        self._lifecycle = drains.lifecycle
         self.store = store
         self._restore_deadline_s = restore_deadline_s
         self._lock = asyncio.Lock()
@@ -43,7 +46,7 @@ class DrainPersistence:
         self.quarantined: list[str] = []  # unusable state files moved aside at start
         self.blocked: str | None = None  # why nothing may be written (an unmovable bad file)
         self.unwritable: str | None = None  # the state dir refused a write at start
-        lifecycle.subscribe(lambda _t: self._changed.set())
+        self._lifecycle.subscribe(lambda _t: self._changed.set())
 
     @property
     def persisted(self) -> bool:
@@ -68,11 +71,13 @@ class DrainPersistence:
         if saved is None:
             return None
         log.warning("restoring a persisted drain", extra={"reason": saved.reason.value, "detail": saved.detail})
-        self._lifecycle.begin_drain(
-            saved.reason,
-            Source.STATE_FILE,
-            deadline_s=saved.deadline_s(self._restore_deadline_s, time.time()),
-            detail=saved.detail or f"restored {saved.reason.value} drain",
+        self._drains.request(
+            DrainRequest(
+                saved.reason,
+                source=Source.STATE_FILE,
+                deadline_s=saved.deadline_s(self._restore_deadline_s, time.time()),
+                detail=saved.detail or f"restored {saved.reason.value} drain",
+            )
         )
         return saved
 

@@ -94,4 +94,4 @@ def test_every_line_is_the_demos_own_and_nothing_reaches_stderr(demo) -> None:
     body = result.stdout[: result.stdout.index("\nsummary\n")]
     for line in body.splitlines():
         assert re.match(r"\[ *\d+\.\ds\] |          \S", line), f"stray line: {line!r}"
-    assert re.search(r"\] agent warning \(agent\.preemption\): metadata notice", body)
+    assert re.search(r"\] agent warning \(agent\.policy\.preemption\): metadata notice", body)

@@ -10,7 +10,7 @@ import pytest
 
 from agent.config import DrainConfig
 from agent.core.snapshot import Snapshot
-from agent.drain import DrainController
+from agent.policy.drain import DrainController
 from state_machine import DrainReason, Lifecycle, Source, State
 from tests.harness import until
 

@@ -13,11 +13,11 @@ from google.api import metric_pb2
 
 from agent.config import ExportConfig, ExportResource
 from agent.core.snapshot import Snapshot
-from agent.drain import DrainReport
 from agent.exporter import series as s
 from agent.exporter.report import TerminationReport, report_points
 from agent.exporter.resource import ResourceError, detect_resource
 from agent.node_view import NodeViews, VllmSource, node_view
+from agent.policy.drain import DrainReport
 from probes.gpu import GpuInfo, GpuReading, GpuStatus
 from probes.vllm import VllmReading
 from state_machine import State

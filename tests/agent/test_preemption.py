@@ -16,16 +16,10 @@ import pytest
 
 from agent.config import DrainConfig, PreemptionConfig
 from agent.core.snapshot import Snapshot
-from agent.preemption import (
-    IDENTITY_KEY,
-    WATCH_KEY,
-    MetadataWatch,
-    PreemptionPolicy,
-    WatchTuning,
-    window_start_wall,
-)
+from agent.policy.preemption import PreemptionPolicy, window_start_wall
+from agent.policy.requests import DrainDesk
 from agent.sim.metadata import FakeMetadataServer
-from probes.metadata import MetadataClient, MetadataPresence
+from probes.metadata import IDENTITY_KEY, WATCH_KEY, MetadataClient, MetadataPresence, MetadataWatch, WatchTuning
 from state_machine import DrainReason, Lifecycle, State
 from tests.harness import until
 
@@ -43,7 +37,7 @@ def ready() -> Lifecycle:
 
 
 def policy_for(lifecycle: Lifecycle, **preemption: Any) -> PreemptionPolicy:
-    return PreemptionPolicy(lifecycle, PreemptionConfig(**preemption), DrainConfig(timeout_s=300), wall=lambda: NOW)
+    return PreemptionPolicy(DrainDesk(lifecycle), PreemptionConfig(**preemption), DrainConfig(timeout_s=300), wall=lambda: NOW)
 
 
 def deadline_in_s(lifecycle: Lifecycle) -> float:
@@ -165,7 +159,7 @@ async def watching(
 ):
     snapshot = Snapshot()
     preemption = PreemptionConfig(**cfg)
-    policy = PreemptionPolicy(lifecycle, preemption, DrainConfig())
+    policy = PreemptionPolicy(DrainDesk(lifecycle), preemption, DrainConfig())
     client = MetadataClient(base_url, session, timeout_s=1, wait_slack_s=0.5)
     watch = MetadataWatch(client, snapshot, policy, preemption, tuning=FAST, identity_wanted=identity_wanted)
     task = asyncio.create_task(watch.run())

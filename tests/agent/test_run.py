@@ -182,7 +182,7 @@ async def test_admin_drain_survives_a_restart(tmp_path, vllm, http, agents) -> N
 
 
 async def test_an_agent_restarted_mid_preemption_keeps_the_notices_deadline(tmp_path, vllm, http, agents) -> None:
-    from state_machine.persist import current_boot_id
+    from agent.state_file import current_boot_id
 
     agent = await start_agent(agents, tmp_path, vllm, drain__timeout_s="300", drain__propagation_delay_s="0")
     await wait_state(http, agent, "READY")

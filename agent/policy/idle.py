@@ -12,8 +12,9 @@ from typing import Any
 
 from agent.config import DrainConfig, IdleConfig
 from agent.core.snapshot import Snapshot
+from agent.policy.requests import DrainDesk, DrainRequest
 from probes.vllm import VLLM
-from state_machine import DrainReason, Lifecycle, Source, State
+from state_machine import DrainReason, Source, State
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,15 @@ def is_idle(vllm: Any) -> bool:
 class IdleWatchdog:
     def __init__(
         self,
-        lifecycle: Lifecycle,
+        drains: DrainDesk,
         snapshot: Snapshot,
         cfg: IdleConfig,
         drain_cfg: DrainConfig,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._lifecycle = lifecycle
+        self._drains = drains
+        self._lifecycle = drains.lifecycle
         self._snapshot = snapshot
         self._cfg = cfg
         self._drain_cfg = drain_cfg
@@ -57,11 +59,13 @@ class IdleWatchdog:
             self.idle_since = now
         if now - self.idle_since < self._cfg.after_s:
             return False
-        return self._lifecycle.begin_drain(
-            DrainReason.IDLE,
-            Source.IDLE_WATCHDOG,
-            deadline_s=self._drain_cfg.timeout_s,
-            detail=f"no requests and no tokens for {self._cfg.after_s:g}s",
+        return self._drains.request(
+            DrainRequest(
+                DrainReason.IDLE,
+                source=Source.IDLE_WATCHDOG,
+                deadline_s=self._drain_cfg.timeout_s,
+                detail=f"no requests and no tokens for {self._cfg.after_s:g}s",
+            )
         )
 
     async def run(self) -> None:
