@@ -12,6 +12,7 @@ Read top to bottom, this file is the life of the process:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -71,8 +72,16 @@ class StartupError(Exception):
 
 class Daemon:
     def __init__(
-        self, cfg: AgentConfig, *, environ: dict[str, str] | None = None, nvml: NvmlBackend | None = None
+        self,
+        cfg: AgentConfig,
+        *,
+        environ: dict[str, str] | None = None,
+        nvml: NvmlBackend | None = None,
+        stop: asyncio.Event | None = None,
     ) -> None:
+        """`stop` is the injected stop trigger (hypercorn's shutdown_trigger): setting it
+        is a first stop signal, so tests, the demo or an embedding program stop the
+        daemon as SIGTERM does. The CLI feeds the same path from signal handlers."""
         self.cfg = cfg
         self.environ = dict(os.environ if environ is None else environ)
         self.started_mono = time.monotonic()
@@ -124,50 +133,49 @@ class Daemon:
         self.loop_monitor = LoopMonitor()
         self.admin_auth = AdminAuth(cfg.service.admin_token_file)
         self._signals: LoopSignals | None = None
-        self._stop_requested = asyncio.Event()
+        self.stop = asyncio.Event() if stop is None else stop
         self._changed = asyncio.Event()
         self._transitioned = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         self._runners: dict[str, ProbeRunner[Any]] = {}
         self.supervisor: Supervisor | None = None
         self._http: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._metadata_session: aiohttp.ClientSession | None = None
+        self.inference_session: aiohttp.ClientSession | None = None
+        self.metadata_session: aiohttp.ClientSession | None = None
         self.lifecycle.subscribe(self._on_transition)
         lifecycle_context.provider = lambda: {"state": self.lifecycle.state.value, "reason": self.lifecycle.reason}
 
     # --- the life of the process ----------------------------------------------
     async def serve(self) -> None:
-        await self.start_http()
-        try:
-            async with Supervisor() as supervisor:
-                self.supervisor = supervisor
-                await self.startup(supervisor)
-                await self.main_loop()
-                await self.shutdown()
-            if self.gpu_probe is not None:
-                # After the probe tasks are cancelled; skips nvmlShutdown while a call is stuck.
-                await self.gpu_probe.close(timeout_s=2.0)
-        finally:
-            await self.stop_http()
-            if self._signals is not None:
-                self._signals.remove()  # back to the pre-loop handlers: a late signal is ignored
+        """Every step of set-up is paired with its teardown on one exit stack, so a start-up
+        that fails half-way still flushes and closes what it opened; teardown runs in the
+        reverse order, numbered as `shutdown()` describes."""
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self._restore_signals)  # 5. the pre-loop handlers: a late signal is ignored
+            await self.start_http()
+            stack.push_async_callback(self.stop_http)  # 4. the HTTP service, last to go
+            stack.push_async_callback(self._close_gpu)  # 3. NVML, once no probe task runs
+            self.supervisor = await stack.enter_async_context(Supervisor())  # 2. the tasks, cancelled
+            stack.push_async_callback(self.shutdown)  # 1. the final report, the HTTP sessions
+            await self.startup(self.supervisor)
+            await self.main_loop()
 
     async def startup(self, supervisor: Supervisor) -> None:
         saved = await self.persistence.restore()
-        self._session = aiohttp.ClientSession(
+        self.inference_session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.inference.timeout_s),
             connector=aiohttp.TCPConnector(limit=8, force_close=False),
         )
         self._start_probes(supervisor)
+        supervisor.add("stop", self._stop_when_triggered, may_finish=True)
         supervisor.add("drain", self.drainer.run, critical=True)
         supervisor.add("persist", self.persistence.run)
-        supervisor.add("idle", self.idle.run)
+        supervisor.add("idle", self.idle.run, may_finish=True)
         supervisor.add("loop_monitor", self.loop_monitor.run)
         if self.exporter is not None:
             # Not critical: export trouble must never make /healthz fail or flip readiness.
-            supervisor.add("export", self.exporter.run)
-            supervisor.add("final_report", self._report_when_terminated)
+            supervisor.add("export", self.exporter.run, may_finish=True)  # returns once flush_final takes over
+            supervisor.add("final_report", self._report_when_terminated, may_finish=True)
 
         if saved is None:
             self.lifecycle.start_warming()
@@ -188,7 +196,7 @@ class Daemon:
 
     async def main_loop(self) -> None:
         interval = min(_TICK_S, self.notifier.watchdog_interval_s or _TICK_S)
-        while not (self._stop_requested.is_set() and self.lifecycle.state is State.TERMINATED):
+        while not (self.stop.is_set() and self.lifecycle.state is State.TERMINATED):
             self._changed.clear()
             try:
                 async with asyncio.timeout(interval):
@@ -197,14 +205,16 @@ class Daemon:
                 pass
             self.notifier.watchdog()
             drain = self.lifecycle.drain
-            if self.lifecycle.state is State.DRAINING and drain is not None and self._stop_requested.is_set():
+            if self.lifecycle.state is State.DRAINING and drain is not None and self.stop.is_set():
                 # Ask systemd for the time the drain still needs, plus the shutdown.
                 self.notifier.extend_timeout(max(0.0, drain.deadline_mono - time.monotonic()) + _SHUTDOWN_BUDGET_S + 5)
 
     async def shutdown(self) -> None:
-        # One deadline for every step. 1. the final report (a no-op when it was already
-        # written at TERMINATED), 2. the tasks (leaving the supervisor block), 3. the HTTP
-        # service (serve()'s finally).
+        """The first step out (serve()'s exit stack runs the rest): 1. the final report (a
+        no-op when it was already written at TERMINATED) and the HTTP client sessions;
+        2. the tasks are cancelled; 3. NVML is shut down; 4. the HTTP service closes;
+        5. the signal handlers are put back. Each step has its own bound: the flush
+        _FLUSH_BUDGET_S, NVML 2 s, the HTTP service service.shutdown_timeout_s."""
         report = self.drainer.report
         log.info(
             "agent stopping",
@@ -213,9 +223,18 @@ class Daemon:
         if self.exporter is not None:
             await self._flush_final(_FLUSH_BUDGET_S)
             await self.exporter.close()
-        for session in (self._session, self._metadata_session):
+        for session in (self.inference_session, self.metadata_session):
             if session is not None:
                 await session.close()
+
+    async def _close_gpu(self) -> None:
+        if self.gpu_probe is not None:
+            # After the probe tasks are cancelled; skips nvmlShutdown while a call is stuck.
+            await self.gpu_probe.close(timeout_s=2.0)
+
+    def _restore_signals(self) -> None:
+        if self._signals is not None:
+            self._signals.remove()
 
     # --- signals (what each does: agent/signals.py) ---------------------------------
     def install_signal_handlers(self, loop: asyncio.AbstractEventLoop, pending: list[str] | None = None) -> None:
@@ -232,7 +251,7 @@ class Daemon:
     def on_stop_signal(self, name: str = "SIGTERM") -> None:
         """First signal starts the drain; the second skips the waiting. No I/O here."""
         self.signals_received += 1
-        self._stop_requested.set()
+        self.stop.set()
         self._changed.set()
         if self.signals_received == 1:
             log.info("stop signal received; draining", extra={"signal": name})
@@ -320,17 +339,17 @@ class Daemon:
     # --- internals ---------------------------------------------------------------------
     def _start_probes(self, supervisor: Supervisor) -> None:
         inference = self.cfg.inference
-        assert self._session is not None
+        assert self.inference_session is not None
         health = InferenceHealthProbe(
             inference.base_url,
-            self._session,
+            self.inference_session,
             interval_s=inference.poll_interval_s,
             timeout_s=inference.timeout_s,
             check_models=inference.check_models,
         )
         vllm = VllmMetricsProbe(
             inference.base_url,
-            self._session,
+            self.inference_session,
             interval_s=inference.poll_interval_s,
             timeout_s=inference.timeout_s,
             max_bytes=inference.metrics_max_bytes,
@@ -354,15 +373,15 @@ class Daemon:
         cfg = self.cfg.preemption
         # Its own small pool: the hanging GETs hold up to 3 connections for watch_timeout_s
         # and must not compete with the health probe.
-        self._metadata_session = aiohttp.ClientSession(
+        self.metadata_session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None), connector=aiohttp.TCPConnector(limit=4)
         )
-        client = MetadataClient(metadata_base_url(cfg.metadata_host, self.environ), self._metadata_session)
+        client = MetadataClient(metadata_base_url(cfg.metadata_host, self.environ), self.metadata_session)
         watch = MetadataWatch(
             client, self.snapshot, self.preemption, cfg, errors=self.probe_errors, identity_wanted=self.cfg.export.enabled
         )
         self.metadata_hold.watch = watch
-        supervisor.add("metadata", watch.run)  # "false" contacts nothing and says so
+        supervisor.add("metadata", watch.run, may_finish=True)  # "false" contacts nothing and says so
 
     def _start_gpu(self, supervisor: Supervisor) -> None:
         gpu = self.cfg.gpu
@@ -394,6 +413,11 @@ class Daemon:
         if runner is not None:
             await runner.refresh()
 
+    async def _stop_when_triggered(self) -> None:
+        await self.stop.wait()
+        if self.signals_received == 0:  # set from outside, not by a signal handler
+            self.on_stop_signal("stop trigger")
+
     async def _report_when_terminated(self) -> None:
         """Write the termination report as soon as the node is TERMINATED: after a
         preemption the VM may be powered off before any signal arrives."""
@@ -408,7 +432,6 @@ class Daemon:
             notice_end = drain.started_at_mono + self.cfg.preemption.notice_budget_s
             deadline_s = max(1.0, notice_end - time.monotonic() - 1.0)
         await self._flush_final(deadline_s)
-        await asyncio.Event().wait()  # done; park (a return would be restarted)
 
     async def _flush_final(self, deadline_s: float) -> bool:
         # One flush: a caller that comes second (the stop signal after TERMINATED) waits

@@ -140,8 +140,9 @@ class Exporter:
 
     # --- the task ----------------------------------------------------------------------
     async def run(self) -> None:
-        """Push every interval_s for ever; the first round creates the descriptors.
-        Every failure is caught and counted; cancellation is not."""
+        """Push every interval_s until flush_final takes over (then it returns, and the
+        flush owns the client); the first round creates the descriptors. Every failure is
+        caught and counted; cancellation is not."""
         try:
             await self._wait_for_identity()
             next_at = self._clock()
@@ -153,9 +154,9 @@ class Exporter:
                     self.stats.fail("error", f"export round failed: {type(exc).__name__}: {exc}")
                 next_at = max(next_at + self.cfg.interval_s, self._clock())
                 await self._pause(next_at - self._clock())
-            await asyncio.Event().wait()  # flush_final took over; parked until cancelled
         finally:
-            await self._close_client()
+            if not self._closing:  # cancelled while pushing; once closing, flush_final closes it
+                await self._close_client()
 
     async def push_once(self, deadline_mono: float | None = None) -> None:
         """One round: sample the node into the backlog, then write what is queued, in order."""

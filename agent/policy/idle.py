@@ -69,14 +69,14 @@ class IdleWatchdog:
         )
 
     async def run(self) -> None:
+        """Watch until the idle drain ends, then run the action once; returns when done
+        (or at once when disabled): run it as a task that may finish."""
         if self._cfg.after_s <= 0:
-            await asyncio.Event().wait()  # disabled: park (the supervisor would restart a return)
             return
         while self._lifecycle.state is not State.TERMINATED or not self._idle_drain():
             self.check()
             await asyncio.sleep(_CHECK_S)
         await self._run_action()
-        await asyncio.Event().wait()
 
     def _idle_drain(self) -> bool:
         drain = self._lifecycle.drain

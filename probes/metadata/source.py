@@ -120,11 +120,13 @@ class MetadataWatch:
         self._published: dict[str, Any] | None = None
 
     async def run(self) -> None:
+        """Watch for ever; with preemption.enabled=false it returns once there is nothing
+        more to do (run it as a task that may finish)."""
         if self._cfg.enabled == "false":
             if not self._identity_wanted:
                 self._publish([], "preemption.enabled=false: the metadata server is not contacted")
                 self.settled.set()
-                await asyncio.Event().wait()  # nothing to do; park (a return would be restarted)
+                return
             # Export still needs the node's identity (gce_instance / k8s_pod labels): read
             # it, watch nothing. Without it every series would land on generic_node.
             self._publish([], "preemption.enabled=false: the metadata server is read for the node identity only")
@@ -132,7 +134,7 @@ class MetadataWatch:
             self.presence = await self._detect()
             await self._identity(self.presence)
             self._publish([], "preemption.enabled=false: the metadata server is read for the node identity only")
-            await asyncio.Event().wait()
+            return
         self.presence = await self._detect()
         async with asyncio.TaskGroup() as group:
             if self.presence is MetadataPresence.PRESENT:

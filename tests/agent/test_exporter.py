@@ -460,17 +460,18 @@ async def test_a_hanging_api_never_blocks_the_event_loop(node: Node) -> None:
     assert health["failures_by_code"]["DEADLINE_EXCEEDED"] == 2 and health["backlog_size"] == SERIES_PER_ROUND
 
 
-async def test_run_pushes_at_once_then_parks_after_flush_final_and_is_cancellable(node: Node) -> None:
+async def test_run_pushes_at_once_then_returns_once_flush_final_takes_over(node: Node) -> None:
     exporter = node.exporter()
     async with asyncio.TaskGroup() as group:
         task = group.create_task(exporter.run())
         await until(lambda: exporter.points_total["ok"] == SERIES_PER_ROUND, 5, what="the first push")
         node.wall.now += 10
         assert await exporter.flush_final(REPORT, deadline_s=2.0)
-        await asyncio.sleep(0)
-        assert not task.done()
-        task.cancel()
-    assert task.cancelled()
+        written = len(node.fake.calls)
+        await asyncio.wait_for(task, 2)  # done (the supervisor runs it as a task that may finish)
+    assert not task.cancelled() and task.result() is None
+    assert len(node.fake.calls) == written  # nothing pushed after the final flush
+
 
 
 async def test_metrics_families_expose_points_by_result_and_the_backlog(node: Node) -> None:
