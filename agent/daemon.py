@@ -116,7 +116,7 @@ class Daemon:
         self.node = NodeViews(self.snapshot, self.lifecycle, self.demand, rounds_on_readings=not cfg.export.enabled)
         self.exporter: Any = None
         if cfg.export.enabled:
-            from agent.exporter.client import Exporter  # light; monitoring_v3 loads at the first push
+            from agent.exporter.push_loop import Exporter  # light; monitoring_v3 loads at the first push
 
             self.exporter = Exporter(cfg.export, self.node, environ=self.environ)
         self.idle = IdleWatchdog(self.drains, self.snapshot, cfg.idle, cfg.drain)

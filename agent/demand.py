@@ -95,22 +95,18 @@ _LEAVING = frozenset({State.DRAINING, State.TERMINATED})
 
 @dataclass(frozen=True, slots=True)
 class DemandTargets:
-    """Where each term reaches 1.0, and the most one node may claim. Defaults:
+    """Where each term reaches 1.0, and the most one node may claim (why these
+    defaults: bench/FLEET.md, "How the defaults were chosen"):
 
     - utilization_target 0.6: demand 1.0 when the node serves 60 % of its saturation
-      throughput (as the gauge estimates it: t0 is learned from above, so the
-      estimate errs low by up to ~20 % until the node has calibrated). The fleet then
-      has headroom for the load that grows while a new node boots and loads its model
-      (6.5 minutes on a MIG, up to 12 on GKE); bench/FLEET.md has the sweep that chose
-      it. It is a share of what the node itself can do, so it holds for any GPU, model
-      and request size.
+      throughput, as the gauge estimates it: the headroom for the load that grows
+      while a new node boots. A share of what the node itself can do, so it holds for
+      any GPU, model and request size.
     - ttft_p95_s 2.0: the TTFT SLO (slo.ttft_ms); the queue term reaches 1.0 when a
       new request would wait half of it, the TTFT term when p95 reaches it.
     - max_demand 3.0: the queue and TTFT terms grow with the backlog, not with the
-      arrival rate: a node two minutes into an overload reports 20-200x, and both
-      autoscalers, which size the fleet as the sum of the gauge, would jump to their
-      maximum and hold it through their scale-in stabilization. Capped at 3, one
-      decision at most triples the serving capacity. None disables the cap.
+      arrival rate; capped, one autoscaler decision at most triples the serving
+      capacity. None disables the cap.
     - Overrides, None by default (the gauge calibrates itself): queue_per_node (the
       queue term becomes waiting / queue_per_node), kv_usage_ratio (adds
       kv_cache_usage / kv_usage_ratio), max_num_seqs (vLLM's --max-num-seqs, when the

@@ -26,7 +26,7 @@ from typing import Any
 from agent.config import ExportConfig
 from agent.core.snapshot import Snapshot
 from agent.exporter import series as s
-from agent.exporter.client import Exporter, Tuning
+from agent.exporter.push_loop import Exporter, Tuning
 from agent.node_view import NodeViews, node_view
 from agent.sim.monitoring import FakeMetricService
 from bench.common import REPO, machine_header, summary_line

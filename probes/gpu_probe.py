@@ -30,7 +30,6 @@ from probes.gpu import (
     gpu_faults,
     throttle_reason_names,
 )
-from probes.nvml import NvmlWorker
 from probes.nvml_backend import (
     NvmlBackend,
     describe_error,
@@ -40,6 +39,7 @@ from probes.nvml_backend import (
     is_no_driver,
     is_not_supported,
 )
+from probes.nvml_worker import NvmlWorker
 
 log = logging.getLogger(__name__)
 

@@ -8,13 +8,22 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 RESULTS = ("ok", "failed", "dropped", "retried")
-# Failures that are not an API call's status code.
-SETUP_CODES = frozenset({"credentials", "resource", "setup", "error"})
+class SetupFailure(StrEnum):
+    """Export failures that are not an API call's status code (those are gRPC names)."""
+
+    CREDENTIALS = "credentials"  # no Google credentials
+    RESOURCE = "resource"  # the monitored resource lacks a label
+    SETUP = "setup"  # the client could not be built
+    ERROR = "error"  # a bug in a round
+
+
+SETUP_CODES = frozenset(SetupFailure)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Any
 
 from agent.config import DrainConfig
@@ -27,6 +28,23 @@ _TICK_S = 0.05
 _RECENT_S = 5.0  # how old a reading may be to stand for the notice when none could be taken at it
 
 
+class DrainOutcome(StrEnum):
+    """How a drain ended (the termination report's `outcome` label)."""
+
+    EMPTIED = "emptied"  # nothing in flight for the settle time
+    DEADLINE = "deadline"  # the deadline passed with work in flight (counted aborted)
+    FORCED = "forced"  # a second stop signal skipped the waiting
+
+
+class DrainPhase(StrEnum):
+    """Where a drain is (/status drain.progress.phase)."""
+
+    PROPAGATION = "propagation"  # load balancers still learning that /readyz is 503
+    WAITING = "waiting"  # for in-flight work to finish
+    DRAINED = "drained"  # an admin drain emptied the node; it stays cordoned
+    DONE = "done"
+
+
 @dataclass(frozen=True, slots=True)
 class DrainReport:
     """What a finished drain did; the termination report is built from it."""
@@ -39,7 +57,7 @@ class DrainReport:
     in_flight_at_notice: float | None
     completed: float
     aborted: float
-    outcome: str  # emptied, deadline, forced
+    outcome: DrainOutcome
     failed: float = 0.0  # finished with an error (vLLM's finished_reason="error")
 
     def as_dict(self) -> dict[str, Any]:
@@ -48,7 +66,7 @@ class DrainReport:
 
 @dataclass(slots=True)
 class DrainProgress:
-    phase: str  # propagation, waiting, drained, done
+    phase: DrainPhase
     reason: str
     in_flight_at_notice: float | None
     in_flight_now: float | None
@@ -144,7 +162,7 @@ class DrainController:
         _, notice, baseline = self._origin
         empty_since: float | None = None
         last_known: float | None = notice
-        outcome = "emptied"
+        outcome = DrainOutcome.EMPTIED
         while True:
             drain = self._lifecycle.drain
             if self._lifecycle.state is not State.DRAINING or drain is None:
@@ -165,7 +183,7 @@ class DrainController:
             empty_since = (empty_since or now) if count == 0 else None
             completed, aborted, failed = _deltas(baseline, self._in_flight.counters())
             self.progress = DrainProgress(
-                phase="propagation" if in_propagation else "waiting",
+                phase=DrainPhase.PROPAGATION if in_propagation else DrainPhase.WAITING,
                 reason=drain.reason.value,
                 in_flight_at_notice=notice,
                 in_flight_now=count,
@@ -177,12 +195,12 @@ class DrainController:
                 failed=failed,
             )
             if self.force.is_set():
-                outcome = "forced"
+                outcome = DrainOutcome.FORCED
                 break
             if empty_since is not None and now - empty_since >= self._cfg.settle_s and await self._still_empty(drain):
                 break
             if now >= drain.deadline_mono and drain.terminal:
-                outcome = "deadline"
+                outcome = DrainOutcome.DEADLINE
                 break
             self._changed.clear()
             try:
@@ -218,13 +236,13 @@ class DrainController:
     def _finish(
         self,
         drain: Drain,
-        outcome: str,
+        outcome: DrainOutcome,
         notice: float | None,
         last_known: float | None,
         baseline: tuple[float, float, float] | None,
     ) -> None:
         completed, aborted, failed = _deltas(baseline, self._in_flight.counters())
-        if outcome != "emptied":
+        if outcome is not DrainOutcome.EMPTIED:
             aborted += last_known or 0.0
         now_wall = self._wall()
         self.report = DrainReport(
@@ -241,7 +259,7 @@ class DrainController:
         )
         log.info("drain finished", extra={"drain": self.report.as_dict()})
         if self.progress is not None:
-            self.progress.phase = "drained" if drain.reason is DrainReason.ADMIN else "done"
+            self.progress.phase = DrainPhase.DRAINED if drain.reason is DrainReason.ADMIN else DrainPhase.DONE
         if drain.terminal:
             self._lifecycle.terminate(f"{outcome}: completed {completed:g}, aborted {aborted:g}, failed {failed:g}")
         else:

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from agent.config import ExportConfig
 from agent.core.snapshot import Snapshot
 from agent.exporter import series as s
-from agent.exporter.client import Exporter, Tuning
+from agent.exporter.push_loop import Exporter, Tuning
 from agent.exporter.report import TerminationReport
 from agent.node_view import NodeViews
 from agent.sim.monitoring import FakeMetricService

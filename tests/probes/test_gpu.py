@@ -27,8 +27,8 @@ from probes.gpu import (
     throttle_reason_names,
 )
 from probes.gpu_probe import GpuProbe
-from probes.nvml import NvmlCallTimeout, NvmlWedged, NvmlWorker
 from probes.nvml_backend import PynvmlBackend
+from probes.nvml_worker import NvmlCallTimeout, NvmlWedged, NvmlWorker
 from tests.harness import until
 
 

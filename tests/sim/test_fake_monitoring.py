@@ -13,7 +13,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import monitoring_v3
 
 from agent.config import ExportConfig
-from agent.exporter.api import build_client, partial_summary
+from agent.exporter.api_client import build_client, partial_summary
 from agent.exporter.series import (
     AGENT_STATE,
     DESCRIPTOR_BY_TYPE,

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from agent.config import ExportConfig, ExportResource
 from agent.core.backoff import backoff_s
-from agent.exporter.api import (
+from agent.exporter.api_client import (
     DEFAULT_ENDPOINT,
     RETRYABLE,
     ExportSetupError,
@@ -42,7 +42,7 @@ from agent.exporter.api import (
     partial_summary,
 )
 from agent.exporter.backlog import Backlog, Batch
-from agent.exporter.health import ExportStats
+from agent.exporter.health import ExportStats, SetupFailure
 from agent.exporter.report import TerminationReport, report_points
 from agent.exporter.resource import Identity, Resource, ResourceError, detect_resource
 from agent.exporter.series import (
@@ -151,7 +151,7 @@ class Exporter:
                     await self.push_once(deadline_mono=next_at + self.cfg.interval_s)
                 except Exception as exc:  # a bug here must not stop the pushes
                     log.exception("export round failed")
-                    self.stats.fail("error", f"export round failed: {type(exc).__name__}: {exc}")
+                    self.stats.fail(SetupFailure.ERROR, f"export round failed: {type(exc).__name__}: {exc}")
                 next_at = max(next_at + self.cfg.interval_s, self._clock())
                 await self._pause(next_at - self._clock())
         finally:
@@ -289,10 +289,10 @@ class Exporter:
             try:
                 self._client = await self._client_factory(self.cfg)
             except ExportSetupError as exc:
-                self.stats.fail("credentials", str(exc))
+                self.stats.fail(SetupFailure.CREDENTIALS, str(exc))
                 return False
             except Exception as exc:
-                self.stats.fail("setup", f"cannot build the Cloud Monitoring client: {type(exc).__name__}: {exc}")
+                self.stats.fail(SetupFailure.SETUP, f"cannot build the Cloud Monitoring client: {type(exc).__name__}: {exc}")
                 return False
         return await self._ensure_descriptors(deadline)
 
@@ -300,7 +300,7 @@ class Exporter:
         try:
             self.resource = detect_resource(self.cfg, self._node.identity(), self._environ, self._hostname)
         except ResourceError as exc:
-            self.stats.fail("resource", str(exc))
+            self.stats.fail(SetupFailure.RESOURCE, str(exc))
             return False
         log.info("export resource", extra={"resource": self.resource.as_dict()})
         return True
