@@ -9,29 +9,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from agent.config import load_config
 from agent.daemon import Daemon
 from agent.sim.nvml import FakeNvml
 from agent.sim.vllm import FakeVllm
-from tests.harness import AgentProcess, get_json, until
+from tests.harness import AgentProcess, get_json, inprocess_config, until
 
 
 def config(tmp_path: Path, vllm: FakeVllm) -> object:
-    return load_config(
-        None,
-        {
-            "GPU_AGENT_SERVICE__HOST": "127.0.0.1",
-            "GPU_AGENT_SERVICE__PORT": "0",
-            "GPU_AGENT_SERVICE__STATE_DIR": str(tmp_path / "state"),
-            "GPU_AGENT_INFERENCE__BASE_URL": vllm.url,
-            "GPU_AGENT_INFERENCE__POLL_INTERVAL_S": "0.1",
-            "GPU_AGENT_GPU__POLL_INTERVAL_S": "0.1",
-            "GPU_AGENT_EXPORT__ENABLED": "false",
-            "GPU_AGENT_PREEMPTION__ENABLED": "false",
-            "GPU_AGENT_DRAIN__PROPAGATION_DELAY_S": "0.1",
-            "GPU_AGENT_DRAIN__SETTLE_S": "0.1",
-        },
-    )
+    return inprocess_config(tmp_path, vllm.url, GPU_AGENT_GPU__POLL_INTERVAL_S="0.1")
 
 
 @pytest.fixture
