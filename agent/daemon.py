@@ -66,6 +66,19 @@ _SHUTDOWN_BUDGET_S = 10.0
 _FLUSH_BUDGET_S = 5.0
 
 
+def _demand_targets(cfg: AgentConfig) -> DemandTargets:
+    auto = cfg.autoscaling
+    return DemandTargets(
+        queue_per_node=auto.queue_per_node,
+        kv_usage_ratio=auto.kv_usage_ratio,
+        ttft_p95_s=(auto.ttft_p95_ms or cfg.slo.ttft_ms) / 1000.0,
+        max_demand=auto.max_demand,
+        utilization_target=auto.utilization_target,
+        max_num_seqs=auto.max_num_seqs,
+        iteration_floor_s=None if auto.iteration_floor_ms is None else auto.iteration_floor_ms / 1000.0,
+    )
+
+
 class StartupError(Exception):
     """The daemon cannot start (port taken, state dir unusable); the message says why."""
 
@@ -89,41 +102,18 @@ class Daemon:
         self.lifecycle = Lifecycle()
         self.probe_errors: Counter[str] = Counter()
         self.notifier = SystemdNotifier(self.environ)
-        self.drains = DrainDesk(self.lifecycle)  # every drain request passes here
-        self.persistence = DrainPersistence(
-            self.drains, DrainStore(cfg.service.state_dir), restore_deadline_s=cfg.drain.timeout_s
-        )
-        self.drainer = DrainController(self.lifecycle, self.snapshot, cfg.drain, refresh=self._refresh_in_flight)
-        self.preemption = PreemptionPolicy(self.drains, cfg.preemption, cfg.drain)
-        self.gpu_faults = GpuFaultPolicy(self.drains, cfg.gpu, cfg.drain)
+        self._wire_policies()
         self.nvml = nvml
         self.gpu_probe: GpuProbe | None = None
         self.xid_watcher: XidWatcher | None = None
-        auto = cfg.autoscaling
-        self.demand = DemandGauge(
-            DemandTargets(
-                queue_per_node=auto.queue_per_node,
-                kv_usage_ratio=auto.kv_usage_ratio,
-                ttft_p95_s=(auto.ttft_p95_ms or cfg.slo.ttft_ms) / 1000.0,
-                max_demand=auto.max_demand,
-                utilization_target=auto.utilization_target,
-                max_num_seqs=auto.max_num_seqs,
-                iteration_floor_s=None if auto.iteration_floor_ms is None else auto.iteration_floor_ms / 1000.0,
-            )
-        )
+        self.demand = DemandGauge(_demand_targets(cfg))
         # The one view of the node /metrics, /status and the exporter read; with export
         # off each READY reading is a round (what a drain holds), else the export round is.
         self.node = NodeViews(self.snapshot, self.lifecycle, self.demand, rounds_on_readings=not cfg.export.enabled)
         self.exporter: Any = None
+        self.final_report: Any = None
         if cfg.export.enabled:
-            from agent.exporter.push_loop import Exporter  # light; monitoring_v3 loads at the first push
-
-            self.exporter = Exporter(cfg.export, self.node, environ=self.environ)
-        self.idle = IdleWatchdog(self.drains, self.snapshot, cfg.idle, cfg.drain)
-        self.metadata_hold = MetadataHold(self.snapshot)
-        self.readiness = ReadinessPolicy(
-            self.lifecycle, cfg.inference.ready_after, cfg.inference.lost_after, hold=self.metadata_hold
-        )
+            self._wire_export()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(AgentCollector(self))
         self.signals_received = 0
@@ -136,7 +126,6 @@ class Daemon:
         self.stop = asyncio.Event() if stop is None else stop
         self._changed = asyncio.Event()
         self._transitioned = asyncio.Event()
-        self._flush_lock = asyncio.Lock()
         self._runners: dict[str, ProbeRunner[Any]] = {}
         self.supervisor: Supervisor | None = None
         self._http: web.AppRunner | None = None
@@ -175,7 +164,7 @@ class Daemon:
         if self.exporter is not None:
             # Not critical: export trouble must never make /healthz fail or flip readiness.
             supervisor.add("export", self.exporter.run, may_finish=True)  # returns once flush_final takes over
-            supervisor.add("final_report", self._report_when_terminated, may_finish=True)
+            supervisor.add("final_report", self.final_report.run, may_finish=True)
 
         if saved is None:
             self.lifecycle.start_warming()
@@ -221,7 +210,7 @@ class Daemon:
             extra={"termination_report": None if report is None else report.as_dict(), "signals": self.signals_received},
         )
         if self.exporter is not None:
-            await self._flush_final(_FLUSH_BUDGET_S)
+            await self.final_report.flush(_FLUSH_BUDGET_S)
             await self.exporter.close()
         for session in (self.inference_session, self.metadata_session):
             if session is not None:
@@ -337,6 +326,36 @@ class Daemon:
         return node_status(self)
 
     # --- internals ---------------------------------------------------------------------
+    def _wire_policies(self) -> None:
+        """The decisions (agent/policy/); every drain they ask for goes through one desk."""
+        cfg = self.cfg
+        self.drains = DrainDesk(self.lifecycle)
+        self.persistence = DrainPersistence(
+            self.drains, DrainStore(cfg.service.state_dir), restore_deadline_s=cfg.drain.timeout_s
+        )
+        self.drainer = DrainController(self.lifecycle, self.snapshot, cfg.drain, refresh=self._refresh_in_flight)
+        self.preemption = PreemptionPolicy(self.drains, cfg.preemption, cfg.drain)
+        self.gpu_faults = GpuFaultPolicy(self.drains, cfg.gpu, cfg.drain)
+        self.idle = IdleWatchdog(self.drains, self.snapshot, cfg.idle, cfg.drain)
+        self.metadata_hold = MetadataHold(self.snapshot)
+        self.readiness = ReadinessPolicy(
+            self.lifecycle, cfg.inference.ready_after, cfg.inference.lost_after, hold=self.metadata_hold
+        )
+
+    def _wire_export(self) -> None:
+        # Imported here: light (monitoring_v3 loads at the first push), and not at all with export off.
+        from agent.exporter.final_report import FinalReport
+        from agent.exporter.push_loop import Exporter
+
+        self.exporter = Exporter(self.cfg.export, self.node, environ=self.environ)
+        self.final_report = FinalReport(
+            self.exporter,
+            self.lifecycle,
+            lambda: self.drainer.report,
+            notice_budget_s=self.cfg.preemption.notice_budget_s,
+            default_deadline_s=_FLUSH_BUDGET_S,
+        )
+
     def _start_probes(self, supervisor: Supervisor) -> None:
         inference = self.cfg.inference
         assert self.inference_session is not None
@@ -417,35 +436,6 @@ class Daemon:
         await self.stop.wait()
         if self.signals_received == 0:  # set from outside, not by a signal handler
             self.on_stop_signal("stop trigger")
-
-    async def _report_when_terminated(self) -> None:
-        """Write the termination report as soon as the node is TERMINATED: after a
-        preemption the VM may be powered off before any signal arrives."""
-        terminated = asyncio.Event()
-        self.lifecycle.subscribe(lambda t: terminated.set() if t.to_state is State.TERMINATED else None)
-        if self.lifecycle.state is not State.TERMINATED:
-            await terminated.wait()
-        drain = self.lifecycle.drain
-        deadline_s = _FLUSH_BUDGET_S
-        if drain is not None and drain.reason is DrainReason.PREEMPTION:
-            # What is left of the notice before power-off, less a second for the OS.
-            notice_end = drain.started_at_mono + self.cfg.preemption.notice_budget_s
-            deadline_s = max(1.0, notice_end - time.monotonic() - 1.0)
-        await self._flush_final(deadline_s)
-
-    async def _flush_final(self, deadline_s: float) -> bool:
-        # One flush: a caller that comes second (the stop signal after TERMINATED) waits
-        # for the first and gets its result instead of writing the report twice.
-        async with self._flush_lock:
-            return await self.exporter.flush_final(self._termination_report(), deadline_s=deadline_s)
-
-    def _termination_report(self) -> Any:
-        from agent.exporter.report import TerminationReport
-
-        report = self.drainer.report
-        if report is None:
-            return None
-        return TerminationReport.from_drain(report, transitions=sum(self.lifecycle.transitions_total.values()))
 
     def _on_transition(self, transition: Transition) -> None:
         self._changed.set()

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from agent.exporter.series import TERMINATION, MetricKind, SeriesPoint
 
 
-class DrainOutcome(Protocol):
+class FinishedDrain(Protocol):
     """agent.drain.DrainReport, as far as the report needs it (read-only: the report is frozen)."""
 
     @property
@@ -59,7 +59,7 @@ class TerminationReport:
     failed: float = 0.0
 
     @classmethod
-    def from_drain(cls, drain: DrainOutcome, *, transitions: int = 0) -> TerminationReport:
+    def from_drain(cls, drain: FinishedDrain, *, transitions: int = 0) -> TerminationReport:
         return cls(
             reason=drain.reason,
             outcome=drain.outcome,
