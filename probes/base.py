@@ -76,6 +76,33 @@ class Probe(Protocol[T_co]):
     async def sample(self) -> T_co: ...
 
 
+class FailureRun(Generic[T]):
+    """The one failure rule of every source (polled probes and hanging-GET watchers): a
+    failure is counted (probe_errors_total), recorded in the snapshot (the last good value
+    kept and now stale, with the failure's code) and worth a log line at the 1st, 10th and
+    every 100th in a row; a success puts the new value and ends the run. Staleness itself
+    is the reading's (`stale_after_s`), computed from its timestamp, never tracked here."""
+
+    def __init__(self, snapshot: Snapshot, errors: Counter[str] | None, key: Key[T], stale_after_s: float) -> None:
+        self._snapshot = snapshot
+        self._errors = errors
+        self._key = key
+        self.stale_after_s = stale_after_s
+        self.count = 0  # failures in a row
+
+    def failed(self, message: str, code: str) -> bool:
+        """Count and record one failure; True when it is one to log."""
+        self.count += 1
+        if self._errors is not None:
+            self._errors[self._key] += 1
+        self._snapshot.fail(self._key, message, self.stale_after_s, code=code)
+        return self.count in (1, 10) or self.count % 100 == 0
+
+    def succeeded(self, value: T) -> None:
+        self.count = 0
+        self._snapshot.put(self._key, value, self.stale_after_s)
+
+
 class ProbeRunner(Generic[T]):
     """Polls one probe forever; a failing sample is logged, counted, backed off and
     marked stale, and never ends the loop (only cancellation does)."""
@@ -91,14 +118,17 @@ class ProbeRunner(Generic[T]):
         on_sample: Callable[[T | None, str | None], None] | None = None,
     ) -> None:
         self.probe = probe
-        self._snapshot = snapshot
-        self._errors = errors
-        self._stale_after_s = stale_after_s or max(3 * probe.interval_s, probe.timeout_s + probe.interval_s)
+        self._failures = FailureRun[T](
+            snapshot, errors, probe.name, stale_after_s or max(3 * probe.interval_s, probe.timeout_s + probe.interval_s)
+        )
         self._backoff_cap_s = max(backoff_cap_s, probe.interval_s)
         self._on_sample = on_sample
-        self.consecutive_failures = 0
         self._wake = asyncio.Event()
         self._sampling = asyncio.Lock()  # one sample at a time: the window must see them in order
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self._failures.count
 
     def poll_now(self) -> None:
         """Cut the current wait short."""
@@ -134,19 +164,13 @@ class ProbeRunner(Generic[T]):
                 code = exc.code
             else:
                 code = FailureCode.TIMEOUT if isinstance(exc, TimeoutError) else FailureCode.ERROR
-            self.consecutive_failures += 1
-            self._errors[name] += 1
-            self._snapshot.fail(name, reason, self._stale_after_s, code=code)
-            level = (
-                logging.WARNING if self.consecutive_failures in (1, 10) or self.consecutive_failures % 100 == 0 else logging.DEBUG
-            )
-            log.log(level, "probe failed", extra={"probe": name, "error": reason, "failures": self.consecutive_failures})
+            level = logging.WARNING if self._failures.failed(reason, code) else logging.DEBUG
+            log.log(level, "probe failed", extra={"probe": name, "error": reason, "failures": self._failures.count})
             self._notify(None, reason)
             return False
-        if self.consecutive_failures:
-            log.info("probe recovered", extra={"probe": name, "failures": self.consecutive_failures})
-        self.consecutive_failures = 0
-        self._snapshot.put(name, value, self._stale_after_s)
+        if self._failures.count:
+            log.info("probe recovered", extra={"probe": name, "failures": self._failures.count})
+        self._failures.succeeded(value)
         self._notify(value, None)
         return True
 

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import math
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -102,7 +103,7 @@ class MetadataWatch:
         cfg: WatchSettings,
         *,
         tuning: WatchTuning = WatchTuning(),
-        errors: Any = None,
+        errors: Counter[str] | None = None,  # counted per key, for probe_errors_total
         rng: random.Random | None = None,
         identity_wanted: bool = False,  # export labels its series with it: read it even when not watching
     ) -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable, Mapping
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from agent.core.backoff import backoff_s
 from agent.core.snapshot import Key, Snapshot
-from probes.base import FailureCode, ProbeError
+from probes.base import FailureCode, FailureRun, ProbeError
 from probes.metadata.client import MetadataClient
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class MetadataWatcher(Generic[T]):
         backoff_cap_s: float = 30.0,
         none_codes: frozenset[str] = frozenset(),  # answers meaning "no value" (upcoming-maintenance)
         none_poll_s: float = 60.0,
-        errors: Any = None,  # a Counter[str] counted per key, for probe_errors_total
+        errors: Counter[str] | None = None,  # counted per key, for probe_errors_total
         rng: random.Random | None = None,
         params: Mapping[str, str] | None = None,  # extra query, e.g. alt=json
     ) -> None:
@@ -53,17 +54,20 @@ class MetadataWatcher(Generic[T]):
         self.key = key
         self._parse = parse
         self._on_value = on_value
-        self._snapshot = snapshot
         self._timeout_sec = timeout_sec
         self._backoff = (backoff_base_s, backoff_cap_s)
         self._none_codes = none_codes
         self._none_poll_s = none_poll_s
-        self._errors = errors
         self._rng = rng
-        self._stale_after_s = max(timeout_sec + client.wait_slack_s, none_poll_s + client.timeout_s) + 1.0
+        stale_after_s = max(timeout_sec + client.wait_slack_s, none_poll_s + client.timeout_s) + 1.0
+        self._failures = FailureRun[T | None](snapshot, errors, key, stale_after_s)
         self._delivered: tuple[T | None] | None = None  # boxed: None is a real value here
-        self.failures = 0
         self.attempted = asyncio.Event()  # set after the first read, good or bad
+
+    @property
+    def failures(self) -> int:
+        """Failed reads in a row."""
+        return self._failures.count
 
     async def run(self) -> None:
         etag: str | None = None
@@ -72,7 +76,7 @@ class MetadataWatcher(Generic[T]):
                 value, etag = await self._read(etag)
             except Exception as exc:
                 self._failed(exc)
-                await asyncio.sleep(backoff_s(self.failures, *self._backoff, rng=self._rng))
+                await asyncio.sleep(backoff_s(self._failures.count, *self._backoff, rng=self._rng))
                 continue
             self._succeeded(value, etag)
             if etag is None:
@@ -93,10 +97,9 @@ class MetadataWatcher(Generic[T]):
         return self._parse(answer.text), answer.etag
 
     def _succeeded(self, value: T | None, etag: str | None) -> None:
-        if self.failures:
-            log.info("metadata watch recovered", extra={"path": self.path, "failures": self.failures})
-        self.failures = 0
-        self._snapshot.put(self.key, value, self._stale_after_s)
+        if self._failures.count:
+            log.info("metadata watch recovered", extra={"path": self.path, "failures": self._failures.count})
+        self._failures.succeeded(value)
         self.attempted.set()
         if self._delivered is not None and self._delivered[0] == value:
             return
@@ -111,12 +114,9 @@ class MetadataWatcher(Generic[T]):
         if not isinstance(exc, ProbeError):
             log.exception("metadata watch bug", extra={"path": self.path})
             exc = ProbeError(f"{type(exc).__name__}: {exc}", code=FailureCode.ERROR)
-        self.failures += 1
-        if self._errors is not None:
-            self._errors[self.key] += 1
-        self._snapshot.fail(self.key, str(exc), self._stale_after_s, code=exc.code)
+        worth_a_line = self._failures.failed(str(exc), exc.code)
         self.attempted.set()
-        if self.failures in (1, 10) or self.failures % 100 == 0:
-            extra = {"path": self.path, "error": str(exc), "failures": self.failures}
+        if worth_a_line:
+            extra = {"path": self.path, "error": str(exc), "failures": self._failures.count}
             log.warning("metadata watch failed", extra=extra)
 
