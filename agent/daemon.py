@@ -1,12 +1,18 @@
-"""The daemon, phase by phase: serve -> startup -> main loop -> shutdown.
+"""The daemon, phase by phase: serve -> startup -> main loop -> shutdown. Wiring
+and the phases only: the decisions are in agent/policy/, the signals in probes/,
+what the node reads in agent/node_view.py.
 
 Read top to bottom, this file is the life of the process:
-  1. startup: restore a persisted drain, start the HTTP service, start the
-     probes and watchers under the supervisor, enter WARMING;
-  2. main loop: until a stop signal has come AND the node is TERMINATED, ping
-     the systemd watchdog and ask for stop time while a drain runs;
-  3. shutdown, under one deadline: flush the final report, stop the tasks,
-     close the HTTP service last.
+  1. serve: the HTTP service, then the supervisor, each teardown pushed on one
+     exit stack as its set-up succeeds;
+  2. startup: restore a persisted drain, start the probes, the metadata source
+     and the policies' tasks under the supervisor, enter WARMING;
+  3. main loop: until a stop (a signal, or the injected trigger) has come AND the
+     node is TERMINATED, ping the systemd watchdog and ask for stop time while a
+     drain runs;
+  4. shutdown, the exit stack in reverse: flush the final report and close the
+     HTTP client sessions, cancel the tasks, shut NVML down, close the HTTP
+     service, put the signal handlers back; each step with its own bound.
 """
 
 from __future__ import annotations
