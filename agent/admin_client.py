@@ -45,7 +45,7 @@ class AgentUnreachable(Exception):
 class Answer:
     """An HTTP answer: status code, the JSON body (None when it was not JSON) and the text."""
 
-    __slots__ = ("status", "body", "text")
+    __slots__ = ("body", "status", "text")
 
     def __init__(self, status: int, body: Any, text: str) -> None:
         self.status, self.body, self.text = status, body, text

@@ -35,7 +35,9 @@ def drain_reply(answer: Answer, asked_reason: str, wait_s: float | None) -> Repl
     if answer.status == 504:
         return Reply(False, f"Not drained within {wait_s:g} s ({running}); the drain goes on: {FOLLOW}.", warnings)
     if answer.status == 409:
-        return Reply(False, f"Cannot drain: {_error(answer)} (state {answer.field('state')}, {answer.field('reason')}).", warnings)
+        return Reply(
+            False, f"Cannot drain: {_error(answer)} (state {answer.field('state')}, {answer.field('reason')}).", warnings
+        )
     return Reply(False, _refused(answer), warnings)
 
 
@@ -56,8 +58,10 @@ def _not_started(drain: dict[str, Any], asked_reason: str, *, drained: bool) -> 
     """A drain was already running: an admin one keeps its first reason; a higher-priority
     one (preemption, maintenance, a signal...) has subsumed this request."""
     if drain.get("reason") != "admin":
-        return (f"Not started: a {drain.get('reason')} drain is running ({drain.get('detail') or '-'}), "
-                f"which takes precedence over an admin drain; {_until(drain) if drained else 'the node is going away'}.")
+        return (
+            f"Not started: a {drain.get('reason')} drain is running ({drain.get('detail') or '-'}), "
+            f"which takes precedence over an admin drain; {_until(drain) if drained else 'the node is going away'}."
+        )
     kept = "" if drain.get("detail") == asked_reason else f", kept the first reason, not {asked_reason!r}"
     state = "drained: nothing in flight" if drained or drain.get("drained") else FOLLOW
     return f"Already draining ({_drain_name(drain)}){kept}; {state}."

@@ -93,9 +93,11 @@ class IterationFloor:
     instantaneous, the token rates a window's means; +-30 % at a steady load, far more
     at a batch of a few)."""
 
-    __slots__ = ("bound_s", "configured", "floor_s", "lightest", "min_batch", "spread", "weight", "_mean", "_widest")
+    __slots__ = ("_mean", "_widest", "bound_s", "configured", "floor_s", "lightest", "min_batch", "spread", "weight")
 
-    def __init__(self, configured: float | None = None, *, weight: float = 0.25, spread: float = 1.25, min_batch: float = 8.0) -> None:
+    def __init__(
+        self, configured: float | None = None, *, weight: float = 0.25, spread: float = 1.25, min_batch: float = 8.0
+    ) -> None:
         self.configured, self.weight, self.spread, self.min_batch = configured, weight, spread, min_batch
         self.bound_s: float | None = None
         self.floor_s: float | None = configured
@@ -104,7 +106,11 @@ class IterationFloor:
         self._widest = 1.0  # r of the pair t0 came from
 
     def observe(
-        self, t_iter_s: float | None, kv: float | None = None, tokens_per_s: float | None = None, itl_p50_s: float | None = None,
+        self,
+        t_iter_s: float | None,
+        kv: float | None = None,
+        tokens_per_s: float | None = None,
+        itl_p50_s: float | None = None,
         running: float | None = None,
     ) -> float | None:
         if self.configured is not None:
@@ -119,7 +125,7 @@ class IterationFloor:
             return self.floor_s
         point = (t_iter_s, min(kv, 0.99), tokens_per_s, running)
         if self._mean is not None:
-            point = (*(m + self.weight * (x - m) for m, x in zip(self._mean, point)),)  # type: ignore[assignment]
+            point = (*(m + self.weight * (x - m) for m, x in zip(self._mean, point, strict=True)),)  # type: ignore[assignment]
         self._mean = point
         if point[3] < self.min_batch:
             return self.floor_s

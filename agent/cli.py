@@ -15,7 +15,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from agent import __version__
 
@@ -35,7 +35,7 @@ class CommandFailed(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own errors: exit 2, message on stderr
+    def error(self, message: str) -> NoReturn:  # argparse's own errors: exit 2, message on stderr
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
@@ -256,7 +256,8 @@ def _admin(args: argparse.Namespace, url: str, payload: dict[str, Any] | None) -
         answer = call("POST", f"{url}/resume", {}, timeout_s=10)
         reply = resume_reply(answer)
     if args.json:  # machines get the agent's answer whatever it says; people get the sentence
-        print(json.dumps(answer.body if answer.body is not None else {"http_status": answer.status, "text": answer.text}, indent=2))
+        body = answer.body if answer.body is not None else {"http_status": answer.status, "text": answer.text}
+        print(json.dumps(body, indent=2))
     elif reply.ok:
         print(reply.text)
     for warning in reply.warnings:

@@ -1,17 +1,24 @@
-"""The daemon, phase by phase: serve -> startup -> main loop -> shutdown.
+"""The daemon, phase by phase: serve -> startup -> main loop -> shutdown. Wiring
+and the phases only: the decisions are in agent/policy/, the signals in probes/,
+what the node reads in agent/node_view.py.
 
 Read top to bottom, this file is the life of the process:
-  1. startup: restore a persisted drain, start the HTTP service, start the
-     probes and watchers under the supervisor, enter WARMING;
-  2. main loop: until a stop signal has come AND the node is TERMINATED, ping
-     the systemd watchdog and ask for stop time while a drain runs;
-  3. shutdown, under one deadline: flush the final report, stop the tasks,
-     close the HTTP service last.
+  1. serve: the HTTP service, then the supervisor, each teardown pushed on one
+     exit stack as its set-up succeeds;
+  2. startup: restore a persisted drain, start the probes, the metadata source
+     and the policies' tasks under the supervisor, enter WARMING;
+  3. main loop: until a stop (a signal, or the injected trigger) has come AND the
+     node is TERMINATED, ping the systemd watchdog and ask for stop time while a
+     drain runs;
+  4. shutdown, the exit stack in reverse: flush the final report and close the
+     HTTP client sessions, cancel the tasks, shut NVML down, close the HTTP
+     service, put the signal handlers back; each step with its own bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -26,18 +33,21 @@ from prometheus_client import CollectorRegistry
 
 from agent import __version__
 from agent.config import AgentConfig
-from agent.demand import DemandGauge, DemandTargets, Series
-from agent.drain import DrainController
-from agent.exporter.series import VllmSource, gpu_view, vllm_view
-from agent.gpu_faults import GpuFaultPolicy
-from agent.idle import IdleWatchdog
+from agent.core.snapshot import Snapshot
+from agent.demand import DemandGauge, DemandTargets
 from agent.limits import connection_cap
 from agent.logs import LOG_STATS, lifecycle_context
 from agent.loop_monitor import LoopMonitor
+from agent.node_view import NodeViews
 from agent.persistence import DrainPersistence
-from agent.preemption import MetadataWatch, PreemptionPolicy
-from agent.readiness import ReadinessPolicy
+from agent.policy.drain import DrainController
+from agent.policy.gpu_faults import GpuFaultPolicy
+from agent.policy.idle import IdleWatchdog
+from agent.policy.preemption import PreemptionPolicy
+from agent.policy.readiness import MetadataHold, ReadinessPolicy
+from agent.policy.requests import DrainDesk, DrainRequest
 from agent.signals import LoopSignals, stack_dump
+from agent.state_file import DrainStore
 from agent.status import node_status
 from agent.supervisor import Supervisor
 from agent.systemd import SystemdNotifier
@@ -45,24 +55,34 @@ from probes.base import ProbeRunner
 from probes.gpu_probe import GpuProbe
 from probes.host import HostProbe
 from probes.inference import InferenceHealthProbe
-from probes.metadata import MetadataClient, metadata_base_url
+from probes.metadata import MetadataClient, MetadataWatch, metadata_base_url
 from probes.nvml_backend import NvmlBackend, PynvmlBackend
-from probes.snapshot import Snapshot
-from probes.vllm import VllmMetricsProbe
+from probes.vllm import VLLM, VllmMetricsProbe
 from probes.xid import XidWatcher
 from service.app import build_app
 from service.auth import AdminAuth
 from service.connections import ConnectionGuard, ConnectionLimits, GuardedSite
 from service.metrics import AgentCollector
 from state_machine import DrainReason, Lifecycle, Source, State, Transition
-from state_machine.persist import DrainStore
 
 log = logging.getLogger(__name__)
 
 _TICK_S = 1.0
 _SHUTDOWN_BUDGET_S = 10.0
 _FLUSH_BUDGET_S = 5.0
-_METADATA_HOLD_MAX_S = 30.0
+
+
+def _demand_targets(cfg: AgentConfig) -> DemandTargets:
+    auto = cfg.autoscaling
+    return DemandTargets(
+        queue_per_node=auto.queue_per_node,
+        kv_usage_ratio=auto.kv_usage_ratio,
+        ttft_p95_s=(auto.ttft_p95_ms or cfg.slo.ttft_ms) / 1000.0,
+        max_demand=auto.max_demand,
+        utilization_target=auto.utilization_target,
+        max_num_seqs=auto.max_num_seqs,
+        iteration_floor_s=None if auto.iteration_floor_ms is None else auto.iteration_floor_ms / 1000.0,
+    )
 
 
 class StartupError(Exception):
@@ -71,8 +91,16 @@ class StartupError(Exception):
 
 class Daemon:
     def __init__(
-        self, cfg: AgentConfig, *, environ: dict[str, str] | None = None, nvml: NvmlBackend | None = None
+        self,
+        cfg: AgentConfig,
+        *,
+        environ: dict[str, str] | None = None,
+        nvml: NvmlBackend | None = None,
+        stop: asyncio.Event | None = None,
     ) -> None:
+        """`stop` is the injected stop trigger (hypercorn's shutdown_trigger): setting it
+        is a first stop signal, so tests, the demo or an embedding program stop the
+        daemon as SIGTERM does. The CLI feeds the same path from signal handlers."""
         self.cfg = cfg
         self.environ = dict(os.environ if environ is None else environ)
         self.started_mono = time.monotonic()
@@ -80,36 +108,18 @@ class Daemon:
         self.lifecycle = Lifecycle()
         self.probe_errors: Counter[str] = Counter()
         self.notifier = SystemdNotifier(self.environ)
-        self.persistence = DrainPersistence(
-            self.lifecycle, DrainStore(cfg.service.state_dir), restore_deadline_s=cfg.drain.timeout_s
-        )
-        self.drainer = DrainController(self.lifecycle, self.snapshot, cfg.drain, refresh=self._refresh_in_flight)
-        self.preemption = PreemptionPolicy(self.lifecycle, cfg.preemption, cfg.drain)
-        self.gpu_faults = GpuFaultPolicy(self.lifecycle, cfg.gpu, cfg.drain)
+        self._wire_policies()
         self.nvml = nvml
         self.gpu_probe: GpuProbe | None = None
         self.xid_watcher: XidWatcher | None = None
+        self.demand = DemandGauge(_demand_targets(cfg))
+        # The one view of the node /metrics, /status and the exporter read; with export
+        # off each READY reading is a round (what a drain holds), else the export round is.
+        self.node = NodeViews(self.snapshot, self.lifecycle, self.demand, rounds_on_readings=not cfg.export.enabled)
         self.exporter: Any = None
+        self.final_report: Any = None
         if cfg.export.enabled:
-            from agent.exporter.client import Exporter  # light; monitoring_v3 loads at the first push
-
-            self.exporter = Exporter(cfg.export, self.snapshot, self.lifecycle, environ=self.environ, autoscaling=self.autoscaling_round)
-        auto = cfg.autoscaling
-        self.demand = DemandGauge(
-            DemandTargets(
-                queue_per_node=auto.queue_per_node,
-                kv_usage_ratio=auto.kv_usage_ratio,
-                ttft_p95_s=(auto.ttft_p95_ms or cfg.slo.ttft_ms) / 1000.0,
-                max_demand=auto.max_demand,
-                utilization_target=auto.utilization_target,
-                max_num_seqs=auto.max_num_seqs,
-                iteration_floor_s=None if auto.iteration_floor_ms is None else auto.iteration_floor_ms / 1000.0,
-            )
-        )
-        self.idle = IdleWatchdog(self.lifecycle, self.snapshot, cfg.idle, cfg.drain)
-        self.readiness = ReadinessPolicy(
-            self.lifecycle, cfg.inference.ready_after, cfg.inference.lost_after, hold=self._metadata_hold
-        )
+            self._wire_export()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(AgentCollector(self))
         self.signals_received = 0
@@ -119,54 +129,48 @@ class Daemon:
         self.loop_monitor = LoopMonitor()
         self.admin_auth = AdminAuth(cfg.service.admin_token_file)
         self._signals: LoopSignals | None = None
-        self._stop_requested = asyncio.Event()
+        self.stop = asyncio.Event() if stop is None else stop
         self._changed = asyncio.Event()
         self._transitioned = asyncio.Event()
-        self._flush_lock = asyncio.Lock()
-        self._runners: dict[str, ProbeRunner] = {}
+        self._runners: dict[str, ProbeRunner[Any]] = {}
         self.supervisor: Supervisor | None = None
         self._http: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._metadata_session: aiohttp.ClientSession | None = None
-        self._metadata_watch: MetadataWatch | None = None
+        self.inference_session: aiohttp.ClientSession | None = None
+        self.metadata_session: aiohttp.ClientSession | None = None
         self.lifecycle.subscribe(self._on_transition)
-        self.snapshot.subscribe(self._learn_from_reading)
-        if self.exporter is None:
-            self.snapshot.subscribe(self._round_on_reading)
         lifecycle_context.provider = lambda: {"state": self.lifecycle.state.value, "reason": self.lifecycle.reason}
 
     # --- the life of the process ----------------------------------------------
     async def serve(self) -> None:
-        await self.start_http()
-        try:
-            async with Supervisor() as supervisor:
-                self.supervisor = supervisor
-                await self.startup(supervisor)
-                await self.main_loop()
-                await self.shutdown()
-            if self.gpu_probe is not None:
-                # After the probe tasks are cancelled; skips nvmlShutdown while a call is stuck.
-                await self.gpu_probe.close(timeout_s=2.0)
-        finally:
-            await self.stop_http()
-            if self._signals is not None:
-                self._signals.remove()  # back to the pre-loop handlers: a late signal is ignored
+        """Every step of set-up is paired with its teardown on one exit stack, so a start-up
+        that fails half-way still flushes and closes what it opened; teardown runs in the
+        reverse order, numbered as `shutdown()` describes."""
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self._restore_signals)  # 5. the pre-loop handlers: a late signal is ignored
+            await self.start_http()
+            stack.push_async_callback(self.stop_http)  # 4. the HTTP service, last to go
+            stack.push_async_callback(self._close_gpu)  # 3. NVML, once no probe task runs
+            self.supervisor = await stack.enter_async_context(Supervisor())  # 2. the tasks, cancelled
+            stack.push_async_callback(self.shutdown)  # 1. the final report, the HTTP sessions
+            await self.startup(self.supervisor)
+            await self.main_loop()
 
     async def startup(self, supervisor: Supervisor) -> None:
         saved = await self.persistence.restore()
-        self._session = aiohttp.ClientSession(
+        self.inference_session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.inference.timeout_s),
             connector=aiohttp.TCPConnector(limit=8, force_close=False),
         )
         self._start_probes(supervisor)
+        supervisor.add("stop", self._stop_when_triggered, may_finish=True)
         supervisor.add("drain", self.drainer.run, critical=True)
         supervisor.add("persist", self.persistence.run)
-        supervisor.add("idle", self.idle.run)
+        supervisor.add("idle", self.idle.run, may_finish=True)
         supervisor.add("loop_monitor", self.loop_monitor.run)
         if self.exporter is not None:
             # Not critical: export trouble must never make /healthz fail or flip readiness.
-            supervisor.add("export", self.exporter.run)
-            supervisor.add("final_report", self._report_when_terminated)
+            supervisor.add("export", self.exporter.run, may_finish=True)  # returns once flush_final takes over
+            supervisor.add("final_report", self.final_report.run, may_finish=True)
 
         if saved is None:
             self.lifecycle.start_warming()
@@ -187,7 +191,7 @@ class Daemon:
 
     async def main_loop(self) -> None:
         interval = min(_TICK_S, self.notifier.watchdog_interval_s or _TICK_S)
-        while not (self._stop_requested.is_set() and self.lifecycle.state is State.TERMINATED):
+        while not (self.stop.is_set() and self.lifecycle.state is State.TERMINATED):
             self._changed.clear()
             try:
                 async with asyncio.timeout(interval):
@@ -196,25 +200,36 @@ class Daemon:
                 pass
             self.notifier.watchdog()
             drain = self.lifecycle.drain
-            if self.lifecycle.state is State.DRAINING and drain is not None and self._stop_requested.is_set():
+            if self.lifecycle.state is State.DRAINING and drain is not None and self.stop.is_set():
                 # Ask systemd for the time the drain still needs, plus the shutdown.
                 self.notifier.extend_timeout(max(0.0, drain.deadline_mono - time.monotonic()) + _SHUTDOWN_BUDGET_S + 5)
 
     async def shutdown(self) -> None:
-        # One deadline for every step. 1. the final report (a no-op when it was already
-        # written at TERMINATED), 2. the tasks (leaving the supervisor block), 3. the HTTP
-        # service (serve()'s finally).
+        """The first step out (serve()'s exit stack runs the rest): 1. the final report (a
+        no-op when it was already written at TERMINATED) and the HTTP client sessions;
+        2. the tasks are cancelled; 3. NVML is shut down; 4. the HTTP service closes;
+        5. the signal handlers are put back. Each step has its own bound: the flush
+        _FLUSH_BUDGET_S, NVML 2 s, the HTTP service service.shutdown_timeout_s."""
         report = self.drainer.report
         log.info(
             "agent stopping",
             extra={"termination_report": None if report is None else report.as_dict(), "signals": self.signals_received},
         )
         if self.exporter is not None:
-            await self._flush_final(_FLUSH_BUDGET_S)
+            await self.final_report.flush(_FLUSH_BUDGET_S)
             await self.exporter.close()
-        for session in (self._session, self._metadata_session):
+        for session in (self.inference_session, self.metadata_session):
             if session is not None:
                 await session.close()
+
+    async def _close_gpu(self) -> None:
+        if self.gpu_probe is not None:
+            # After the probe tasks are cancelled; skips nvmlShutdown while a call is stuck.
+            await self.gpu_probe.close(timeout_s=2.0)
+
+    def _restore_signals(self) -> None:
+        if self._signals is not None:
+            self._signals.remove()
 
     # --- signals (what each does: agent/signals.py) ---------------------------------
     def install_signal_handlers(self, loop: asyncio.AbstractEventLoop, pending: list[str] | None = None) -> None:
@@ -231,13 +246,11 @@ class Daemon:
     def on_stop_signal(self, name: str = "SIGTERM") -> None:
         """First signal starts the drain; the second skips the waiting. No I/O here."""
         self.signals_received += 1
-        self._stop_requested.set()
+        self.stop.set()
         self._changed.set()
         if self.signals_received == 1:
             log.info("stop signal received; draining", extra={"signal": name})
-            self.lifecycle.begin_drain(
-                DrainReason.SIGNAL, Source.SIGNAL, deadline_s=self.cfg.drain.timeout_s, detail=name
-            )
+            self.drains.request(DrainRequest(DrainReason.SIGNAL, name, self.cfg.drain.timeout_s, Source.SIGNAL))
             self.notifier.stopping(self._systemd_status())
         elif self.signals_received == 2:
             log.warning("second stop signal: skipping the wait", extra={"signal": name})
@@ -285,9 +298,7 @@ class Daemon:
         return [] if self.supervisor is None else self.supervisor.broken()
 
     async def admin_drain(self, reason: str) -> bool:
-        started = self.lifecycle.begin_drain(
-            DrainReason.ADMIN, Source.ADMIN_API, deadline_s=self.cfg.drain.timeout_s, detail=reason
-        )
+        started = self.drains.request(DrainRequest(DrainReason.ADMIN, reason, self.cfg.drain.timeout_s, Source.ADMIN_API))
         await self.persistence.sync()
         return started
 
@@ -321,19 +332,49 @@ class Daemon:
         return node_status(self)
 
     # --- internals ---------------------------------------------------------------------
+    def _wire_policies(self) -> None:
+        """The decisions (agent/policy/); every drain they ask for goes through one desk."""
+        cfg = self.cfg
+        self.drains = DrainDesk(self.lifecycle)
+        self.persistence = DrainPersistence(
+            self.drains, DrainStore(cfg.service.state_dir), restore_deadline_s=cfg.drain.timeout_s
+        )
+        self.drainer = DrainController(self.lifecycle, self.snapshot, cfg.drain, refresh=self._refresh_in_flight)
+        self.preemption = PreemptionPolicy(self.drains, cfg.preemption, cfg.drain)
+        self.gpu_faults = GpuFaultPolicy(self.drains, cfg.gpu, cfg.drain)
+        self.idle = IdleWatchdog(self.drains, self.snapshot, cfg.idle, cfg.drain)
+        self.metadata_hold = MetadataHold(self.snapshot)
+        self.readiness = ReadinessPolicy(
+            self.lifecycle, cfg.inference.ready_after, cfg.inference.lost_after, hold=self.metadata_hold
+        )
+
+    def _wire_export(self) -> None:
+        # Imported here: light (monitoring_v3 loads at the first push), and not at all with export off.
+        from agent.exporter.final_report import FinalReport
+        from agent.exporter.push_loop import Exporter
+
+        self.exporter = Exporter(self.cfg.export, self.node, environ=self.environ)
+        self.final_report = FinalReport(
+            self.exporter,
+            self.lifecycle,
+            lambda: self.drainer.report,
+            notice_budget_s=self.cfg.preemption.notice_budget_s,
+            default_deadline_s=_FLUSH_BUDGET_S,
+        )
+
     def _start_probes(self, supervisor: Supervisor) -> None:
         inference = self.cfg.inference
-        assert self._session is not None
+        assert self.inference_session is not None
         health = InferenceHealthProbe(
             inference.base_url,
-            self._session,
+            self.inference_session,
             interval_s=inference.poll_interval_s,
             timeout_s=inference.timeout_s,
             check_models=inference.check_models,
         )
         vllm = VllmMetricsProbe(
             inference.base_url,
-            self._session,
+            self.inference_session,
             interval_s=inference.poll_interval_s,
             timeout_s=inference.timeout_s,
             max_bytes=inference.metrics_max_bytes,
@@ -357,15 +398,15 @@ class Daemon:
         cfg = self.cfg.preemption
         # Its own small pool: the hanging GETs hold up to 3 connections for watch_timeout_s
         # and must not compete with the health probe.
-        self._metadata_session = aiohttp.ClientSession(
+        self.metadata_session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None), connector=aiohttp.TCPConnector(limit=4)
         )
-        client = MetadataClient(metadata_base_url(cfg.metadata_host, self.environ), self._metadata_session)
+        client = MetadataClient(metadata_base_url(cfg.metadata_host, self.environ), self.metadata_session)
         watch = MetadataWatch(
             client, self.snapshot, self.preemption, cfg, errors=self.probe_errors, identity_wanted=self.cfg.export.enabled
         )
-        self._metadata_watch = watch
-        supervisor.add("metadata", watch.run)  # "false" contacts nothing and says so
+        self.metadata_hold.watch = watch
+        supervisor.add("metadata", watch.run, may_finish=True)  # "false" contacts nothing and says so
 
     def _start_gpu(self, supervisor: Supervisor) -> None:
         gpu = self.cfg.gpu
@@ -384,97 +425,23 @@ class Daemon:
         self._runners[probe.name] = runner
         supervisor.add(f"probe.{probe.name}", runner.run, critical=critical)
 
-    def autoscaling_round(self) -> dict[Series, float | None]:
-        """The autoscaling series for this round under the lifecycle rule (agent/demand.py);
-        a READY round's values are what a later drain holds. Called by the export round
-        only (or, with export off, by `_autoscaling_rounds`): a read must never move them."""
-        vllm, kwargs = self._autoscaling_inputs()
-        return self.demand.values(self.lifecycle.state, vllm, learn=False, **kwargs)  # learned per scrape
-
-    def autoscaling_view(self) -> dict[Series, float | None]:
-        """The same values for this moment, changing nothing (/status, /metrics)."""
-        vllm, kwargs = self._autoscaling_inputs()
-        return self.demand.view(self.lifecycle.state, vllm, **kwargs)
-
-    def demand_now(self) -> float | None:
-        """node/demand for this moment (/metrics scrape)."""
-        return self.autoscaling_view()[Series.DEMAND]
-
-    def _autoscaling_inputs(self) -> tuple[Any, dict[str, Any]]:
-        """From the same vLLM and GPU views the exporter writes from."""
-        vllm, source = vllm_view(self.snapshot)
-        gpu = gpu_view(self.snapshot)
-        return None if source is VllmSource.DOWN else vllm, {
-            "stale": source is VllmSource.HELD,
-            "gpu_usage_percent": None if gpu is None else gpu.utilization_percent_mean,
-        }
-
-    def _learn_from_reading(self, key: str, reading: Any) -> None:
-        """Each new good vLLM reading, once, teaches the demand gauge about the node."""
-        if key == "vllm" and reading.failed_at is None and reading.value is not None:
-            self.demand.learn(reading.value)
-
-    def _round_on_reading(self, key: str, _reading: Any) -> None:
-        """With export off nothing writes rounds; /metrics (a Prometheus-based HPA) still
-        needs what a drain holds to be the last READY values: each vLLM or GPU reading
-        taken while READY is a round."""
-        if key in ("vllm", "gpu") and self.lifecycle.state is State.READY:
-            self.autoscaling_round()
-
-    def _metadata_hold(self) -> str | None:
-        """Hold READY until instance/preempted has been read once, so an agent restarted
-        on a preempted node never advertises it; bounded, since unknown is not preempted."""
-        watch = self._metadata_watch
-        if watch is None or time.monotonic() - self.started_mono > _METADATA_HOLD_MAX_S:
-            return None
-        if not watch.settled.is_set():
-            return "waiting for the first metadata read"
-        if "instance/preempted" in watch.watchers and self.snapshot.value("metadata.preempted", fresh=False) is None:
-            return "instance/preempted not read yet"
-        return None
-
     def _on_health(self, reading: Any, error: str | None) -> None:
         self.readiness.on_health(reading, error)
-        vllm = self._runners.get("vllm")
+        vllm = self._runners.get(VLLM)
         if reading is not None and reading.ok and vllm is not None and vllm.consecutive_failures:
             # vLLM answers again (a model load can take minutes): the metrics probe may be
             # 30 s into its backoff; read the queue now, not after READY has been for a while.
             vllm.poll_now()
 
     async def _refresh_in_flight(self) -> None:
-        runner = self._runners.get("vllm")
+        runner = self._runners.get(VLLM)
         if runner is not None:
             await runner.refresh()
 
-    async def _report_when_terminated(self) -> None:
-        """Write the termination report as soon as the node is TERMINATED: after a
-        preemption the VM may be powered off before any signal arrives."""
-        terminated = asyncio.Event()
-        self.lifecycle.subscribe(lambda t: terminated.set() if t.to_state is State.TERMINATED else None)
-        if self.lifecycle.state is not State.TERMINATED:
-            await terminated.wait()
-        drain = self.lifecycle.drain
-        deadline_s = _FLUSH_BUDGET_S
-        if drain is not None and drain.reason is DrainReason.PREEMPTION:
-            # What is left of the notice before power-off, less a second for the OS.
-            notice_end = drain.started_at_mono + self.cfg.preemption.notice_budget_s
-            deadline_s = max(1.0, notice_end - time.monotonic() - 1.0)
-        await self._flush_final(deadline_s)
-        await asyncio.Event().wait()  # done; park (a return would be restarted)
-
-    async def _flush_final(self, deadline_s: float) -> bool:
-        # One flush: a caller that comes second (the stop signal after TERMINATED) waits
-        # for the first and gets its result instead of writing the report twice.
-        async with self._flush_lock:
-            return await self.exporter.flush_final(self._termination_report(), deadline_s=deadline_s)
-
-    def _termination_report(self) -> Any:
-        from agent.exporter.report import TerminationReport
-
-        report = self.drainer.report
-        if report is None:
-            return None
-        return TerminationReport.from_drain(report, transitions=sum(self.lifecycle.transitions_total.values()))
+    async def _stop_when_triggered(self) -> None:
+        await self.stop.wait()
+        if self.signals_received == 0:  # set from outside, not by a signal handler
+            self.on_stop_signal("stop trigger")
 
     def _on_transition(self, transition: Transition) -> None:
         self._changed.set()

@@ -63,7 +63,7 @@ kv_cache_usage_gb, memory_used_gb) stay plain facts.
 
 Every series is written in every state (never None), except gpu/usage_percent
 when the node reports no GPU utilization (no GPU, or MIG): unknown, not zero.
-The exporter keeps `held` itself: `held = next_held(state, values, held)` each round.
+`DemandGauge` keeps `held`: `hold(state, values)` after each round (agent/node_view.py's `NodeViews.round`).
 """
 
 from __future__ import annotations
@@ -95,22 +95,18 @@ _LEAVING = frozenset({State.DRAINING, State.TERMINATED})
 
 @dataclass(frozen=True, slots=True)
 class DemandTargets:
-    """Where each term reaches 1.0, and the most one node may claim. Defaults:
+    """Where each term reaches 1.0, and the most one node may claim (why these
+    defaults: bench/FLEET.md, "How the defaults were chosen"):
 
     - utilization_target 0.6: demand 1.0 when the node serves 60 % of its saturation
-      throughput (as the gauge estimates it: t0 is learned from above, so the
-      estimate errs low by up to ~20 % until the node has calibrated). The fleet then
-      has headroom for the load that grows while a new node boots and loads its model
-      (6.5 minutes on a MIG, up to 12 on GKE); bench/FLEET.md has the sweep that chose
-      it. It is a share of what the node itself can do, so it holds for any GPU, model
-      and request size.
+      throughput, as the gauge estimates it: the headroom for the load that grows
+      while a new node boots. A share of what the node itself can do, so it holds for
+      any GPU, model and request size.
     - ttft_p95_s 2.0: the TTFT SLO (slo.ttft_ms); the queue term reaches 1.0 when a
       new request would wait half of it, the TTFT term when p95 reaches it.
     - max_demand 3.0: the queue and TTFT terms grow with the backlog, not with the
-      arrival rate: a node two minutes into an overload reports 20-200x, and both
-      autoscalers, which size the fleet as the sum of the gauge, would jump to their
-      maximum and hold it through their scale-in stabilization. Capped at 3, one
-      decision at most triples the serving capacity. None disables the cap.
+      arrival rate; capped, one autoscaler decision at most triples the serving
+      capacity. None disables the cap.
     - Overrides, None by default (the gauge calibrates itself): queue_per_node (the
       queue term becomes waiting / queue_per_node), kv_usage_ratio (adds
       kv_cache_usage / kv_usage_ratio), max_num_seqs (vLLM's --max-num-seqs, when the
@@ -128,7 +124,15 @@ class DemandTargets:
 
     def __post_init__(self) -> None:
         optional = {"queue_per_node", "kv_usage_ratio", "max_demand", "max_num_seqs", "iteration_floor_s"}
-        for name in ("queue_per_node", "kv_usage_ratio", "ttft_p95_s", "max_demand", "utilization_target", "max_num_seqs", "iteration_floor_s"):
+        for name in (
+            "queue_per_node",
+            "kv_usage_ratio",
+            "ttft_p95_s",
+            "max_demand",
+            "utilization_target",
+            "max_num_seqs",
+            "iteration_floor_s",
+        ):
             value = getattr(self, name)
             if value is None and name in optional:
                 continue
@@ -199,8 +203,12 @@ def node_demand(
 
 
 def _terms(
-    waiting: float | None, kv: float | None, ttft_s: float | None, targets: DemandTargets,
-    utilization: float | None, admissions_per_s: float | None,
+    waiting: float | None,
+    kv: float | None,
+    ttft_s: float | None,
+    targets: DemandTargets,
+    utilization: float | None,
+    admissions_per_s: float | None,
 ) -> dict[str, float]:
     """Each known input over where it reaches 1.0 (queue first: it wins ties)."""
     waiting, kv, ttft_s, utilization = _known(waiting), _known(kv), _known(ttft_s), _known(utilization)
@@ -210,7 +218,9 @@ def _terms(
             terms["queue"] = waiting / targets.queue_per_node
         elif (admissions := _known(admissions_per_s)) is not None:
             # No request starting at all while some wait: the queue does not drain.
-            terms["queue"] = waiting / (admissions * targets.ttft_p95_s / 2) if admissions > 0 else (targets.max_demand or 3.0) * (waiting > 0)
+            terms["queue"] = (
+                waiting / (admissions * targets.ttft_p95_s / 2) if admissions > 0 else (targets.max_demand or 3.0) * (waiting > 0)
+            )
     if utilization is not None:
         terms["utilization"] = utilization / targets.utilization_target
     if kv is not None and targets.kv_usage_ratio is not None:
@@ -352,9 +362,15 @@ class DemandGauge:
         if stale or vllm is None:  # a held reading teaches nothing new
             return
         load = NodeLoad.from_reading(vllm)
-        tokens_per_s = None if load.generation_tokens_per_s is None else load.generation_tokens_per_s + (load.prompt_tokens_per_s or 0.0)
+        tokens_per_s = (
+            None if load.generation_tokens_per_s is None else load.generation_tokens_per_s + (load.prompt_tokens_per_s or 0.0)
+        )
         self.floor.observe(
-            iteration_s(load.running, load.generation_tokens_per_s), load.kv_cache_usage_ratio, tokens_per_s, load.tpot_p50_s, load.running
+            iteration_s(load.running, load.generation_tokens_per_s),
+            load.kv_cache_usage_ratio,
+            tokens_per_s,
+            load.tpot_p50_s,
+            load.running,
         )
         self.output_tokens.observe(load.generation_tokens_total, load.requests_completed_total)
 
@@ -367,8 +383,12 @@ class DemandGauge:
         if learn:
             self.learn(vllm, stale=stale)
         values = self.view(state, vllm, stale=stale, gpu_usage_percent=gpu_usage_percent)
-        self._held = next_held(state, values, self._held)
+        self.hold(state, values)
         return values
+
+    def hold(self, state: State, values: Mapping[Series, float | None]) -> None:
+        """A round wrote `values` in `state`: a READY round's become what a drain holds."""
+        self._held = next_held(state, values, self._held)
 
     def view(self, state: State, vllm: Any, *, stale: bool, gpu_usage_percent: float | None) -> dict[Series, float | None]:
         """The values for this moment, changing nothing: what /status and /metrics show.
@@ -378,7 +398,11 @@ class DemandGauge:
         utilization = admissions = None
         if not stale:
             utilization = engine_utilization(
-                load.running, load.generation_tokens_per_s, load.kv_cache_usage_ratio, self.floor.floor_s, self.targets.max_num_seqs
+                load.running,
+                load.generation_tokens_per_s,
+                load.kv_cache_usage_ratio,
+                self.floor.floor_s,
+                self.targets.max_num_seqs,
             )
             admissions = admissions_per_s(load.generation_tokens_per_s, self.output_tokens.mean)
             if load.generation_tokens_per_s == 0:

@@ -29,6 +29,8 @@ from agent.sim.metadata import FakeMetadataServer
 from agent.sim.monitoring import FakeMetricService
 from agent.sim.nvml import FakeNvml
 from agent.sim.vllm import FakeVllm, TrafficPattern
+from probes.gpu import GPU
+from probes.vllm import VLLM
 from state_machine import State, Transition
 
 _STEP_S = 0.25
@@ -50,7 +52,9 @@ class Demo:
         self.out = out
         self.t0 = time.monotonic()
         burst_start_s = max(_LOADING_S + 1, self.preempt_at_s - 6)
-        self.live = TrafficPattern(seed=7, base_rps=2.0, peak_rps=10.0, period_s=duration_s, burst_start_s=burst_start_s, burst_s=4.0, burst_rps=20.0)
+        self.live = TrafficPattern(
+            seed=7, base_rps=2.0, peak_rps=10.0, period_s=duration_s, burst_start_s=burst_start_s, burst_s=4.0, burst_rps=20.0
+        )
         self.closed = TrafficPattern(seed=7, base_rps=0.0, peak_rps=0.0, burst_rps=0.0)
         self.vllm = FakeVllm(engines=2, traffic=self.closed)
         self.metadata = FakeMetadataServer()
@@ -80,7 +84,9 @@ class Demo:
             serving = asyncio.create_task(daemon.serve())
             try:
                 await self._until_bound(daemon, serving)
-                self.say(f"agent listening on http://127.0.0.1:{daemon.bound_port}  (vLLM at {self.vllm.url} is loading its model)")
+                self.say(
+                    f"agent listening on http://127.0.0.1:{daemon.bound_port}  (vLLM at {self.vllm.url} is loading its model)"
+                )
                 async with aiohttp.ClientSession() as http:
                     await self._drive(daemon, http, serving)
                 async with asyncio.timeout(15):
@@ -161,7 +167,9 @@ class Demo:
         self.notice_at_mono = time.monotonic()
         self.arrived_at_notice = self.vllm.arrived_total
         real = "" if self.notice_budget_s == _SPOT_NOTICE_S else f"; GCE gives {_SPOT_NOTICE_S:g} s, shortened to fit the demo"
-        self.say(f"!! metadata server: instance/preempted = TRUE (Spot preemption: power-off in {self.notice_budget_s:g} s{real})")
+        self.say(
+            f"!! metadata server: instance/preempted = TRUE (Spot preemption: power-off in {self.notice_budget_s:g} s{real})"
+        )
         await self.metadata.set("instance/preempted", "TRUE")
 
     async def _load_balancer(self, http: aiohttp.ClientSession, readyz: str) -> None:
@@ -173,7 +181,10 @@ class Demo:
         except (aiohttp.ClientError, TimeoutError):
             admit = False
         if admit != self.lb_admitting:
-            self.say(f"load balancer: {'sending traffic' if admit else 'stopped sending traffic'} (/readyz {'200' if admit else '503'})")
+            self.say(
+                f"load balancer: {'sending traffic' if admit else 'stopped sending traffic'} "
+                f"(/readyz {'200' if admit else '503'})"
+            )
         self.lb_admitting = admit
         self.vllm.traffic = self.live if admit else self.closed
 
@@ -190,10 +201,17 @@ class Demo:
             self.series_seen.add(point.metric_type.removeprefix("custom.googleapis.com/"))
         shown = [p for p in latest.values() if not (p.metric_type.endswith("agent/state") and p.value == 0)]
         shown.sort(key=lambda p: (p.metric_type, sorted(p.metric_labels.items())))
-        self.say(f"pushed to Cloud Monitoring (local sink), request {len(calls)}: {len(shown)} series on {shown[0].resource_type if shown else '-'}")
+        self.say(
+            f"pushed to Cloud Monitoring (local sink), request {len(calls)}: "
+            f"{len(shown)} series on {shown[0].resource_type if shown else '-'}"
+        )
         for point in shown:
             labels = ",".join(f"{k}={v}" for k, v in sorted(point.metric_labels.items()))
-            print(f"          {point.metric_type.removeprefix('custom.googleapis.com/')}{'{' + labels + '}' if labels else ''} = {point.value:g}", file=self.out)
+            print(
+                f"          {point.metric_type.removeprefix('custom.googleapis.com/')}"
+                f"{'{' + labels + '}' if labels else ''} = {point.value:g}",
+                file=self.out,
+            )
 
     def _gpus_follow_load(self) -> None:
         for index, running in enumerate(self.vllm.running):
@@ -203,13 +221,15 @@ class Demo:
     def _on_transition(self, transition: Transition) -> None:
         if transition.to_state is State.DRAINING and self.drain_started_mono is None:
             self.drain_started_mono = time.monotonic()
-        self.say(f"STATE {transition.from_state.value} -> {transition.to_state.value}  reason={transition.reason}  {transition.detail}")
+        self.say(
+            f"STATE {transition.from_state.value} -> {transition.to_state.value}  reason={transition.reason}  {transition.detail}"
+        )
         if transition.to_state is State.TERMINATED:
             self.say(f"the agent keeps answering /readyz 503 until its SIGTERM at power-off ({self.duration_s:g} s)")
 
     def _figures(self, daemon: Daemon) -> str:
-        vllm = daemon.snapshot.value("vllm")
-        gpu = daemon.snapshot.value("gpu")
+        vllm = daemon.snapshot.value(VLLM)
+        gpu = daemon.snapshot.value(GPU)
         state = daemon.lifecycle.state.value
         gpus = "" if gpu is None else "  gpus " + "/".join(f"{g.utilization_percent or 0:.0f}%" for g in gpu.gpus)
         if vllm is None:
@@ -234,7 +254,10 @@ class _DemoLog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         extras = [f"{k}={v}" for k, v in record.__dict__.items() if k not in self._PLAIN and isinstance(v, (str, int, float))]
-        self.demo.say(f"agent {record.levelname.lower()} ({record.name}): {record.getMessage()}" + (f" [{', '.join(extras)}]" if extras else ""))
+        self.demo.say(
+            f"agent {record.levelname.lower()} ({record.name}): {record.getMessage()}"
+            + (f" [{', '.join(extras)}]" if extras else "")
+        )
 
 
 def run_demo(duration_s: float) -> int:
@@ -243,7 +266,10 @@ def run_demo(duration_s: float) -> int:
     root.handlers[:] = [_DemoLog(demo)]
     root.setLevel(logging.WARNING)
     logging.getLogger("probes.base").setLevel(logging.ERROR)  # vLLM refusing while it loads is the story, not a warning
-    demo.say(f"gpu-node-agent demo: {demo.duration_s:g} s on simulators (no GPU, no cloud); preemption notice at {demo.preempt_at_s:g} s")
+    demo.say(
+        f"gpu-node-agent demo: {demo.duration_s:g} s on simulators (no GPU, no cloud); "
+        f"preemption notice at {demo.preempt_at_s:g} s"
+    )
     try:
         import uvloop
 

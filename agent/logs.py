@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 # LogRecord attributes that are not user-supplied `extra` fields.
 _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
@@ -142,7 +142,7 @@ class _Writer:
         try:
             self._stream.write(self._formatter.format(record) + "\n")
             self._stream.flush()
-        except Exception:  # noqa: BLE001 - nowhere left to report it but the counter
+        except Exception:
             LOG_STATS.write_errors += 1
 
 
@@ -152,7 +152,8 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream: Any = None
     stop_logging()
     records: queue.Queue[Any] = queue.Queue(_QUEUE_RECORDS)
     formatter = JsonFormatter(lifecycle_context) if fmt == "json" else TextFormatter()
-    _listener = logging.handlers.QueueListener(records, _Writer(stream or sys.stdout, formatter))
+    # _Writer is duck-typed as the listener's handler (it has `level` and `handle`).
+    _listener = logging.handlers.QueueListener(records, cast(logging.Handler, _Writer(stream or sys.stdout, formatter)))
     _listener.start()
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -174,7 +175,9 @@ def stop_logging(timeout_s: float = 2.0) -> bool:
         return True
     thread = listener._thread
     try:
-        listener.queue.put(listener._sentinel, timeout=timeout_s)
+        # The listener's stop mark (its private `_sentinel`, None), queued with a wait: a full
+        # queue drains while the writer lives. enqueue_sentinel() would not wait.
+        cast("queue.Queue[Any]", listener.queue).put(None, timeout=timeout_s)
     except queue.Full:
         return False
     thread.join(timeout_s)

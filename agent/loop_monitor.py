@@ -37,8 +37,18 @@ class LoopMonitor:
         return max((lag for _, lag in self._lags), default=0.0)
 
     def describe(self) -> dict[str, float | int]:
-        return {"max_ms_last_minute": round(self.recent_max_s() * 1000, 3), "worst_ms": round(self.worst_lag_s * 1000, 3), "stalls_total": self.stalls_total}
+        return {
+            "max_ms_last_minute": round(self.recent_max_s() * 1000, 3),
+            "worst_ms": round(self.worst_lag_s * 1000, 3),
+            "stalls_total": self.stalls_total,
+        }
 
     def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily("gpu_node_agent_event_loop_lag_seconds", "worst event-loop lag over the last minute", value=self.recent_max_s())
-        yield CounterMetricFamily("gpu_node_agent_event_loop_stalls", f"event-loop lags of {STALL_S * 1000:g} ms or more", value=float(self.stalls_total))
+        yield GaugeMetricFamily(
+            "gpu_node_agent_event_loop_lag_seconds", "worst event-loop lag over the last minute", value=self.recent_max_s()
+        )
+        yield CounterMetricFamily(
+            "gpu_node_agent_event_loop_stalls",
+            f"event-loop lags of {STALL_S * 1000:g} ms or more",
+            value=float(self.stalls_total),
+        )

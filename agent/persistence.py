@@ -1,4 +1,4 @@
-"""Keeps the persisted drain (state_machine/persist.py) in step with the lifecycle:
+"""Keeps the persisted drain (agent/state_file.py) in step with the lifecycle:
 restore at start, write on every change, and retry a failed write until it lands.
 Blocking file work runs in a thread with a deadline; a failing disk is reported
 (/status, the admin answer, the log), never fatal and never silent.
@@ -14,22 +14,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
-from state_machine import Lifecycle, Source
-from state_machine.persist import DrainStore, SavedDrain, StateFileError
+from agent.core.backoff import backoff_s
+from agent.policy.requests import DrainDesk, DrainRequest
+from agent.state_file import DrainStore, StateFileError
+from state_machine import Source
+from state_machine.saved_drain import SavedDrain
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _IO_DEADLINE_S = 5.0  # a hung disk (NFS, a dying device) must not hang the caller
 _RETRY_BASE_S, _RETRY_CAP_S = 1.0, 30.0
 
 
 class DrainPersistence:
-    def __init__(self, lifecycle: Lifecycle, store: DrainStore, *, restore_deadline_s: float) -> None:
-        self._lifecycle = lifecycle
+    def __init__(self, drains: DrainDesk, store: DrainStore, *, restore_deadline_s: float) -> None:
+        self._drains = drains
+        self._lifecycle = drains.lifecycle
         self.store = store
         self._restore_deadline_s = restore_deadline_s
         self._lock = asyncio.Lock()
@@ -39,7 +46,7 @@ class DrainPersistence:
         self.quarantined: list[str] = []  # unusable state files moved aside at start
         self.blocked: str | None = None  # why nothing may be written (an unmovable bad file)
         self.unwritable: str | None = None  # the state dir refused a write at start
-        lifecycle.subscribe(lambda _t: self._changed.set())
+        self._lifecycle.subscribe(lambda _t: self._changed.set())
 
     @property
     def persisted(self) -> bool:
@@ -64,11 +71,13 @@ class DrainPersistence:
         if saved is None:
             return None
         log.warning("restoring a persisted drain", extra={"reason": saved.reason.value, "detail": saved.detail})
-        self._lifecycle.begin_drain(
-            saved.reason,
-            Source.STATE_FILE,
-            deadline_s=saved.deadline_s(self._restore_deadline_s, time.time()),
-            detail=saved.detail or f"restored {saved.reason.value} drain",
+        self._drains.request(
+            DrainRequest(
+                saved.reason,
+                source=Source.STATE_FILE,
+                deadline_s=saved.deadline_s(self._restore_deadline_s, time.time()),
+                detail=saved.detail or f"restored {saved.reason.value} drain",
+            )
         )
         return saved
 
@@ -78,7 +87,7 @@ class DrainPersistence:
         failures = 0
         while True:
             if self.pending:
-                delay = random.uniform(_RETRY_BASE_S, min(_RETRY_CAP_S, _RETRY_BASE_S * 2**min(failures, 8)))
+                delay = backoff_s(failures, _RETRY_BASE_S, _RETRY_CAP_S)
                 try:
                     async with asyncio.timeout(delay):
                         await self._changed.wait()
@@ -143,7 +152,7 @@ class DrainPersistence:
             extra={"error": problem, "moved_to": str(moved), "path": str(self.store.path)},
         )
 
-    async def _io(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         async with asyncio.timeout(_IO_DEADLINE_S):
             return await asyncio.to_thread(fn, *args)
 

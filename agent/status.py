@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from agent import __version__
-from probes.snapshot import Snapshot
+from agent.core.snapshot import Reading, Snapshot
 
 
 def jsonable(value: Any) -> Any:
@@ -30,15 +30,15 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def describe_reading(snapshot: Snapshot, key: str) -> dict[str, Any]:
-    reading = snapshot.get(key)
+def describe_reading(reading: Reading[Any] | None, now: float) -> dict[str, Any]:
     if reading is None:
         return {"value": None, "age_s": None, "stale": True, "error": "no reading yet", "error_code": "missing"}
-    return {"value": jsonable(reading.value), **reading.describe(snapshot.now())}
+    return {"value": jsonable(reading.value), **reading.describe(now)}
 
 
 def describe_all(snapshot: Snapshot) -> dict[str, Any]:
-    return {key: describe_reading(snapshot, key) for key, _ in sorted(snapshot.items())}
+    now = snapshot.now()
+    return {key: describe_reading(reading, now) for key, reading in sorted(snapshot.items())}
 
 
 def node_status(daemon: Any) -> dict[str, Any]:
@@ -76,7 +76,7 @@ def node_status(daemon: Any) -> dict[str, Any]:
         },
         "exporter": {"enabled": False} if daemon.exporter is None else daemon.exporter.health(),
         # What this node writes for the series autoscalers scale on (the lifecycle rule applied).
-        "autoscaling": {series.value: value for series, value in daemon.autoscaling_view().items()},
+        "autoscaling": {series.value: value for series, value in (daemon.node.now().autoscaling or {}).items()},
         "preemption": {"enabled": daemon.cfg.preemption.enabled, **daemon.preemption.describe()},
         "gpu": {
             "enabled": daemon.cfg.gpu.enabled,

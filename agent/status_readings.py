@@ -85,11 +85,15 @@ def _vllm_rows(reading: dict[str, Any] | None) -> list[str]:
                         f"{count(v.get('requests_waiting'))} waiting); {count(v.get('engines'))} engine(s), {models}"
                         f"{'; engine asleep' if v.get('engine_sleeping') else ''}{_age(reading)}")
     if v.get("kv_cache_capacity_bytes"):
-        kv = f"kv cache {ratio_pct(v.get('kv_cache_usage_ratio'))}, {gb(v.get('kv_cache_used_bytes'))} of {gb(v['kv_cache_capacity_bytes'])}"
+        used, capacity = gb(v.get("kv_cache_used_bytes")), gb(v["kv_cache_capacity_bytes"])
+        kv = f"kv cache {ratio_pct(v.get('kv_cache_usage_ratio'))}, {used} of {capacity}"
     else:
         kv = f"kv cache {ratio_pct(v.get('kv_cache_usage_ratio'))} (GB unknown: no cache size known)"
-    lines += row("", f"{kv}; {num(v.get('generation_tokens_per_s'))} tok/s generated, "
-                     f"{num(v.get('prompt_tokens_per_s'))} tok/s prefill; goodput {ratio_pct(v.get('goodput_ratio'))}")
+    lines += row(
+        "",
+        f"{kv}; {num(v.get('generation_tokens_per_s'))} tok/s generated, "
+        f"{num(v.get('prompt_tokens_per_s'))} tok/s prefill; goodput {ratio_pct(v.get('goodput_ratio'))}",
+    )
     lines += row("", _latencies(v))
     return lines
 
@@ -100,7 +104,8 @@ def _latencies(v: dict[str, Any]) -> str:
     if not any(value is not None for _, q in series for value in q.values()):
         return f"latency: no request finished {window}"
     return f"{window}: " + "; ".join(
-        f"{name} p50/p95/p99 {'/'.join(ms(q.get(p)).removesuffix(' ms') for p in ('p50', 'p95', 'p99'))} ms" for name, q in series)
+        f"{name} p50/p95/p99 {'/'.join(ms(q.get(p)).removesuffix(' ms') for p in ('p50', 'p95', 'p99'))} ms" for name, q in series
+    )
 
 
 def _gpu_rows(reading: dict[str, Any] | None, gpu: dict[str, Any]) -> list[str]:
@@ -112,15 +117,21 @@ def _gpu_rows(reading: dict[str, Any] | None, gpu: dict[str, Any]) -> list[str]:
     if g.get("status") in ("no_driver", "no_gpu"):
         return row("gpus", f"none: {g.get('detail') or g.get('status')}{_age(reading)}")
     driver = f", driver {g['driver_version']}" if g.get("driver_version") else ""
-    lines = row("gpus", f"{count(g.get('gpu_count'))} GPU(s){driver} ({g.get('status')}): "
-                        f"util {pct(g.get('utilization_percent_mean'))} mean, memory "
-                        f"{gb(g.get('memory_used_bytes_total'))} of {gb(g.get('memory_total_bytes_total'))}{_age(reading)}")
+    lines = row(
+        "gpus",
+        f"{count(g.get('gpu_count'))} GPU(s){driver} ({g.get('status')}): "
+        f"util {pct(g.get('utilization_percent_mean'))} mean, memory "
+        f"{gb(g.get('memory_used_bytes_total'))} of {gb(g.get('memory_total_bytes_total'))}{_age(reading)}",
+    )
     for info in g.get("gpus") or []:
         throttled = ", throttled: " + ", ".join(info["throttle_reasons"]) if info.get("throttle_reasons") else ""
         lost = "LOST; " if info.get("lost") else ""
-        lines += row(f"  gpu{info.get('index')}", f"{lost}{info.get('name') or '-'}: util {pct(info.get('utilization_percent'))}, "
-                                                   f"memory {gb(info.get('memory_used_bytes'))} of {gb(info.get('memory_total_bytes'))}, "
-                                                   f"{num(info.get('temperature_c'))} C, {num(info.get('power_w'))} W{throttled}")
+        lines += row(
+            f"  gpu{info.get('index')}",
+            f"{lost}{info.get('name') or '-'}: util {pct(info.get('utilization_percent'))}, "
+            f"memory {gb(info.get('memory_used_bytes'))} of {gb(info.get('memory_total_bytes'))}, "
+            f"{num(info.get('temperature_c'))} C, {num(info.get('power_w'))} W{throttled}",
+        )
     return lines
 
 
@@ -131,8 +142,11 @@ def _host_rows(reading: dict[str, Any] | None) -> list[str]:
     vllm_rss = mb(h.get("inference_rss_bytes"))
     if h.get("inference_rss_bytes") is None and h.get("inference_note"):
         vllm_rss += f" ({h['inference_note']})"
-    return row("host", f"cpu {pct(h.get('cpu_percent'))}, memory {gb(h.get('memory_used_bytes'))} of "
-                       f"{gb(h.get('memory_total_bytes'))}; rss: agent {mb(h.get('agent_rss_bytes'))}, vLLM {vllm_rss}{_age(reading)}")
+    return row(
+        "host",
+        f"cpu {pct(h.get('cpu_percent'))}, memory {gb(h.get('memory_used_bytes'))} of "
+        f"{gb(h.get('memory_total_bytes'))}; rss: agent {mb(h.get('agent_rss_bytes'))}, vLLM {vllm_rss}{_age(reading)}",
+    )
 
 
 def _metadata_rows(readings: dict[str, Any], preemption: dict[str, Any]) -> list[str]:
@@ -142,13 +156,21 @@ def _metadata_rows(readings: dict[str, Any], preemption: dict[str, Any]) -> list
         return row("metadata", "not watched (preemption.enabled=false)")
     watching = ", ".join(str(p).removeprefix("instance/") for p in watch.get("watching") or []) or "nothing"
     event = (readings.get("metadata.maintenance_event") or {}).get("value") or preemption.get("maintenance_event")
-    lines = row("metadata", f"{watch.get('server') or '-'} ({watch.get('presence') or 'not found yet'}): watching {watching}; "
-                            f"preempted {plain(preemption.get('preempted'))}, maintenance {event or '-'}")
+    lines = row(
+        "metadata",
+        f"{watch.get('server') or '-'} ({watch.get('presence') or 'not found yet'}): watching {watching}; "
+        f"preempted {plain(preemption.get('preempted'))}, maintenance {event or '-'}",
+    )
     identity = (readings.get("metadata.identity") or {}).get("value") or {}
     if identity.get("project_id") or identity.get("instance_id"):
-        cluster = f", cluster {identity['cluster_name']} in {identity.get('cluster_location')}" if identity.get("cluster_name") else ""
-        lines += row("identity", f"project {identity.get('project_id') or '-'}, instance {identity.get('instance_id') or '-'} "
-                                 f"({identity.get('instance_name') or '-'}), zone {identity.get('zone') or '-'}{cluster}")
+        cluster = (
+            f", cluster {identity['cluster_name']} in {identity.get('cluster_location')}" if identity.get("cluster_name") else ""
+        )
+        lines += row(
+            "identity",
+            f"project {identity.get('project_id') or '-'}, instance {identity.get('instance_id') or '-'} "
+            f"({identity.get('instance_name') or '-'}), zone {identity.get('zone') or '-'}{cluster}",
+        )
     notice = (readings.get("metadata.upcoming_maintenance") or {}).get("value") or preemption.get("upcoming_maintenance")
     if notice:
         lines += row("maintenance", f"upcoming: {plain(notice)}")
@@ -161,9 +183,12 @@ def _export_rows(exporter: dict[str, Any]) -> list[str]:
     resource = (exporter.get("resource") or {}).get("type") or "-"
     health = "healthy" if exporter.get("healthy") else "FAILING (see the warnings)"
     last = exporter.get("last_success_age_s")
-    lines = row("export", f"{health}: {count(exporter.get('points_written'))} points written, last push "
-                          f"{'never' if last is None else secs(last) + ' ago'}, every {secs(exporter.get('interval_s'))} "
-                          f"to {exporter.get('endpoint') or 'Cloud Monitoring'} as {resource}")
+    lines = row(
+        "export",
+        f"{health}: {count(exporter.get('points_written'))} points written, last push "
+        f"{'never' if last is None else secs(last) + ' ago'}, every {secs(exporter.get('interval_s'))} "
+        f"to {exporter.get('endpoint') or 'Cloud Monitoring'} as {resource}",
+    )
     failures = exporter.get("failures_by_code") or {}
     if failures or exporter.get("backlog_size"):
         by_code = ", ".join(f"{code} {count(n)}" for code, n in sorted(failures.items())) or "none"
@@ -175,7 +200,8 @@ def _autoscaling_rows(autoscaling: dict[str, Any]) -> list[str]:
     """The series autoscalers read; quantile series (`x{quantile=p95}`) grouped on one item."""
     if not autoscaling:
         return []
-    plain_items, quantiles = [], {}
+    plain_items: list[str] = []
+    quantiles: dict[str, list[tuple[str, Any]]] = {}
     for name, value in autoscaling.items():
         base, _, label = str(name).partition("{quantile=")
         if label:
@@ -189,11 +215,16 @@ def _autoscaling_rows(autoscaling: dict[str, Any]) -> list[str]:
 
 def _agent_rows(status: dict[str, Any]) -> list[str]:
     systemd = status.get("systemd") or {}
-    notify = "systemd notify" + (f", watchdog every {secs(systemd.get('watchdog_interval_s'))}" if systemd.get("watchdog_interval_s") else "")
+    notify = "systemd notify" + (
+        f", watchdog every {secs(systemd.get('watchdog_interval_s'))}" if systemd.get("watchdog_interval_s") else ""
+    )
     process = status.get("process") or {}
-    lines = row("agent", f"{status.get('version')}, pid {status.get('pid')}, up {secs(status.get('uptime_s'))}; "
-                         f"{count(process.get('asyncio_tasks'))} tasks, {count(process.get('threads'))} threads, "
-                         f"{count(process.get('open_fds'))} fds{'; ' + notify if systemd.get('notify') else ''}")
+    lines = row(
+        "agent",
+        f"{status.get('version')}, pid {status.get('pid')}, up {secs(status.get('uptime_s'))}; "
+        f"{count(process.get('asyncio_tasks'))} tasks, {count(process.get('threads'))} threads, "
+        f"{count(process.get('open_fds'))} fds{'; ' + notify if systemd.get('notify') else ''}",
+    )
     errors = status.get("probe_errors") or {}
     if errors:
         lines += row("", "probe errors since start: " + ", ".join(f"{k} {count(v)}" for k, v in sorted(errors.items())))
@@ -203,5 +234,7 @@ def _agent_rows(status: dict[str, Any]) -> list[str]:
     idle = status.get("idle") or {}
     if idle.get("after_s"):
         idle_for = idle.get("idle_for_s")
-        lines += row("idle", f"drains after {secs(idle['after_s'])} idle; idle for {secs(idle_for) if idle_for is not None else '0 s'}")
+        lines += row(
+            "idle", f"drains after {secs(idle['after_s'])} idle; idle for {secs(idle_for) if idle_for is not None else '0 s'}"
+        )
     return lines

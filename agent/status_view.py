@@ -13,7 +13,7 @@ from typing import Any
 
 from agent.status_readings import reading_rows
 from agent.status_warnings import warnings
-from agent.units import bullet, count, fit, row, secs
+from agent.units import bullet, count, fit, secs
 
 _GOING_AWAY = "nothing to do, the node is going away"
 _NEXT_BY_REASON = {

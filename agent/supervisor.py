@@ -1,5 +1,7 @@
 """The supervisor: one asyncio.TaskGroup owns every background task. A task that
-fails is logged, counted and restarted with backoff; it never takes the daemon down."""
+fails is logged, counted and restarted with backoff; it never takes the daemon down.
+A task added with `may_finish` is done when it returns (nothing to watch, its one job
+done); any other task that returns is restarted like one that failed."""
 
 from __future__ import annotations
 
@@ -8,9 +10,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
-from probes.base import backoff_s
+from agent.core.backoff import backoff_s
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +26,13 @@ class TaskRecord:
     name: str
     factory: Callable[[], Awaitable[None]]
     critical: bool
+    may_finish: bool = False
     restarts: int = 0
     consecutive_failures: int = 0
     last_error: str | None = None
     last_failure_at: float | None = None
     running: bool = False
+    finished: bool = False  # a may_finish task that returned
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -47,16 +52,21 @@ class Supervisor:
         self._entered = True
         return self
 
-    async def __aexit__(self, *exc: object) -> bool | None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         for task in self._tasks:
             task.cancel()
-        return await self._group.__aexit__(*exc)
+        await self._group.__aexit__(exc_type, exc, tb)
 
-    def add(self, name: str, factory: Callable[[], Awaitable[None]], *, critical: bool = False) -> None:
+    def add(
+        self, name: str, factory: Callable[[], Awaitable[None]], *, critical: bool = False, may_finish: bool = False
+    ) -> None:
         """Run `factory()` now and again after each failure. `critical` tasks that
-        keep failing make /healthz report the agent broken."""
+        keep failing make /healthz report the agent broken; a `may_finish` task that
+        returns is done (its record says so), not restarted."""
         assert self._entered, "add tasks inside `async with supervisor`"
-        record = TaskRecord(name, factory, critical)
+        record = TaskRecord(name, factory, critical, may_finish)
         self._records[name] = record
         self._tasks.append(self._group.create_task(self._keep_running(record), name=name))
 
@@ -66,6 +76,11 @@ class Supervisor:
             record.started_at = time.monotonic()
             try:
                 await record.factory()
+                if record.may_finish:
+                    record.running = False
+                    record.finished = True
+                    log.debug("task finished", extra={"task": record.name})
+                    return
                 log.warning("task returned; restarting", extra={"task": record.name})
                 error = "returned unexpectedly"
             except Exception as exc:  # broad on purpose: restart, never tear the group down
@@ -99,6 +114,7 @@ class Supervisor:
                 "restarts": r.restarts,
                 "last_error": r.last_error,
                 "critical": r.critical,
+                "finished": r.finished,
             }
             for r in self._records.values()
         }

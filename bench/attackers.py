@@ -192,7 +192,11 @@ async def big_headers(attack: Attack, header_bytes: int, shape: str) -> None:
             reader, writer = opened
             try:
                 while attack.left_s() > 0:
-                    status = await (_endless(attack, reader, writer, header_bytes) if shape == "endless" else _one(attack, reader, writer, request))
+                    status = await (
+                        _endless(attack, reader, writer, header_bytes)
+                        if shape == "endless"
+                        else _one(attack, reader, writer, request)
+                    )
                     attack.stats[f"answered_{status}"] += 1
             except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
                 attack.stats["dropped"] += 1
@@ -248,7 +252,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int)
     parser.add_argument("--seconds", type=float, default=10.0, help="how long the attack lasts once ramped")
     parser.add_argument("--interval-s", type=float, default=3.0, help="slowloris: seconds between bytes")
-    parser.add_argument("--header-bytes", type=int, default=1_000_000, help="headers: bytes of headers per request (or per write)")
+    parser.add_argument(
+        "--header-bytes", type=int, default=1_000_000, help="headers: bytes of headers per request (or per write)"
+    )
     parser.add_argument("--shape", choices=["line", "fields", "endless"], default="line", help="headers: how they are sent")
     args = parser.parse_args()
     raise_nofile()

@@ -32,7 +32,7 @@ def cli_command() -> list[str]:
 
 def timed(argv: list[str]) -> float:
     started = time.perf_counter()
-    result = subprocess.run(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, timeout=30)
     took = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} exited {result.returncode}: {result.stderr.decode()[-500:]}")
@@ -58,7 +58,7 @@ def measure(agent_url: str, runs: int) -> dict[str, list[float]]:
     if curl:
         commands["curl -s /status"] = [curl, "-s", "-f", f"{agent_url}/status"]
     times: dict[str, list[float]] = {name: [] for name in commands}
-    for name, argv in commands.items():
+    for argv in commands.values():
         timed(argv)  # warm the page cache once; not counted
     for _ in range(runs):  # interleaved, so a noisy moment hits all three alike
         for name, argv in commands.items():
@@ -86,19 +86,24 @@ def report(times: dict[str, list[float]], runs: int) -> str:
     if "curl -s /status" not in times:
         rows.append("| `curl -s /status` | absent (no curl on PATH: apt-get install curl) | |")
     floor = median(times["python -c pass"])
-    return "\n".join([
-        f"### CLI start-up: `gpu-node-agent status` wall time ({runs} runs each, interleaved)",
-        "",
-        f"`python -m bench.bench_cli --runs {runs}` — {machine_header()}",
-        "",
-        "| command | median | p90 |",
-        "|---|---|---|",
-        *rows,
-        "",
-        f"`status` costs {fmt_ms(median(status) - floor)} over a bare interpreter (median); target: median <= {TARGET_S * 1000:.0f} ms.",
-        summary_line(f"`gpu-node-agent status` wall time, median of {runs} (python -c pass {fmt_ms(floor)})",
-                     f"{fmt_ms(median(status))}", f"<= {TARGET_S * 1000:.0f} ms"),
-    ])
+    return "\n".join(
+        [
+            f"### CLI start-up: `gpu-node-agent status` wall time ({runs} runs each, interleaved)",
+            "",
+            f"`python -m bench.bench_cli --runs {runs}` — {machine_header()}",
+            "",
+            "| command | median | p90 |",
+            "|---|---|---|",
+            *rows,
+            "",
+            f"`status` costs {fmt_ms(median(status) - floor)} over a bare interpreter (median); target: median <= {TARGET_S * 1000:.0f} ms.",
+            summary_line(
+                f"`gpu-node-agent status` wall time, median of {runs} (python -c pass {fmt_ms(floor)})",
+                f"{fmt_ms(median(status))}",
+                f"<= {TARGET_S * 1000:.0f} ms",
+            ),
+        ]
+    )
 
 
 def main() -> None:

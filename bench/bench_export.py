@@ -24,12 +24,13 @@ from types import SimpleNamespace
 from typing import Any
 
 from agent.config import ExportConfig
+from agent.core.snapshot import Snapshot
 from agent.exporter import series as s
-from agent.exporter.client import Exporter, Tuning
+from agent.exporter.push_loop import Exporter, Tuning
+from agent.node_view import NodeViews, node_view
 from agent.sim.monitoring import FakeMetricService
 from bench.common import REPO, machine_header, summary_line
 from probes.gpu import GpuInfo, GpuReading
-from probes.snapshot import Snapshot
 from probes.vllm import VllmReading
 from state_machine import State
 
@@ -39,15 +40,39 @@ PROJECT = "bench-project"
 
 def node() -> tuple[Snapshot, Any]:
     snapshot = Snapshot()
-    gpus = [GpuInfo(index=i, utilization_percent=70.0 + i, memory_used_bytes=70_000_000_000, memory_total_bytes=80_000_000_000) for i in range(GPUS)]
+    gpus = [
+        GpuInfo(index=i, utilization_percent=70.0 + i, memory_used_bytes=70_000_000_000, memory_total_bytes=80_000_000_000)
+        for i in range(GPUS)
+    ]
     snapshot.put("gpu", GpuReading.of(gpus), stale_after_s=1e9)
     q = {"p50": 0.12, "p95": 0.48, "p99": 0.91}
-    snapshot.put("vllm", VllmReading(
-        requests_running=48, requests_waiting=12, in_flight=60, kv_cache_usage_ratio=0.62, kv_cache_capacity_bytes=4.0e11,
-        kv_cache_used_bytes=2.5e11, kv_capacity_source="configured", prompt_tokens_per_s=9000.0, generation_tokens_per_s=4100.0,
-        ttft_s=q, tpot_s={"p50": 0.021, "p95": 0.034, "p99": 0.05}, e2e_s=q, goodput_ratio=0.97, requests_finished_total={"stop": 1e5},
-        requests_completed_total=1e5, requests_aborted_total=3, window_s=60, engines=8, models=("m",), metric_names="v1", engine_sleeping=False,
-    ), stale_after_s=1e9)
+    snapshot.put(
+        "vllm",
+        VllmReading(
+            requests_running=48,
+            requests_waiting=12,
+            in_flight=60,
+            kv_cache_usage_ratio=0.62,
+            kv_cache_capacity_bytes=4.0e11,
+            kv_cache_used_bytes=2.5e11,
+            kv_capacity_source="configured",
+            prompt_tokens_per_s=9000.0,
+            generation_tokens_per_s=4100.0,
+            ttft_s=q,
+            tpot_s={"p50": 0.021, "p95": 0.034, "p99": 0.05},
+            e2e_s=q,
+            goodput_ratio=0.97,
+            requests_finished_total={"stop": 1e5},
+            requests_completed_total=1e5,
+            requests_aborted_total=3,
+            window_s=60,
+            engines=8,
+            models=("m",),
+            metric_names="v1",
+            engine_sleeping=False,
+        ),
+        stale_after_s=1e9,
+    )
     return snapshot, SimpleNamespace(state=State.READY)
 
 
@@ -66,7 +91,7 @@ def pure_per_push_s(pushes: int) -> float:
     labels = {"project_id": PROJECT, "instance_id": "1", "zone": "z"}
     started = time.process_time()
     for i in range(pushes):
-        points = s.series_points(s.node_metrics_from_snapshot(snapshot, lifecycle))
+        points = s.series_points(s.node_metrics(node_view(snapshot, lifecycle.state)))
         s.create_request(PROJECT, s.time_series_protos(points, "gce_instance", labels, 1.8e9 + 10 * i))
     return (time.process_time() - started) / pushes
 
@@ -74,8 +99,10 @@ def pure_per_push_s(pushes: int) -> float:
 async def push_costs(endpoint: str, repetitions: int, pushes: int) -> dict[str, Any]:
     snapshot, lifecycle = node()
     wall = SteppedWall(10.0)
-    cfg = ExportConfig(project_id=PROJECT, insecure=True, endpoint=endpoint, interval_s=10, resource="generic_node", node_id="bench")
-    exporter = Exporter(cfg, snapshot, lifecycle, wall=wall, environ={}, tuning=Tuning(identity_wait_s=0))
+    cfg = ExportConfig(
+        project_id=PROJECT, insecure=True, endpoint=endpoint, interval_s=10, resource="generic_node", node_id="bench"
+    )
+    exporter = Exporter(cfg, NodeViews(snapshot, lifecycle, None), wall=wall, environ={}, tuning=Tuning(identity_wait_s=0))
     cpu0, wall0 = time.process_time(), time.perf_counter()
     await exporter.push_once()
     first = (time.process_time() - cpu0, time.perf_counter() - wall0, dict(exporter.stats.requests_total))
@@ -91,16 +118,30 @@ async def push_costs(endpoint: str, repetitions: int, pushes: int) -> dict[str, 
     await exporter.close()
     assert not health["failures_by_code"], health
     requests = exporter.stats.requests_total["OK"] - first[2].get("OK", 0)
-    per_push = len(s.series_points(s.node_metrics_from_snapshot(snapshot, lifecycle)))
-    return {"first": first, "cpu": cpu, "wall": elapsed, "requests_per_push": requests / (repetitions * pushes), "series_per_request": per_push}
+    per_push = len(s.series_points(s.node_metrics(node_view(snapshot, lifecycle.state))))
+    return {
+        "first": first,
+        "cpu": cpu,
+        "wall": elapsed,
+        "requests_per_push": requests / (repetitions * pushes),
+        "series_per_request": per_push,
+    }
 
 
 async def replay(outage_intervals: int, replay_interval_s: float) -> dict[str, Any]:
     wall = SteppedWall(60.0)
     fake = await FakeMetricService(wall=time.time).start()
     snapshot, lifecycle = node()
-    cfg = ExportConfig(project_id=PROJECT, insecure=True, endpoint=fake.endpoint, interval_s=60, resource="generic_node", node_id="replay")
-    exporter = Exporter(cfg, snapshot, lifecycle, wall=wall, environ={}, tuning=Tuning(retry_base_s=0.01, retry_cap_s=0.02, replay_interval_s=replay_interval_s, identity_wait_s=0))
+    cfg = ExportConfig(
+        project_id=PROJECT, insecure=True, endpoint=fake.endpoint, interval_s=60, resource="generic_node", node_id="replay"
+    )
+    exporter = Exporter(
+        cfg,
+        NodeViews(snapshot, lifecycle, None),
+        wall=wall,
+        environ={},
+        tuning=Tuning(retry_base_s=0.01, retry_cap_s=0.02, replay_interval_s=replay_interval_s, identity_wait_s=0),
+    )
     try:
         await exporter.push_once()
         fake.unavailable = True
@@ -138,31 +179,33 @@ def report(args: argparse.Namespace, pure_s: float, costs: dict[str, Any], repla
     first_cpu, first_wall, _ = costs["first"]
     descriptors = len(s.DESCRIPTORS)
     quick = " --quick" if args.quick else ""
-    return "\n".join([
-        f"### Cloud Monitoring export: {GPUS} GPUs and every vLLM series",
-        "",
-        f"`python -m bench.bench_export{quick}` (--repetitions {args.repetitions} --pushes {args.pushes} --outage {args.outage}) — {machine_header()}",
-        "",
-        "The real exporter and google-cloud-monitoring client, over gRPC to FakeMetricService in another process: the CPU is this process's only (all threads).",
-        f"Median of {args.repetitions} repetitions of {args.pushes} pushes.",
-        "",
-        "| per push | CPU (this machine) | wall | share of one core at interval 60 s | at 10 s |",
-        "|---|---|---|---|---|",
-        f"| snapshot -> series -> protos (pure) | {pure_s * 1e3:.3f} ms | — | {share(pure_s, 60)} | {share(pure_s, 10)} |",
-        f"| whole push: + client + gRPC round trip | {cpu * 1e3:.3f} ms | {elapsed * 1e3:.2f} ms | {share(cpu, 60)} | {share(cpu, 10)} |",
-        f"| first round: {descriptors} descriptors + the push | {first_cpu * 1e3:.1f} ms | {first_wall * 1e3:.1f} ms | once | once |",
-        "",
-        "| requests | count |",
-        "|---|---|",
-        f"| CreateTimeSeries per interval, steady state | {costs['requests_per_push']:.2f} ({costs['series_per_request']} series per request; the API's limit is 200) |",
-        f"| CreateMetricDescriptor | {descriptors}, once at start |",
-        f"| replay after {args.outage} intervals down | {replayed['requests']} requests (one per batch) paced {args.replay_interval_s:g} s apart: {replayed['took_s']:.2f} s, nothing dropped ({replayed['dropped']}) |",
-        summary_line(
-            f"export push, {GPUS} GPUs + all vLLM series (agent CPU)",
-            f"{cpu * 1e3:.2f} ms per push ({share(cpu, 60)} of a core at 60 s), {costs['requests_per_push']:.0f} request per interval",
-            "—",
-        ),
-    ])
+    return "\n".join(
+        [
+            f"### Cloud Monitoring export: {GPUS} GPUs and every vLLM series",
+            "",
+            f"`python -m bench.bench_export{quick}` (--repetitions {args.repetitions} --pushes {args.pushes} --outage {args.outage}) — {machine_header()}",
+            "",
+            "The real exporter and google-cloud-monitoring client, over gRPC to FakeMetricService in another process: the CPU is this process's only (all threads).",
+            f"Median of {args.repetitions} repetitions of {args.pushes} pushes.",
+            "",
+            "| per push | CPU (this machine) | wall | share of one core at interval 60 s | at 10 s |",
+            "|---|---|---|---|---|",
+            f"| snapshot -> series -> protos (pure) | {pure_s * 1e3:.3f} ms | — | {share(pure_s, 60)} | {share(pure_s, 10)} |",
+            f"| whole push: + client + gRPC round trip | {cpu * 1e3:.3f} ms | {elapsed * 1e3:.2f} ms | {share(cpu, 60)} | {share(cpu, 10)} |",
+            f"| first round: {descriptors} descriptors + the push | {first_cpu * 1e3:.1f} ms | {first_wall * 1e3:.1f} ms | once | once |",
+            "",
+            "| requests | count |",
+            "|---|---|",
+            f"| CreateTimeSeries per interval, steady state | {costs['requests_per_push']:.2f} ({costs['series_per_request']} series per request; the API's limit is 200) |",
+            f"| CreateMetricDescriptor | {descriptors}, once at start |",
+            f"| replay after {args.outage} intervals down | {replayed['requests']} requests (one per batch) paced {args.replay_interval_s:g} s apart: {replayed['took_s']:.2f} s, nothing dropped ({replayed['dropped']}) |",
+            summary_line(
+                f"export push, {GPUS} GPUs + all vLLM series (agent CPU)",
+                f"{cpu * 1e3:.2f} ms per push ({share(cpu, 60)} of a core at 60 s), {costs['requests_per_push']:.0f} request per interval",
+                "—",
+            ),
+        ]
+    )
 
 
 async def measure(args: argparse.Namespace, endpoint: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -35,7 +35,11 @@ EXPOSITIONS = [  # (what, bench.vllm_child arguments); the first is the quiet ba
 ]
 HEADER_SHAPES = [  # scenario c: how the 1 MB of headers is sent (bench/attackers.py --shape)
     ("line", "one 1 MB header line", "one 1 MB header line per request"),
-    ("fields", "1 MB in 8,000-byte fields", "1 MB of headers per request in 8,000-byte fields (each under aiohttp's 8,190-byte limit)"),
+    (
+        "fields",
+        "1 MB in 8,000-byte fields",
+        "1 MB of headers per request in 8,000-byte fields (each under aiohttp's 8,190-byte limit)",
+    ),
     ("endless", "a never-ending header block", "a header block that never ends (1 MB of 8,000-byte fields after another)"),
 ]
 PAD_AFTER_S = 1.0  # into the /readyz window, the FakeVllm starts serving the big exposition
@@ -89,20 +93,44 @@ def client_cases(plan: Plan) -> list[ClientCase]:
     idle = ("--connections", "2500")
     every = f"{plan.slowloris_interval_s:g}"
     cases = [
-        ClientCase("a", "a slowloris of 800 connections", f"a. slowloris: 800 connections, one header byte each every {every} s",
-                   "slowloris", ("--connections", "800", "--interval-s", every), plan.attack_s),
-        ClientCase("b", "2,500 idle connections, fd limit 1024",
-                   "b. 2,500 idle keep-alive connections, agent under RLIMIT_NOFILE 1024:1024 (systemd's default soft limit)",
-                   "idle", idle, plan.attack_s, (1024, 1024)),
-        ClientCase("b", f"2,500 idle connections, the unit's fd limit ({soft})",
-                   f"b. 2,500 idle keep-alive connections, agent under the unit's limit {soft}:{hard} ({note})",
-                   "idle", idle, plan.attack_s, (soft, hard)),
+        ClientCase(
+            "a",
+            "a slowloris of 800 connections",
+            f"a. slowloris: 800 connections, one header byte each every {every} s",
+            "slowloris",
+            ("--connections", "800", "--interval-s", every),
+            plan.attack_s,
+        ),
+        ClientCase(
+            "b",
+            "2,500 idle connections, fd limit 1024",
+            "b. 2,500 idle keep-alive connections, agent under RLIMIT_NOFILE 1024:1024 (systemd's default soft limit)",
+            "idle",
+            idle,
+            plan.attack_s,
+            (1024, 1024),
+        ),
+        ClientCase(
+            "b",
+            f"2,500 idle connections, the unit's fd limit ({soft})",
+            f"b. 2,500 idle keep-alive connections, agent under the unit's limit {soft}:{hard} ({note})",
+            "idle",
+            idle,
+            plan.attack_s,
+            (soft, hard),
+        ),
     ]
     for shape, short, what in HEADER_SHAPES:
-        cases.append(ClientCase(
-            "c", f"8 clients x {short}, {plan.headers_s:g} s", f"c. 8 clients sending {what}, back to back, for {plan.headers_s:g} s",
-            "headers", ("--connections", "8", "--header-bytes", "1000000", "--shape", shape), plan.headers_s,
-        ))
+        cases.append(
+            ClientCase(
+                "c",
+                f"8 clients x {short}, {plan.headers_s:g} s",
+                f"c. 8 clients sending {what}, back to back, for {plan.headers_s:g} s",
+                "headers",
+                ("--connections", "8", "--header-bytes", "1000000", "--shape", shape),
+                plan.headers_s,
+            )
+        )
     return cases
 
 
@@ -110,7 +138,11 @@ async def clients(plan: Plan, only: str) -> list[tuple[ClientCase, AttackRun | s
     """Scenarios a-c, each on a fresh agent scraping one shared 1-engine FakeVllm."""
     vllm = await start_child("bench.vllm_child", "--engines", "1")
     try:
-        return [(case, await guarded(lambda case=case: one_attack(vllm, case, plan))) for case in client_cases(plan) if case.scenario in only]
+        return [
+            (case, await guarded(lambda case=case: one_attack(vllm, case, plan)))
+            for case in client_cases(plan)
+            if case.scenario in only
+        ]
     finally:
         vllm.stop()
 
@@ -143,9 +175,8 @@ async def own_metrics(url: str, timeout_s: float = 30.0) -> tuple[int, int, floa
     """The agent's /metrics, fetched after the /readyz window (rendering it can stall the loop)."""
     started = time.monotonic()
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
-            async with session.get(url) as resp:
-                body = await resp.read()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session, session.get(url) as resp:
+            body = await resp.read()
     except (aiohttp.ClientError, TimeoutError):
         return None
     return body.count(b"\n"), len(body), time.monotonic() - started
@@ -153,6 +184,7 @@ async def own_metrics(url: str, timeout_s: float = 30.0) -> tuple[int, int, floa
 
 async def notices(plan: Plan) -> dict[str, list[float | None] | str]:
     """Scenario e: the clean path (bench_preemption's trials), then after a prelude of bad answers."""
+
     async def clean() -> list[float | None]:
         agent_s, _polled_s = await bench_preemption.run(plan.trials)
         return list(agent_s)
@@ -167,7 +199,7 @@ async def guarded(step: Callable[[], Awaitable[Any]]) -> Any:
     """A scenario that breaks the bench is reported as such, never ends the run."""
     try:
         return await step()
-    except Exception as exc:  # noqa: BLE001 - reported in the table
+    except Exception as exc:
         traceback.print_exc()
         return f"bench error: {type(exc).__name__}: {str(exc)[:200]}"
 

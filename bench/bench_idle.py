@@ -93,8 +93,16 @@ def report(r: dict[str, float], label: str, args: argparse.Namespace) -> str:
             "|---|---|---|---|",
             f"| RSS | {r['agent_rss_end'] / mb:.1f} MB (start of window {r['agent_rss_start'] / mb:.1f} MB) | {r['base_rss'] / mb:.1f} MB | {r['agent_rss_end'] / r['base_rss']:.1f}× |",
             f"| CPU (% of one core) | {r['agent_cpu_pct']:.2f} % | {r['base_cpu_pct']:.2f} % | — |",
-            summary_line(f"daemon RSS, {args.features} features, vs a bare interpreter", f"{r['agent_rss_end'] / mb:.1f} MB vs {r['base_rss'] / mb:.1f} MB ({r['agent_rss_end'] / r['base_rss']:.1f}×)", "<= 90 MB" if args.features != "core" else "—"),
-            summary_line(f"daemon CPU, {args.features} features, 1 s scrape and NVML intervals", f"{r['agent_cpu_pct']:.2f} % of one core", "<= 2 %" if args.features != "core" else "—"),
+            summary_line(
+                f"daemon RSS, {args.features} features, vs a bare interpreter",
+                f"{r['agent_rss_end'] / mb:.1f} MB vs {r['base_rss'] / mb:.1f} MB ({r['agent_rss_end'] / r['base_rss']:.1f}×)",
+                "<= 90 MB" if args.features != "core" else "—",
+            ),
+            summary_line(
+                f"daemon CPU, {args.features} features, 1 s scrape and NVML intervals",
+                f"{r['agent_cpu_pct']:.2f} % of one core",
+                "<= 2 %" if args.features != "core" else "—",
+            ),
         ]
     )
 

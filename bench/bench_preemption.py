@@ -58,7 +58,9 @@ async def one_trial(vllm: FakeVllm, tmp: Path, rng: random.Random) -> tuple[floa
     await meta.start()
     agent = watching_agent(vllm, tmp, meta)
     seen: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-    polling = asyncio.create_task(poller(f"http://{meta.address}/computeMetadata/v1/instance/preempted", seen, rng.uniform(0, _POLL_S)))
+    polling = asyncio.create_task(
+        poller(f"http://{meta.address}/computeMetadata/v1/instance/preempted", seen, rng.uniform(0, _POLL_S))
+    )
     try:
         await agent.started()
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
@@ -152,23 +154,28 @@ async def run(trials: int, seed: int = 5) -> tuple[list[float], list[float]]:
 
 
 def report(agent_s: list[float], polled_s: list[float]) -> str:
-    return "\n".join([
-        f"### Preemption notice -> first 503 on /readyz ({len(agent_s)} trials)",
-        "",
-        f"`python -m bench.bench_preemption --trials {len(agent_s)}` — {machine_header()}",
-        "",
-        "The notice is `instance/preempted` flipping to TRUE on the fake metadata server. The agent holds a hanging GET "
-        "(`wait_for_change`, `last_etag`); the 2-second poller (random phase) reads the same server in the same trials.",
-        "",
-        "| | p50 | p99 | max |",
-        "|---|---|---|---|",
-        f"| agent: notice -> first 503 on /readyz | {fmt_ms(percentile(agent_s, 0.5))} | **{fmt_ms(percentile(agent_s, 0.99))}** | {fmt_ms(max(agent_s))} |",
-        f"| 2 s polling: notice -> poller sees TRUE (before any drain) | {fmt_ms(percentile(polled_s, 0.5))} | {fmt_ms(percentile(polled_s, 0.99))} | {fmt_ms(max(polled_s))} |",
-        "",
-        f"Target: p99 <= 20 ms. The agent is {percentile(polled_s, 0.5) / percentile(agent_s, 0.5):.0f}× faster at the median than 2-second polling.",
-        summary_line(f"preemption notice -> first 503, p99 of {len(agent_s)} trials (2 s polling: p99)",
-                     f"{fmt_ms(percentile(agent_s, 0.99))} ({fmt_ms(percentile(polled_s, 0.99))})", "<= 20 ms"),
-    ])
+    return "\n".join(
+        [
+            f"### Preemption notice -> first 503 on /readyz ({len(agent_s)} trials)",
+            "",
+            f"`python -m bench.bench_preemption --trials {len(agent_s)}` — {machine_header()}",
+            "",
+            "The notice is `instance/preempted` flipping to TRUE on the fake metadata server. The agent holds a hanging GET "
+            "(`wait_for_change`, `last_etag`); the 2-second poller (random phase) reads the same server in the same trials.",
+            "",
+            "| | p50 | p99 | max |",
+            "|---|---|---|---|",
+            f"| agent: notice -> first 503 on /readyz | {fmt_ms(percentile(agent_s, 0.5))} | **{fmt_ms(percentile(agent_s, 0.99))}** | {fmt_ms(max(agent_s))} |",
+            f"| 2 s polling: notice -> poller sees TRUE (before any drain) | {fmt_ms(percentile(polled_s, 0.5))} | {fmt_ms(percentile(polled_s, 0.99))} | {fmt_ms(max(polled_s))} |",
+            "",
+            f"Target: p99 <= 20 ms. The agent is {percentile(polled_s, 0.5) / percentile(agent_s, 0.5):.0f}× faster at the median than 2-second polling.",
+            summary_line(
+                f"preemption notice -> first 503, p99 of {len(agent_s)} trials (2 s polling: p99)",
+                f"{fmt_ms(percentile(agent_s, 0.99))} ({fmt_ms(percentile(polled_s, 0.99))})",
+                "<= 20 ms",
+            ),
+        ]
+    )
 
 
 def main() -> None:

@@ -78,7 +78,8 @@ def report(results: list[dict[str, LoadResult]], rate: float, seconds: float) ->
         summary_line(f"/readyz p99 at {rate:g} req/s vs a bare aiohttp app", f"{r4:.2f}×", "<= 1.5×"),
         summary_line(
             f"/readyz p99 at {rate:g} req/s vs a bare aiohttp app, 1 engine (driver floor: bare p99 {median(floor_p99):.2f} ms)",
-            f"{r1:.2f}×", "—",
+            f"{r1:.2f}×",
+            "—",
         ),
     ]
     return "\n".join(lines)

@@ -34,19 +34,27 @@ def main() -> None:
         f"| {r['scenario'].split('::')[-1]} | {r['admitted']} | {r['completed']} | {r['failed']} | {r['admitted_while_unhealthy']} |"
         for r in rows
     ]
-    print("\n".join([
-        "### Requests lost in the whole-node scenarios",
-        "",
-        f"`python -m bench.bench_scenarios` — {machine_header()}; pytest: {summary_tail}",
-        "",
-        "| scenario | admitted by the LB | completed | failed | sent while the LB held the node unready |",
-        "|---|---|---|---|---|",
-        *table,
-        "",
-        "A failed request in the vLLM-crash scenario was in flight or sent in the moment vLLM died (before the "
-        "LB's unhealthy threshold); every other scenario drains through the agent and must lose none.",
-        summary_line("requests lost in the drained scenarios (SIGTERM, preemption, outage, metadata faults)", str(lost_drained), "0"),
-    ]))
+    print(
+        "\n".join(
+            [
+                "### Requests lost in the whole-node scenarios",
+                "",
+                f"`python -m bench.bench_scenarios` — {machine_header()}; pytest: {summary_tail}",
+                "",
+                "| scenario | admitted by the LB | completed | failed | sent while the LB held the node unready |",
+                "|---|---|---|---|---|",
+                *table,
+                "",
+                "A failed request in the vLLM-crash scenario was in flight or sent in the moment vLLM died (before the "
+                "LB's unhealthy threshold); every other scenario drains through the agent and must lose none.",
+                summary_line(
+                    "requests lost in the drained scenarios (SIGTERM, preemption, outage, metadata faults)",
+                    str(lost_drained),
+                    "0",
+                ),
+            ]
+        )
+    )
     if proc.returncode != 0:
         print(proc.stdout[-3000:], file=sys.stderr)
         raise SystemExit(1)

@@ -45,7 +45,7 @@ async def run(trials: int) -> list[float]:
     await vllm.start()
     reactions = []
     try:
-        for i in range(trials):
+        for _ in range(trials):
             with tempfile.TemporaryDirectory() as tmp:
                 reactions.append(await one_trial(vllm.url, Path(tmp)))
     finally:
@@ -63,7 +63,11 @@ def report(reactions: list[float]) -> str:
             "| p50 | p99 | max | target |",
             "|---|---|---|---|",
             f"| {fmt_ms(percentile(reactions, 0.5))} | **{fmt_ms(percentile(reactions, 0.99))}** | {fmt_ms(max(reactions))} | p99 <= 20 ms |",
-            summary_line(f"SIGTERM -> first 503 on /readyz, p99 of {len(reactions)} trials", fmt_ms(percentile(reactions, 0.99)), "<= 20 ms"),
+            summary_line(
+                f"SIGTERM -> first 503 on /readyz, p99 of {len(reactions)} trials",
+                fmt_ms(percentile(reactions, 0.99)),
+                "<= 20 ms",
+            ),
         ]
     )
 

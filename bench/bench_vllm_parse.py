@@ -38,7 +38,15 @@ _EXTRA_HISTOGRAMS = {
     "vllm:request_prefill_time_seconds": list(E2E_BUCKETS),
     "vllm:request_decode_time_seconds": list(E2E_BUCKETS),
 }
-_EXTRA_COUNTERS = ["vllm:num_preemptions", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:external_prefix_cache_queries", "vllm:external_prefix_cache_hits", "vllm:mm_cache_queries", "vllm:mm_cache_hits"]
+_EXTRA_COUNTERS = [
+    "vllm:num_preemptions",
+    "vllm:prefix_cache_queries",
+    "vllm:prefix_cache_hits",
+    "vllm:external_prefix_cache_queries",
+    "vllm:external_prefix_cache_hits",
+    "vllm:mm_cache_queries",
+    "vllm:mm_cache_hits",
+]
 
 
 def exposition(engines: int, steps: int) -> tuple[FakeVllm, Callable[[], str]]:
@@ -102,7 +110,7 @@ def report(results: dict[str, list[float]], size: int, lines: int, args: argpars
     base = results["prometheus_client parse"]
     full = results[next(name for name in results if "derive" in name)]
     rows = [
-        f"| {name} | {statistics.median(times) * 1e3:.2f} ms | {statistics.median([b / t for b, t in zip(base, times)]):.1f}× | {statistics.median(times) * 100:.2f} % |"
+        f"| {name} | {statistics.median(times) * 1e3:.2f} ms | {statistics.median([b / t for b, t in zip(base, times, strict=False)]):.1f}× | {statistics.median(times) * 100:.2f} % |"
         for name, times in results.items()
     ]
     return "\n".join(
@@ -118,7 +126,7 @@ def report(results: dict[str, list[float]], size: int, lines: int, args: argpars
             *rows,
             summary_line(
                 f"vLLM scrape parse + derive vs prometheus_client's parser ({args.engines} engines)",
-                f"{statistics.median([b / t for b, t in zip(base, full)]):.1f}× faster ({statistics.median(full) * 100:.2f} % of a core at 1 scrape/s)",
+                f"{statistics.median([b / t for b, t in zip(base, full, strict=False)]):.1f}× faster ({statistics.median(full) * 100:.2f} % of a core at 1 scrape/s)",
                 "—",
             ),
         ]

@@ -21,10 +21,20 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.proc_sampler import ProcSampler
-from tests.harness import AgentProcess, status_is, until  # after the sys.path line; reused: one way to run the agent
+from bench.proc_sampler import ProcSampler  # noqa: E402 - after the sys.path line
+from tests.harness import AgentProcess, status_is, until  # noqa: E402 - after the sys.path line; reused: one way to run the agent
 
-__all__ = ["AgentProcess", "Child", "Subject", "agent_under_test", "machine_header", "percentile", "start_child", "until", "wait_ready"]
+__all__ = [
+    "AgentProcess",
+    "Child",
+    "Subject",
+    "agent_under_test",
+    "machine_header",
+    "percentile",
+    "start_child",
+    "until",
+    "wait_ready",
+]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -109,8 +119,23 @@ async def agent_under_test(vllm_url: str, nofile: tuple[int, int] | None = None,
         config = Path(tmp) / "agent.toml"
         argv = None
         if nofile is not None:
-            argv = [sys.executable, "-c", _NOFILE_SHIM, str(nofile[0]), str(nofile[1]), "-m", "agent", "run", "--config", str(config)]
-        settings = {"GPU_AGENT_INFERENCE__BASE_URL": vllm_url, "GPU_AGENT_INFERENCE__POLL_INTERVAL_S": "1", "GPU_AGENT_INFERENCE__TIMEOUT_S": "3"}
+            argv = [
+                sys.executable,
+                "-c",
+                _NOFILE_SHIM,
+                str(nofile[0]),
+                str(nofile[1]),
+                "-m",
+                "agent",
+                "run",
+                "--config",
+                str(config),
+            ]
+        settings = {
+            "GPU_AGENT_INFERENCE__BASE_URL": vllm_url,
+            "GPU_AGENT_INFERENCE__POLL_INTERVAL_S": "1",
+            "GPU_AGENT_INFERENCE__TIMEOUT_S": "3",
+        }
         agent = AgentProcess(Path(tmp), settings, argv=argv).start()
         try:
             await agent.started()
@@ -121,7 +146,6 @@ async def agent_under_test(vllm_url: str, nofile: tuple[int, int] | None = None,
                 yield Subject(agent, sampler)
         finally:
             agent.kill()
-
 
 
 _NOFILE_SHIM = (  # sets the limit, then becomes the agent (same pid: sampled and killed as usual)

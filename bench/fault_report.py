@@ -76,12 +76,15 @@ def client_rows(cases: list[tuple[Any, AttackRun | str]]) -> tuple[list[str], li
             f"| {'yes' if met else '**no**'}{'' if run.alive else ' (agent exited)'} |"
         )
         dead = first_failure(run.healthz_during, run.attack_started)
-        rows.append(summary_line(
-            f"faults {case.scenario}: /readyz p99 during {case.short} (quiet: {p99(run.quiet)})",
-            f"{p99(run.during)}, {errors(run.during).replace('**', '')}; RSS max {mb(run.max_rss_bytes)}"
-            + (f"; /healthz {dead}" if dead else "") + (f"; {run.attack.stopped.split(':')[0]}" if run.attack.stopped else ""),
-            f"<= {CLIENT_GOAL_P99_MS:g} ms, 0 errors, RSS < {half / _MB:.0f} MB",
-        ))
+        rows.append(
+            summary_line(
+                f"faults {case.scenario}: /readyz p99 during {case.short} (quiet: {p99(run.quiet)})",
+                f"{p99(run.during)}, {errors(run.during).replace('**', '')}; RSS max {mb(run.max_rss_bytes)}"
+                + (f"; /healthz {dead}" if dead else "")
+                + (f"; {run.attack.stopped.split(':')[0]}" if run.attack.stopped else ""),
+                f"<= {CLIENT_GOAL_P99_MS:g} ms, 0 errors, RSS < {half / _MB:.0f} MB",
+            )
+        )
     return table, rows
 
 
@@ -103,13 +106,17 @@ def scrape_rows(runs: list[Any]) -> tuple[list[str], list[str]]:
         p50 = "—" if r.p50_ms is None else f"{r.p50_ms:.1f} ms"
         over = run.max_rss_bytes is not None and run.max_rss_bytes > memory_max_bytes()
         rss = mb(run.max_rss_bytes) + (" (**over MemoryMax**: the unit would OOM-kill it)" if over else "")
-        table.append(f"| {run.what} | {run.body_bytes / _MB:.1f} MB | {p50} / {p99(r)} | {errors(r)} | {own} | {rss} | {'yes' if met else '**no**'}{'' if run.alive else ' (agent exited)'} |")
+        table.append(
+            f"| {run.what} | {run.body_bytes / _MB:.1f} MB | {p50} / {p99(r)} | {errors(r)} | {own} | {rss} | {'yes' if met else '**no**'}{'' if run.alive else ' (agent exited)'} |"
+        )
         if run is not baseline and baseline is not None:
-            rows.append(summary_line(
-                f"faults d: /readyz p99 while vLLM serves {run.what.lstrip('+ ')} (baseline: {p99(baseline.readyz)})",
-                f"{p99(r)}; agent /metrics {lines}" + ("; RSS over MemoryMax" if over else ""),
-                f"<= {SCRAPE_GOAL_P99_MS:g} ms; agent /metrics lines fixed",
-            ))
+            rows.append(
+                summary_line(
+                    f"faults d: /readyz p99 while vLLM serves {run.what.lstrip('+ ')} (baseline: {p99(baseline.readyz)})",
+                    f"{p99(r)}; agent /metrics {lines}" + ("; RSS over MemoryMax" if over else ""),
+                    f"<= {SCRAPE_GOAL_P99_MS:g} ms; agent /metrics lines fixed",
+                )
+            )
     return table, rows
 
 
@@ -141,14 +148,19 @@ def notice_rows(notices: dict[str, Any], plan: Any) -> tuple[list[str], list[str
             continue
         stats[key] = notice_stats(values, plan.notice_limit_s)
         met = not stats[key][3] and percentile([v for v in values if v is not None], 0.99) <= NOTICE_GOAL_P99_S
-        table.append(f"| {title} | {len(values)} | {stats[key][0]} | {stats[key][1]} | {stats[key][2]} | {'yes' if met else '**no**'} |")
+        table.append(
+            f"| {title} | {len(values)} | {stats[key][0]} | {stats[key][1]} | {stats[key][2]} | {'yes' if met else '**no**'} |"
+        )
     rows = []
     if "prelude" in stats:
         clean = stats["clean"][1] if "clean" in stats else "—"
-        rows.append(summary_line(
-            f"faults e: preemption notice -> first 503 after 5 bad metadata answers, p99 of {plan.trials} (clean path p99 {clean})",
-            stats["prelude"][1], f"<= {NOTICE_GOAL_P99_S:g} s",
-        ))
+        rows.append(
+            summary_line(
+                f"faults e: preemption notice -> first 503 after 5 bad metadata answers, p99 of {plan.trials} (clean path p99 {clean})",
+                stats["prelude"][1],
+                f"<= {NOTICE_GOAL_P99_S:g} s",
+            )
+        )
     return table, rows
 
 
@@ -161,7 +173,7 @@ CLIENTS_NOTE = (
 SCRAPES_NOTE = (
     "A fresh agent READY on the plain exposition; 1 s into the /readyz window its FakeVllm (own process, pre-rendered "
     "bodies) starts serving the big one, so the window holds the agent's first scrapes of the new series and the steady "
-    "state after. Extra lines are `vllm:request_success_total{engine=\"0\",finished_reason=\"r<N>\",model_name=\"m\"} 1.0` "
+    'state after. Extra lines are `vllm:request_success_total{engine="0",finished_reason="r<N>",model_name="m"} 1.0` '
     "(a short model name keeps 100k lines under the agent's 8 MiB scrape cap, so they are parsed, not refused). "
     "The agent's own /metrics is fetched after the window."
 )
@@ -189,7 +201,12 @@ def render(results: dict[str, Any], plan: Any, command: str, header: str) -> str
     sections = [
         ("clients", "#### a-c. Misbehaving clients", CLIENTS_NOTE, client_rows),
         ("scrapes", "#### d. vLLM serving huge /metrics", SCRAPES_NOTE, scrape_rows),
-        ("notices", "#### e. Preemption notice -> first /readyz 503, after bad metadata answers", NOTICES_NOTE, lambda v: notice_rows(v, plan)),
+        (
+            "notices",
+            "#### e. Preemption notice -> first /readyz 503, after bad metadata answers",
+            NOTICES_NOTE,
+            lambda v: notice_rows(v, plan),
+        ),
     ]
     for key, heading, note, build in sections:
         if key in results:

@@ -27,11 +27,11 @@ from pathlib import Path
 
 from bench.common import summary_line
 from bench.fleet.agent_view import StateRule
+from bench.fleet.cluster import Kind
 from bench.fleet.fidelity import HARSH, KNOBS, REALISTIC, Fidelity, with_ideal
 from bench.fleet.policies import DEMAND, POLICIES
 from bench.fleet.report import goal_count, plot, sensitivity_table, table, verdict_table
 from bench.fleet.sim import Fleet, RunResult
-from bench.fleet.cluster import Kind
 from bench.fleet.study import TraceSpec, azure_specs, rate_specs, stream_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,16 +58,31 @@ def sensitivity_name() -> str:
     return f"{SENSITIVITY_TRACE}, first {SENSITIVITY_HOURS:g} h"
 
 
-def jobs_for(specs: list[TraceSpec], hours: float | None, seed: int, fidelity: Fidelity, sensitivity: bool, ablation: bool) -> list[Job]:
-    jobs: list[Job] = [(s, hours, p.name, k.value, fidelity, "realistic", seed, "agent") for s in specs for k in Kind for p in POLICIES]
+def jobs_for(
+    specs: list[TraceSpec], hours: float | None, seed: int, fidelity: Fidelity, sensitivity: bool, ablation: bool
+) -> list[Job]:
+    jobs: list[Job] = [
+        (s, hours, p.name, k.value, fidelity, "realistic", seed, "agent") for s in specs for k in Kind for p in POLICIES
+    ]
     target = next((s for s in specs if s.name == SENSITIVITY_TRACE), None)
     if sensitivity and target is not None:
         variants = [("all realistic", fidelity)] + [(name, with_ideal(fidelity, knobs)) for name, knobs in KNOBS]
         variants += [(name, replace(fidelity, **v)) for name, v in HARSH]
-        jobs += [(target, SENSITIVITY_HOURS, p.name, k.value, f, name, seed, "agent") for name, f in variants for k in Kind for p in POLICIES
-                 if not (k is Kind.MIG and name in HPA_ONLY)]
+        jobs += [
+            (target, SENSITIVITY_HOURS, p.name, k.value, f, name, seed, "agent")
+            for name, f in variants
+            for k in Kind
+            for p in POLICIES
+            if not (k is Kind.MIG and name in HPA_ONLY)
+        ]
     if ablation:
-        jobs += [(s, hours, DEMAND.name, k.value, fidelity, "realistic", seed, r.value) for s in specs for k in Kind for r in StateRule if r is not StateRule.AGENT]
+        jobs += [
+            (s, hours, DEMAND.name, k.value, fidelity, "realistic", seed, r.value)
+            for s in specs
+            for k in Kind
+            for r in StateRule
+            if r is not StateRule.AGENT
+        ]
     return jobs
 
 
@@ -76,7 +91,9 @@ def _fidelity_flags(parser: argparse.ArgumentParser) -> None:
         default = getattr(REALISTIC, f.name)
         flag = "--" + f.name.replace("_", "-")
         if isinstance(default, bool):
-            parser.add_argument(flag, choices=("on", "off"), default="on" if default else "off", help=f"default {'on' if default else 'off'}")
+            parser.add_argument(
+                flag, choices=("on", "off"), default="on" if default else "off", help=f"default {'on' if default else 'off'}"
+            )
         else:
             parser.add_argument(flag, type=type(default), default=default, help=f"default {default}")
 
@@ -91,7 +108,9 @@ def _fidelity(args: argparse.Namespace) -> Fidelity:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the first 30 minutes of each trace, no sensitivity runs (a smoke test)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the first 30 minutes of each trace, no sensitivity runs (a smoke test)"
+    )
     parser.add_argument("--traces", nargs="*", type=Path, default=sorted((REPO / "bench" / "traces").glob("*.csv")))
     parser.add_argument("--azure", type=Path, default=DEFAULT_AZURE, help="directory of AzureLLMInferenceTrace_{conv,code}.csv")
     parser.add_argument("--azure-scale", type=float, default=16.0, help="copies of every request (bench/fleet/requests.py scale)")
@@ -125,7 +144,12 @@ def main() -> None:
 
 def report(results: list[RunResult], args: argparse.Namespace, took_s: float, specs: list[TraceSpec]) -> str:
     machine = f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
-    command = "python -m bench.fleet_sim" + (" --quick" if args.quick else "") + (" --ablation" if args.ablation else "") + f" --seed {args.seed}"
+    command = (
+        "python -m bench.fleet_sim"
+        + (" --quick" if args.quick else "")
+        + (" --ablation" if args.ablation else "")
+        + f" --seed {args.seed}"
+    )
     missing = "" if any(s.kind == "azure" for s in specs) else f" (Azure trace not found at {args.azure}: skipped)"
     lines = [
         f"### Fleet autoscaling: which signal to scale on ({len(results)} runs, {took_s:.0f} s on {args.jobs} processes)",
@@ -148,8 +172,13 @@ def report(results: list[RunResult], args: argparse.Namespace, took_s: float, sp
     for kind in Kind:
         met, total = goal_count(results, kind.value)
         if total:
-            lines.append(summary_line(f"fleet sim ({kind.value.upper()}): demand gauge >= 99 % in SLO with the fewest GPU-hours",
-                                      f"{met} of {total} traces", "every trace"))
+            lines.append(
+                summary_line(
+                    f"fleet sim ({kind.value.upper()}): demand gauge >= 99 % in SLO with the fewest GPU-hours",
+                    f"{met} of {total} traces",
+                    "every trace",
+                )
+            )
     return "\n".join(lines)
 
 

@@ -78,7 +78,16 @@ def argv(url: str, rate_per_s: float, duration_s: float, connections: int, timeo
     if parts.hostname is None or parts.port is None:
         raise ValueError(f"need http://HOST:PORT/PATH, got {url}")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return [str(binary()), parts.hostname, str(parts.port), path, f"{rate_per_s:g}", f"{duration_s:g}", str(connections), f"{timeout_s:g}"]
+    return [
+        str(binary()),
+        parts.hostname,
+        str(parts.port),
+        path,
+        f"{rate_per_s:g}",
+        f"{duration_s:g}",
+        str(connections),
+        f"{timeout_s:g}",
+    ]
 
 
 async def drive(url: str, rate_per_s: float, duration_s: float, connections: int = 8, timeout_s: float = 5.0) -> LoadResult:

@@ -21,7 +21,11 @@ from bench.common import REPO, machine_header
 # (module, full-run args, quick args)
 BENCHES: list[tuple[str, list[str], list[str]]] = [
     ("bench_sigterm", ["--trials", "50"], ["--trials", "10"]),
-    ("bench_readyz", ["--rate", "2000", "--seconds", "5", "--rounds", "3"], ["--rate", "1000", "--seconds", "2", "--rounds", "1"]),
+    (
+        "bench_readyz",
+        ["--rate", "2000", "--seconds", "5", "--rounds", "3"],
+        ["--rate", "1000", "--seconds", "2", "--rounds", "1"],
+    ),
     ("bench_idle", ["--seconds", "60", "--features", "all"], ["--seconds", "5", "--features", "all"]),
     ("bench_idle", ["--seconds", "60", "--features", "signals"], ["--seconds", "5", "--features", "signals"]),
     ("bench_idle", ["--seconds", "30", "--features", "core"], ["--seconds", "5", "--features", "core"]),

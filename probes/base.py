@@ -1,77 +1,134 @@
 """The one Probe protocol and the shared runner that gives every probe its
-interval, deadline, backoff, error counting and staleness."""
+interval, deadline, backoff, error counting and staleness; `ProbeError` and the
+closed set of its failure codes (`FailureCode`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Protocol
+from enum import StrEnum
+from typing import Any, Generic, Protocol, TypeVar
 
-from probes.snapshot import Snapshot
+from agent.core.backoff import backoff_s
+from agent.core.snapshot import Key, Snapshot
 
 log = logging.getLogger(__name__)
+
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class FailureCode(StrEnum):
+    """Why a reading failed, as policies compare it. Closed, except two open families
+    that are plain strings: `http_<status>` (`http_code()`) and an NVML error's name."""
+
+    ERROR = "error"  # anything else (a bug, an unexpected exception)
+    TIMEOUT = "timeout"
+    REFUSED = "refused"  # not listening: vLLM loading or gone (a drain counts that as empty)
+    CONNECTION = "connection"  # other connect or transport failures
+    TOO_LARGE = "too_large"  # bytes, lines or one line over its cap
+    GARBAGE = "garbage"  # not what the protocol says (not an exposition, not a metadata answer)
+    INVALID = "invalid"  # well-formed, impossible numbers (negative, NaN, KV usage of 1.7)
+    NOT_FOUND = "not_found"  # metadata: the path does not exist
+    NO_NOTICE = "no_notice"  # metadata: upcoming-maintenance has nothing scheduled
+    RESET = "reset"  # metadata: the connection was lost mid-answer
+    ABSENT = "absent"  # metadata: nothing answers at the first contact
+    UNREACHABLE = "unreachable"  # metadata: gone after having answered
+    BLIND = "blind"  # metadata: instance/preempted is hidden (GKE Workload Identity)
+    WEDGED = "wedged"  # NVML: too many calls stuck
+    CLOSED = "closed"  # NVML: the worker is closed
+
+
+def http_code(status: int) -> str:
+    """The code of an HTTP answer other than 200 (an open family: http_503, ...)."""
+    return f"http_{status}"
 
 
 class ProbeError(Exception):
     """A probe could not produce a reading; the message says why (shown in /status).
 
-    `code` is a short machine-readable kind (refused, timeout, http_503, garbage,
-    too_large, ...) that policies can act on without parsing the message.
+    `code` is a short machine-readable kind (a `FailureCode`, `http_<n>` or an NVML
+    error name) that policies can act on without parsing the message.
     """
 
-    def __init__(self, message: str, code: str = "error") -> None:
+    def __init__(self, message: str, code: str = FailureCode.ERROR) -> None:
         super().__init__(message)
         self.code = code
 
 
-class Probe(Protocol):
+class Probe(Protocol[T_co]):
     """A source of one snapshot key, polled on an interval.
 
-    `sample()` returns the new reading (stored whole under `name`) or raises;
+    `sample()` returns the new reading (stored whole under the key `name`) or raises;
     it must not block the loop (blocking work goes to a thread with a deadline).
     """
 
-    name: str
-    interval_s: float
-    timeout_s: float
+    @property
+    def name(self) -> Key[Any]: ...
+    @property
+    def interval_s(self) -> float: ...
+    @property
+    def timeout_s(self) -> float: ...
 
-    async def sample(self) -> Any: ...
-
-
-def backoff_s(failures: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
-    """Exponential backoff with full jitter in [base, min(cap, base * 2**n)]."""
-    if failures <= 0:
-        return base_s
-    top = min(cap_s, base_s * (2 ** min(failures, 16)))
-    return (rng or random).uniform(base_s, max(base_s, top))
+    async def sample(self) -> T_co: ...
 
 
-class ProbeRunner:
+class FailureRun(Generic[T]):
+    """The one failure rule of every source (polled probes and hanging-GET watchers): a
+    failure is counted (probe_errors_total), recorded in the snapshot (the last good value
+    kept and now stale, with the failure's code) and worth a log line at the 1st, 10th and
+    every 100th in a row; a success puts the new value and ends the run. Staleness itself
+    is the reading's (`stale_after_s`), computed from its timestamp, never tracked here."""
+
+    def __init__(self, snapshot: Snapshot, errors: Counter[str] | None, key: Key[T], stale_after_s: float) -> None:
+        self._snapshot = snapshot
+        self._errors = errors
+        self._key = key
+        self.stale_after_s = stale_after_s
+        self.count = 0  # failures in a row
+
+    def failed(self, message: str, code: str) -> bool:
+        """Count and record one failure; True when it is one to log."""
+        self.count += 1
+        if self._errors is not None:
+            self._errors[self._key] += 1
+        self._snapshot.fail(self._key, message, self.stale_after_s, code=code)
+        return self.count in (1, 10) or self.count % 100 == 0
+
+    def succeeded(self, value: T) -> None:
+        self.count = 0
+        self._snapshot.put(self._key, value, self.stale_after_s)
+
+
+class ProbeRunner(Generic[T]):
     """Polls one probe forever; a failing sample is logged, counted, backed off and
     marked stale, and never ends the loop (only cancellation does)."""
 
     def __init__(
         self,
-        probe: Probe,
+        probe: Probe[T],
         snapshot: Snapshot,
         errors: Counter[str],
         *,
         stale_after_s: float | None = None,
         backoff_cap_s: float = 30.0,
-        on_sample: Callable[[Any | None, str | None], None] | None = None,
+        on_sample: Callable[[T | None, str | None], None] | None = None,
     ) -> None:
         self.probe = probe
-        self._snapshot = snapshot
-        self._errors = errors
-        self._stale_after_s = stale_after_s or max(3 * probe.interval_s, probe.timeout_s + probe.interval_s)
+        self._failures = FailureRun[T](
+            snapshot, errors, probe.name, stale_after_s or max(3 * probe.interval_s, probe.timeout_s + probe.interval_s)
+        )
         self._backoff_cap_s = max(backoff_cap_s, probe.interval_s)
         self._on_sample = on_sample
-        self.consecutive_failures = 0
         self._wake = asyncio.Event()
         self._sampling = asyncio.Lock()  # one sample at a time: the window must see them in order
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self._failures.count
 
     def poll_now(self) -> None:
         """Cut the current wait short."""
@@ -101,20 +158,19 @@ class ProbeRunner:
         try:
             async with asyncio.timeout(self.probe.timeout_s):
                 value = await self.probe.sample()
-        except Exception as exc:  # noqa: BLE001 - any probe failure is data, not a crash
+        except Exception as exc:
             reason = _describe(exc, self.probe.timeout_s)
-            code = exc.code if isinstance(exc, ProbeError) else "timeout" if isinstance(exc, TimeoutError) else "error"
-            self.consecutive_failures += 1
-            self._errors[name] += 1
-            self._snapshot.fail(name, reason, self._stale_after_s, code=code)
-            level = logging.WARNING if self.consecutive_failures in (1, 10) or self.consecutive_failures % 100 == 0 else logging.DEBUG
-            log.log(level, "probe failed", extra={"probe": name, "error": reason, "failures": self.consecutive_failures})
+            if isinstance(exc, ProbeError):
+                code = exc.code
+            else:
+                code = FailureCode.TIMEOUT if isinstance(exc, TimeoutError) else FailureCode.ERROR
+            level = logging.WARNING if self._failures.failed(reason, code) else logging.DEBUG
+            log.log(level, "probe failed", extra={"probe": name, "error": reason, "failures": self._failures.count})
             self._notify(None, reason)
             return False
-        if self.consecutive_failures:
-            log.info("probe recovered", extra={"probe": name, "failures": self.consecutive_failures})
-        self.consecutive_failures = 0
-        self._snapshot.put(name, value, self._stale_after_s)
+        if self._failures.count:
+            log.info("probe recovered", extra={"probe": name, "failures": self._failures.count})
+        self._failures.succeeded(value)
         self._notify(value, None)
         return True
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from agent.core.snapshot import Key
+
 NOT_SUPPORTED = "NOT_SUPPORTED"
 NOT_SUPPORTED_MIG = "NOT_SUPPORTED (MIG)"
 # A function this driver's NVML does not have (nvidia-ml-py 13 deprecates old calls,
@@ -65,7 +67,8 @@ class GpuFault:
     at_wall: float = field(default_factory=time.time)
 
 
-FaultCallback = Callable[[GpuFault], None]
+# What the fault callback returns is ignored (the fault policy says whether it drained).
+FaultCallback = Callable[[GpuFault], object]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +123,9 @@ class GpuReading:
     @classmethod
     def without_gpus(cls, status: GpuStatus, detail: str, *, driver_version: str | None = None) -> GpuReading:
         return cls(status=status, detail=detail, gpus=(), driver_version=driver_version, **aggregates(()))
+
+
+GPU: Key[GpuReading] = Key("gpu")
 
 
 def aggregates(gpus: tuple[GpuInfo, ...]) -> dict[str, Any]:

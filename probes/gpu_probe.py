@@ -7,6 +7,7 @@ also reported as GpuFaults (once per condition) to the fault callback.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -16,6 +17,7 @@ import pynvml
 
 from probes.base import ProbeError
 from probes.gpu import (
+    GPU,
     NOT_IN_DRIVER,
     NOT_SUPPORTED,
     NOT_SUPPORTED_MIG,
@@ -28,16 +30,16 @@ from probes.gpu import (
     gpu_faults,
     throttle_reason_names,
 )
-from probes.nvml import NvmlWorker
 from probes.nvml_backend import (
     NvmlBackend,
     describe_error,
     error_name,
-    is_lost,
     is_function_not_found,
+    is_lost,
     is_no_driver,
     is_not_supported,
 )
+from probes.nvml_worker import NvmlWorker
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ class _GpuReader:
         self.read(("temperature_c",), lambda: float(nvml.nvmlDeviceGetTemperatureV(handle, pynvml.NVML_TEMPERATURE_GPU)))
         self.read(("power_w",), lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0)
         for name, error_type, counter_type in _ECC_COUNTERS:
-            self.read((name,), lambda e=error_type, c=counter_type: int(nvml.nvmlDeviceGetTotalEccErrors(handle, e, c)))
+            self.read((name,), functools.partial(_ecc_errors, nvml, handle, error_type, counter_type))
         self.read(
             ("remapped_rows_correctable", "remapped_rows_uncorrectable", "remap_pending", "remap_failure"),
             lambda: _remapped(nvml.nvmlDeviceGetRemappedRows(handle)),
@@ -120,6 +122,10 @@ def read_gpu(nvml: NvmlBackend, index: int) -> GpuInfo:
         raise
 
 
+def _ecc_errors(nvml: NvmlBackend, handle: Any, error_type: int, counter_type: int) -> int:
+    return int(nvml.nvmlDeviceGetTotalEccErrors(handle, error_type, counter_type))
+
+
 def _memory(info: Any) -> tuple[int, int]:
     return int(info.used), int(info.total)
 
@@ -133,7 +139,7 @@ class GpuProbe:
     """Probe "gpu": `sample()` returns a GpuReading; `close()` shuts NVML down
     only when no call is still running."""
 
-    name = "gpu"
+    name = GPU
 
     def __init__(
         self,

@@ -23,7 +23,7 @@ class Histogram:
         """What was observed between `older` and this one; None if the buckets differ."""
         if older.bounds != self.bounds:
             return None
-        return Histogram(self.bounds, tuple(a - b for a, b in zip(self.cumulative, older.cumulative)))
+        return Histogram(self.bounds, tuple(a - b for a, b in zip(self.cumulative, older.cumulative, strict=True)))
 
     def quantile(self, q: float) -> float | None:
         """Prometheus' histogram_quantile: linear inside the bucket; in +Inf -> the last bound."""
@@ -79,5 +79,7 @@ def merge_series(name: str, series: dict[tuple[str | None, ...], dict[str, float
 
 def goodput(ttft: Histogram | None, slo_ttft_s: float, tpot: Histogram | None, slo_tpot_s: float) -> float | None:
     """min of the two shares within their SLO (see VllmWindow for why min)."""
-    shares = [s for h, slo in ((ttft, slo_ttft_s), (tpot, slo_tpot_s)) if h is not None and (s := h.share_at_most(slo)) is not None]
+    shares = [
+        s for h, slo in ((ttft, slo_ttft_s), (tpot, slo_tpot_s)) if h is not None and (s := h.share_at_most(slo)) is not None
+    ]
     return min(shares) if shares else None

@@ -18,6 +18,8 @@ from typing import Any
 
 import psutil
 
+from agent.core.snapshot import Key
+
 _FIRST_CPU_WINDOW_S = 0.1
 
 
@@ -118,10 +120,13 @@ def tree_rss_bytes(root: psutil.Process) -> tuple[int, int]:
     return total, count
 
 
+HOST: Key[HostReading] = Key("host")
+
+
 class HostProbe:
     """Probe "host": one psutil pass per interval on a thread."""
 
-    name = "host"
+    name = HOST
 
     def __init__(
         self,

@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 
-from probes.base import ProbeError
+from probes.base import FailureCode, ProbeError, http_code
 
 log = logging.getLogger(__name__)
 
@@ -34,29 +34,30 @@ async def get_capped(
         async with asyncio.timeout(timeout_s):
             async with session.get(url, headers=headers, allow_redirects=False) as resp:
                 if resp.status != 200:
-                    raise ProbeError(f"{what} answered {resp.status}", code=f"http_{resp.status}")
+                    raise ProbeError(f"{what} answered {resp.status}", code=http_code(resp.status))
                 body = await _read_capped(resp, what, max_bytes)
                 return (body, resp.headers.get("ETag")) if with_etag else body
     except TimeoutError:
-        raise ProbeError(f"{what} did not answer within {timeout_s:g}s", code="timeout") from None
+        raise ProbeError(f"{what} did not answer within {timeout_s:g}s", code=FailureCode.TIMEOUT) from None
     except aiohttp.ClientConnectorError as exc:
         if getattr(exc.os_error, "errno", None) == errno.ECONNREFUSED:
-            raise ProbeError(f"{what}: connection refused (not listening: loading or stopped)", code="refused") from None
-        raise ProbeError(f"{what}: {exc}", code="connection") from None
+            why = f"{what}: connection refused (not listening: loading or stopped)"
+            raise ProbeError(why, code=FailureCode.REFUSED) from None
+        raise ProbeError(f"{what}: {exc}", code=FailureCode.CONNECTION) from None
     except aiohttp.ClientError as exc:
-        raise ProbeError(f"{what}: {type(exc).__name__}: {exc}", code="connection") from None
+        raise ProbeError(f"{what}: {type(exc).__name__}: {exc}", code=FailureCode.CONNECTION) from None
 
 
 async def _read_capped(resp: aiohttp.ClientResponse, what: str, max_bytes: int) -> bytes:
     if resp.content_length is not None and resp.content_length > max_bytes:
         resp.close()
-        raise ProbeError(f"{what} announces {resp.content_length} bytes, over {max_bytes}", code="too_large")
+        raise ProbeError(f"{what} announces {resp.content_length} bytes, over {max_bytes}", code=FailureCode.TOO_LARGE)
     body = bytearray()  # one growing buffer, not a list of chunks to join: fewer, larger allocations
     try:
         async for chunk in resp.content.iter_chunked(_CHUNK_BYTES):
             if len(body) + len(chunk) > max_bytes:
                 resp.close()  # drop the connection: the rest of the body is not worth reading
-                raise ProbeError(f"{what} is over {max_bytes} bytes", code="too_large")
+                raise ProbeError(f"{what} is over {max_bytes} bytes", code=FailureCode.TOO_LARGE)
             body += chunk
         return bytes(body)
     except BaseException:  # over the cap, or cut by the deadline (a cancellation)

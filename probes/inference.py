@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from agent.core.snapshot import Key
 from probes.base import ProbeError
 from probes.http import get_capped
 
@@ -33,10 +34,13 @@ class HealthReading:
     models: tuple[str, ...] = ()
 
 
+INFERENCE: Key[HealthReading] = Key("inference")
+
+
 class InferenceHealthProbe:
     """Probe "inference": one `/health` call (plus `/v1/models` when asked) per interval."""
 
-    name = "inference"
+    name = INFERENCE
 
     def __init__(
         self,

@@ -28,20 +28,29 @@ _CODE_NAMES: dict[int, str] = {
 
 
 class UtilizationRates(Protocol):
-    gpu: int
-    memory: int
+    @property
+    def gpu(self) -> int: ...
+    @property
+    def memory(self) -> int: ...
 
 
 class MemoryInfo(Protocol):
-    total: int
-    free: int
-    used: int
+    @property
+    def total(self) -> int: ...
+    @property
+    def free(self) -> int: ...
+    @property
+    def used(self) -> int: ...
 
 
 class EventData(Protocol):
-    device: Any
-    eventType: int  # pynvml's field names
-    eventData: int
+    # pynvml's field names; read-only, so frozen fakes satisfy it too.
+    @property
+    def device(self) -> Any: ...
+    @property
+    def eventType(self) -> int: ...
+    @property
+    def eventData(self) -> int: ...
 
 
 class NvmlBackend(Protocol):

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from probes.base import ProbeError
+from agent.core.snapshot import Key
+from probes.base import FailureCode, ProbeError
 from probes.http import get_capped
 from probes.prom_text import ExpositionTooLarge, PromParseError, PromParser, decode
 from probes.vllm_metrics import (
@@ -21,7 +22,6 @@ from probes.vllm_metrics import (
     VllmScrape,
     VllmWindow,
     WindowStats,
-    summarize,
 )
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,9 @@ def make_reading(scrape: VllmScrape, stats: WindowStats, capacity: tuple[float |
     )
 
 
+VLLM: Key[VllmReading] = Key("vllm")
+
+
 class VllmMetricsProbe:
     """Probe "vllm": GET {base_url}/metrics with a size cap and a deadline, then
     summarize + window. A failed scrape raises ProbeError and leaves the window as it was.
@@ -159,7 +162,7 @@ class VllmMetricsProbe:
     connection, garbage (not an exposition), invalid (impossible numbers).
     """
 
-    name = "vllm"
+    name = VLLM
 
     def __init__(
         self,
@@ -209,7 +212,8 @@ class VllmMetricsProbe:
         work is bounded by the line cap, checked before anything is parsed."""
         lines = body.count(b"\n")
         if lines > self._max_lines:
-            raise ProbeError(f"/metrics has {lines} lines, over inference.metrics_max_lines ({self._max_lines}): dropped", code="too_large")
+            why = f"/metrics has {lines} lines, over inference.metrics_max_lines ({self._max_lines}): dropped"
+            raise ProbeError(why, code=FailureCode.TOO_LARGE)
         acc = ScrapeAccumulator()
         try:
             text = decode(body)
@@ -218,11 +222,11 @@ class VllmMetricsProbe:
                 await asyncio.sleep(0)
             return acc.finish()  # merging the histograms: a few hundred microseconds
         except ExpositionTooLarge as exc:
-            raise ProbeError(f"/metrics is not something to parse: {exc}", code="too_large") from None
+            raise ProbeError(f"/metrics is not something to parse: {exc}", code=FailureCode.TOO_LARGE) from None
         except InvalidScrape as exc:
-            raise ProbeError(f"/metrics reports impossible values, scrape dropped: {exc}", code="invalid") from None
+            raise ProbeError(f"/metrics reports impossible values, scrape dropped: {exc}", code=FailureCode.INVALID) from None
         except PromParseError as exc:
-            raise ProbeError(f"/metrics is not a usable vLLM exposition: {exc}", code="garbage") from None
+            raise ProbeError(f"/metrics is not a usable vLLM exposition: {exc}", code=FailureCode.GARBAGE) from None
 
     async def _fetch(self) -> bytes:
         # identity: gzip on loopback only costs CPU on both ends, and the cap must count real bytes.

@@ -132,8 +132,8 @@ class ScrapeAccumulator:
         for name, labels, value, _ in samples:
             if name in _BUCKETS:
                 _check(name, labels, value)
-                key = (labels.get("engine"), labels.get("model_name"), labels.get("pid"))
-                buckets[_BUCKETS[name]].setdefault(key, {})[labels.get("le", "")] = value
+                histogram_key = (labels.get("engine"), labels.get("model_name"), labels.get("pid"))
+                buckets[_BUCKETS[name]].setdefault(histogram_key, {})[labels.get("le", "")] = value
             elif name in _GAUGES:
                 value = _check(name, labels, value, 1.0 if name in (KV_V1, KV_V0) else math.inf)
                 key = tuple(f"{k}={v}" for k, v in labels.items() if k != "pid")
@@ -170,7 +170,9 @@ class ScrapeAccumulator:
             engine_sleeping=_sleeping(gauges[SLEEP]),
             cache_info=tuple(self._cache_info),
             waiting_by_reason=_by_reason(gauges[WAITING_BY_REASON]),
-            engines_unhealthy=sum(1 for value in gauges[ENGINE_HEALTHY].values() if value == 0) if gauges[ENGINE_HEALTHY] else None,
+            engines_unhealthy=sum(1 for value in gauges[ENGINE_HEALTHY].values() if value == 0)
+            if gauges[ENGINE_HEALTHY]
+            else None,
         )
 
 
@@ -194,7 +196,7 @@ def _models(running: dict[tuple[str, ...], float]) -> tuple[str, ...]:
 
 def _label(key: tuple[str, ...], name: str) -> str | None:
     prefix = name + "="
-    return next((part[len(prefix):] for part in key if part.startswith(prefix)), None)
+    return next((part[len(prefix) :] for part in key if part.startswith(prefix)), None)
 
 
 def _by_engine(series: dict[tuple[str, ...], float]) -> dict[str, float]:
@@ -205,7 +207,9 @@ def _by_engine(series: dict[tuple[str, ...], float]) -> dict[str, float]:
     return usage
 
 
-def _generation(gauges: dict[str, dict[tuple[str, ...], float]], histograms: dict[str, Histogram], running: dict[tuple[str, ...], float]) -> str:
+def _generation(
+    gauges: dict[str, dict[tuple[str, ...], float]], histograms: dict[str, Histogram], running: dict[tuple[str, ...], float]
+) -> str:
     new = bool(gauges[KV_V1]) or TPOT_V1 in histograms
     old = bool(gauges[KV_V0]) or TPOT_V0 in histograms
     if new and old:
@@ -292,7 +296,10 @@ class VllmWindow:
         notes: list[str] = []
         if span_s <= 0:
             notes.append("one scrape in the window: rates and quantiles need two")
-        deltas = {name: _delta(old, new, names, name, notes) for name, names in (("ttft", (TTFT,)), ("tpot", (TPOT_V1, TPOT_V0)), ("e2e", (E2E,)))}
+        deltas = {
+            name: _delta(old, new, names, name, notes)
+            for name, names in (("ttft", (TTFT,)), ("tpot", (TPOT_V1, TPOT_V0)), ("e2e", (E2E,)))
+        }
         request_tpot = _delta(old, new, (REQUEST_TPOT,), "request tpot", []) or deltas["tpot"]
         share = goodput(deltas["ttft"], slo_ttft_s, request_tpot, slo_tpot_s)
         if share is None:
@@ -313,7 +320,10 @@ class VllmWindow:
 def _restarted(old: VllmScrape, new: VllmScrape) -> bool:
     if old.engines != new.engines:
         return True
-    for before, after in ((old.prompt_tokens_total, new.prompt_tokens_total), (old.generation_tokens_total, new.generation_tokens_total)):
+    for before, after in (
+        (old.prompt_tokens_total, new.prompt_tokens_total),
+        (old.generation_tokens_total, new.generation_tokens_total),
+    ):
         if before is not None and (after is None or after < before):
             return True
     if any(new.finished_total.get(reason, 0.0) < count for reason, count in old.finished_total.items()):

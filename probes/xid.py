@@ -260,7 +260,11 @@ class XidWatcher:
             self._on_recovery(int(data.eventData), uuid, index, loop, why="NVML recovery-action event")
         elif data.eventType in (pynvml.nvmlEventTypeGpuUnavailableError, pynvml.nvmlEventTypeFatalPoisonError):
             unavailable = data.eventType == pynvml.nvmlEventTypeGpuUnavailableError
-            kind, what = (FaultKind.UNAVAILABLE, "GPU unavailable") if unavailable else (FaultKind.POISON, "fatal poison (uncontained memory error)")
+            kind, what = (
+                (FaultKind.UNAVAILABLE, "GPU unavailable")
+                if unavailable
+                else (FaultKind.POISON, "fatal poison (uncontained memory error)")
+            )
             detail = f"{what} event on {_where(index)}"
             self._emit(loop, fault=GpuFault(kind, True, detail, f"{kind.value}:{uuid or 'unknown'}", index, uuid))
         else:
@@ -279,7 +283,9 @@ class XidWatcher:
                 action = self._nvml.nvmlDeviceGetGpuRecoveryAction(device)
             except pynvml.NVMLError as exc:
                 detail = f"XID 154 on {_where(index)}: the recovery action cannot be read ({describe_error(exc)})"
-                self._emit(loop, fault=GpuFault(FaultKind.RECOVERY, False, detail, f"xid:{uuid}:154:{error_name(exc)}", index, uuid, xid))
+                self._emit(
+                    loop, fault=GpuFault(FaultKind.RECOVERY, False, detail, f"xid:{uuid}:154:{error_name(exc)}", index, uuid, xid)
+                )
                 return
             self._on_recovery(action, uuid, index, loop, why="XID 154")
             return
@@ -287,7 +293,9 @@ class XidWatcher:
         fault = GpuFault(FaultKind.XID, klass is XidClass.FATAL, detail, f"xid:{uuid or 'unknown'}:{xid}", index, uuid, xid)
         self._emit(loop, event=event, fault=fault)
 
-    def _on_recovery(self, action: int, uuid: str | None, index: int | None, loop: asyncio.AbstractEventLoop, *, why: str) -> None:
+    def _on_recovery(
+        self, action: int, uuid: str | None, index: int | None, loop: asyncio.AbstractEventLoop, *, why: str
+    ) -> None:
         name = _RECOVERY_ACTIONS.get(action, f"action_{action}")
         fatal = action != pynvml.NVML_GPU_RECOVERY_ACTION_NONE
         detail = f"{why} on {_where(index)}: NVML asks for {name}" + ("" if fatal else " (nothing to do)")
@@ -318,9 +326,7 @@ class XidWatcher:
             log.log(level, "XID watcher %s", state.value, extra={"detail": detail})
         self.state, self.detail = state, detail
 
-    def _emit(
-        self, loop: asyncio.AbstractEventLoop, *, event: XidEvent | None = None, fault: GpuFault | None = None
-    ) -> None:
+    def _emit(self, loop: asyncio.AbstractEventLoop, *, event: XidEvent | None = None, fault: GpuFault | None = None) -> None:
         # One hand-over for both, so whoever sees the event counted sees its fault too.
         _threadsafe(loop, self._deliver, event, fault)
 

@@ -1,6 +1,6 @@
 """The aiohttp application: /healthz, /readyz, /status, /metrics, POST /drain, POST /resume.
 
-Handlers only read the lifecycle and the snapshot (through `AgentControl`); none
+Handlers only read the lifecycle and the node (through `AgentControl`); none
 of them awaits a probe, so probes stay fast whatever the collectors are doing.
 """
 

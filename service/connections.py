@@ -125,12 +125,18 @@ class ConnectionGuard:
             gc.collect()
 
     def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily("gpu_node_agent_http_connections", "open connections to the agent's HTTP service", value=len(self._open))
-        closed = CounterMetricFamily("gpu_node_agent_http_connections_closed", "connections the guard closed, by why", labels=["why"])
+        yield GaugeMetricFamily(
+            "gpu_node_agent_http_connections", "open connections to the agent's HTTP service", value=len(self._open)
+        )
+        closed = CounterMetricFamily(
+            "gpu_node_agent_http_connections_closed", "connections the guard closed, by why", labels=["why"]
+        )
         for why in ("idle_evicted", "refused_busy"):
             closed.add_metric([why], float(self.closed[why]))
         yield closed
-        bad = CounterMetricFamily("gpu_node_agent_http_bad_requests", "requests refused as malformed or too large", labels=["kind"])
+        bad = CounterMetricFamily(
+            "gpu_node_agent_http_bad_requests", "requests refused as malformed or too large", labels=["kind"]
+        )
         for kind in ("malformed", "too_large", "handler_error"):
             bad.add_metric([kind], float(self.bad_requests[kind]))
         yield bad
@@ -161,6 +167,7 @@ class GuardedRequestHandler(web.RequestHandler):
     @property
     def requests_seen(self) -> int:
         return self._seen_requests
+
     @property
     def busy(self) -> bool:
         return bool(getattr(self, "_request_in_progress", False))
@@ -222,7 +229,7 @@ class GuardedSite(web.BaseSite):
     """A TCP site whose connections are GuardedRequestHandlers (aiohttp's BaseSite is
     the documented way to bring your own listener)."""
 
-    __slots__ = ("_host", "_port", "_guard", "_handler_kwargs")
+    __slots__ = ("_guard", "_handler_kwargs", "_host", "_port")
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard, *, backlog: int = 512) -> None:
         super().__init__(runner, backlog=backlog)

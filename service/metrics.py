@@ -1,5 +1,6 @@
 """/metrics: one custom prometheus_client Collector that builds every family from
-the lifecycle and the snapshot at scrape time (no second set of Gauges to sync)."""
+the lifecycle, the node view and the snapshot's reading ages at scrape time (no
+second set of Gauges to sync). It never imports a probe: readings come in the view."""
 
 from __future__ import annotations
 
@@ -9,16 +10,26 @@ from typing import Any, Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from probes.snapshot import Snapshot
+from agent.core.snapshot import Snapshot
+from agent.node_view import GpuReading, HostReading, NodeView, VllmReading
 from state_machine import Lifecycle, State
 
 _QUANTILES = ("p50", "p95", "p99")
 _QUANTILE_LABEL = {"p50": "0.5", "p95": "0.95", "p99": "0.99"}
 
 
+class NodeNow(Protocol):
+    def now(self) -> NodeView: ...
+
+
 class MetricsSource(Protocol):
     lifecycle: Lifecycle
-    snapshot: Snapshot
+    snapshot: Snapshot  # every reading's age and staleness
+
+    @property
+    def node(self) -> NodeNow:
+        """agent/node_view.py: what the node reads, one number per quantity."""
+        ...
     probe_errors: Any  # Counter[str]
     gpu_faults: Any  # GpuFaultPolicy
 
@@ -30,15 +41,16 @@ class AgentCollector(Collector):
         self._source = source
 
     def collect(self) -> Iterator[Metric]:
+        view = self._source.node.now()
         yield from self._lifecycle()
         yield from self._probes()
-        yield from self._vllm()
-        yield from self._gpu()
-        yield from self._host()
+        yield from self._vllm(view.vllm_last)
+        yield from self._gpu(view.gpu_last)
+        yield from self._host(view.host_last)
         yield from self._gpu_faults()
-        demand = getattr(self._source, "demand_now", None)
-        if demand is not None:
-            yield _gauge("gpu_node_agent_node_demand_ratio", "load relative to the autoscaling targets; 1.0 = at target", demand())
+        if view.autoscaling is not None:
+            doc = "load relative to the autoscaling targets; 1.0 = at target"
+            yield _gauge("gpu_node_agent_node_demand_ratio", doc, view.demand)
         exporter = getattr(self._source, "exporter", None)
         if exporter is not None:
             yield from exporter.collect()
@@ -50,8 +62,16 @@ class AgentCollector(Collector):
             yield from monitor.collect()
         logs = getattr(self._source, "log_stats", None)
         if logs is not None:
-            yield CounterMetricFamily("gpu_node_agent_log_records_dropped", "log records dropped: the log writer could not keep up (stdout blocked?)", value=float(logs.dropped))
-            yield CounterMetricFamily("gpu_node_agent_log_write_errors", "log records that could not be written (stdout closed?)", value=float(logs.write_errors))
+            yield CounterMetricFamily(
+                "gpu_node_agent_log_records_dropped",
+                "log records dropped: the log writer could not keep up (stdout blocked?)",
+                value=float(logs.dropped),
+            )
+            yield CounterMetricFamily(
+                "gpu_node_agent_log_write_errors",
+                "log records that could not be written (stdout closed?)",
+                value=float(logs.write_errors),
+            )
 
     def _lifecycle(self) -> Iterator[Metric]:
         lifecycle = self._source.lifecycle
@@ -63,9 +83,7 @@ class AgentCollector(Collector):
         yield GaugeMetricFamily(
             "gpu_node_agent_state_seconds", "seconds in the current state", value=lifecycle.seconds_in_state()
         )
-        transitions = CounterMetricFamily(
-            "gpu_node_agent_transitions", "lifecycle transitions", labels=["from", "to", "reason"]
-        )
+        transitions = CounterMetricFamily("gpu_node_agent_transitions", "lifecycle transitions", labels=["from", "to", "reason"])
         for (src, dst, reason), count in sorted(lifecycle.transitions_total.items()):
             transitions.add_metric([src, dst, reason], float(count))
         yield transitions
@@ -91,34 +109,54 @@ class AgentCollector(Collector):
             stale.add_metric([key], float(reading.is_stale(now)))
         yield age
         yield stale
-        broken = GaugeMetricFamily("gpu_node_agent_up", "1 while no critical task is crash-looping", value=float(not self._source.broken()))
+        broken = GaugeMetricFamily(
+            "gpu_node_agent_up", "1 while no critical task is crash-looping", value=float(not self._source.broken())
+        )
         yield broken
 
-    def _vllm(self) -> Iterator[Metric]:
-        vllm = self._source.snapshot.value("vllm", fresh=False)
+    def _vllm(self, vllm: VllmReading | None) -> Iterator[Metric]:
         if vllm is None:
             return
-        yield _gauge("gpu_node_agent_vllm_requests_waiting", "requests waiting (queue length), all engines", vllm.requests_waiting)
+        yield _gauge(
+            "gpu_node_agent_vllm_requests_waiting", "requests waiting (queue length), all engines", vllm.requests_waiting
+        )
         yield _gauge("gpu_node_agent_vllm_requests_running", "requests running, all engines", vllm.requests_running)
-        yield _gauge("gpu_node_agent_vllm_queue_length", "requests waiting for capacity: the queue the autoscalers see", vllm.queue_waiting)
-        yield _gauge("gpu_node_agent_vllm_requests_deferred", "requests waiting on a KV transfer or a LoRA budget (not demand)", vllm.waiting_deferred)
+        yield _gauge(
+            "gpu_node_agent_vllm_queue_length", "requests waiting for capacity: the queue the autoscalers see", vllm.queue_waiting
+        )
+        yield _gauge(
+            "gpu_node_agent_vllm_requests_deferred",
+            "requests waiting on a KV transfer or a LoRA budget (not demand)",
+            vllm.waiting_deferred,
+        )
         yield _gauge("gpu_node_agent_vllm_engines_unhealthy", "engines whose vllm:engine_healthy is 0", vllm.engines_unhealthy)
-        yield _quantiles("gpu_node_agent_vllm_queue_time_seconds", "time requests waited in vLLM's queue over the window", vllm.queue_time_s)
-        yield _gauge("gpu_node_agent_vllm_kv_cache_usage_ratio", "KV-cache usage 0-1, max over engines", vllm.kv_cache_usage_ratio)
-        yield _gauge("gpu_node_agent_vllm_kv_cache_used_bytes", "KV-cache bytes in use, where the capacity is known", vllm.kv_cache_used_bytes)
-        yield _gauge("gpu_node_agent_vllm_generation_tokens_per_second", "generated tokens per second", vllm.generation_tokens_per_s)
+        yield _quantiles(
+            "gpu_node_agent_vllm_queue_time_seconds", "time requests waited in vLLM's queue over the window", vllm.queue_time_s
+        )
+        yield _gauge(
+            "gpu_node_agent_vllm_kv_cache_usage_ratio", "KV-cache usage 0-1, max over engines", vllm.kv_cache_usage_ratio
+        )
+        yield _gauge(
+            "gpu_node_agent_vllm_kv_cache_used_bytes",
+            "KV-cache bytes in use, where the capacity is known",
+            vllm.kv_cache_used_bytes,
+        )
+        yield _gauge(
+            "gpu_node_agent_vllm_generation_tokens_per_second", "generated tokens per second", vllm.generation_tokens_per_s
+        )
         yield _gauge("gpu_node_agent_vllm_prompt_tokens_per_second", "prompt tokens per second", vllm.prompt_tokens_per_s)
         yield _gauge("gpu_node_agent_vllm_goodput_ratio", "share of the window's requests within the SLO", vllm.goodput_ratio)
         yield _quantiles("gpu_node_agent_vllm_ttft_seconds", "time to first token over the window", vllm.ttft_s)
         yield _quantiles("gpu_node_agent_vllm_tpot_seconds", "time per output token over the window", vllm.tpot_s)
         yield _quantiles("gpu_node_agent_vllm_e2e_seconds", "end-to-end request latency over the window", vllm.e2e_s)
-        finished = CounterMetricFamily("gpu_node_agent_vllm_requests_finished", "finished requests by reason", labels=["finished_reason"])
+        finished = CounterMetricFamily(
+            "gpu_node_agent_vllm_requests_finished", "finished requests by reason", labels=["finished_reason"]
+        )
         for reason, count in sorted(vllm.requests_finished_total.items()):
             finished.add_metric([reason], float(count))
         yield finished
 
-    def _gpu(self) -> Iterator[Metric]:
-        gpu = self._source.snapshot.value("gpu", fresh=False)
+    def _gpu(self, gpu: GpuReading | None) -> Iterator[Metric]:
         if gpu is None:
             return
         util = GaugeMetricFamily("gpu_node_agent_gpu_utilization_ratio", "GPU utilization 0-1", labels=["gpu"])
@@ -141,13 +179,14 @@ class AgentCollector(Collector):
         yield GaugeMetricFamily("gpu_node_agent_gpus", "GPUs NVML sees", value=float(gpu.gpu_count))
 
     def _gpu_faults(self) -> Iterator[Metric]:
-        faults = CounterMetricFamily("gpu_node_agent_gpu_faults", "GPU faults seen (XID, lost, row remap)", labels=["kind", "fatal"])
+        faults = CounterMetricFamily(
+            "gpu_node_agent_gpu_faults", "GPU faults seen (XID, lost, row remap)", labels=["kind", "fatal"]
+        )
         for (kind, fatal), count in sorted(self._source.gpu_faults.faults_total.items(), key=str):
             faults.add_metric([str(getattr(kind, "value", kind)), str(bool(fatal)).lower()], float(count))
         yield faults
 
-    def _host(self) -> Iterator[Metric]:
-        host = self._source.snapshot.value("host", fresh=False)
+    def _host(self, host: HostReading | None) -> Iterator[Metric]:
         if host is None:
             return
         yield _gauge("gpu_node_agent_host_cpu_ratio", "host CPU use 0-1", host.cpu_percent / 100.0)

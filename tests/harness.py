@@ -21,6 +21,29 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 
 
+def inprocess_config(tmp_path: Path, vllm_url: str | None = None, **env: str) -> Any:
+    """The config of a Daemon run inside the test's own loop: loopback, an ephemeral
+    port, a fresh state dir, no export and no metadata server; a vLLM polled briskly
+    with short drains when `vllm_url` is given. `env`: more GPU_AGENT_ settings."""
+    from agent.config import load_config
+
+    settings = {
+        "GPU_AGENT_SERVICE__HOST": "127.0.0.1",
+        "GPU_AGENT_SERVICE__PORT": "0",
+        "GPU_AGENT_SERVICE__STATE_DIR": str(tmp_path / "state"),
+        "GPU_AGENT_EXPORT__ENABLED": "false",
+        "GPU_AGENT_PREEMPTION__ENABLED": "false",
+    }
+    if vllm_url is not None:
+        settings |= {
+            "GPU_AGENT_INFERENCE__BASE_URL": vllm_url,
+            "GPU_AGENT_INFERENCE__POLL_INTERVAL_S": "0.1",
+            "GPU_AGENT_DRAIN__PROPAGATION_DELAY_S": "0.1",
+            "GPU_AGENT_DRAIN__SETTLE_S": "0.1",
+        }
+    return load_config(None, settings | env)
+
+
 def free_port() -> int:
     """A loopback port nothing listens on now (the OS picks it), for a server that must
     keep one fixed port across restarts."""
@@ -178,7 +201,9 @@ async def get_json(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
         return resp.status, await resp.json(content_type=None)
 
 
-async def post_json(session: aiohttp.ClientSession, url: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+async def post_json(
+    session: aiohttp.ClientSession, url: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
     async with session.post(url, json=body, headers=headers) as resp:
         return resp.status, await resp.json(content_type=None)
 

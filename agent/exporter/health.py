@@ -8,13 +8,22 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 RESULTS = ("ok", "failed", "dropped", "retried")
-# Failures that are not an API call's status code.
-SETUP_CODES = frozenset({"credentials", "resource", "setup", "error"})
+class SetupFailure(StrEnum):
+    """Export failures that are not an API call's status code (those are gRPC names)."""
+
+    CREDENTIALS = "credentials"  # no Google credentials
+    RESOURCE = "resource"  # the monitored resource lacks a label
+    SETUP = "setup"  # the client could not be built
+    ERROR = "error"  # a bug in a round
+
+
+SETUP_CODES = frozenset(SetupFailure)
 
 
 @dataclass
@@ -46,7 +55,9 @@ class ExportStats:
 
     @property
     def healthy(self) -> bool:
-        return self.last_success_wall is not None and (self.last_error_wall is None or self.last_success_wall >= self.last_error_wall)
+        return self.last_success_wall is not None and (
+            self.last_error_wall is None or self.last_success_wall >= self.last_error_wall
+        )
 
     def as_dict(self) -> dict[str, Any]:
         now = self.wall()
@@ -70,17 +81,29 @@ class ExportStats:
         points = CounterMetricFamily("gpu_node_agent_export_points", "points for Cloud Monitoring by result", labels=["result"])
         for result in RESULTS:
             points.add_metric([result], float(self.points_total[result]))
-        requests = CounterMetricFamily("gpu_node_agent_export_requests", "Cloud Monitoring calls by gRPC status code", labels=["code"])
+        requests = CounterMetricFamily(
+            "gpu_node_agent_export_requests", "Cloud Monitoring calls by gRPC status code", labels=["code"]
+        )
         for code, count in sorted(self.requests_total.items()):
             requests.add_metric([code], float(count))
-        failures = CounterMetricFamily("gpu_node_agent_export_failures", "export failures by code (gRPC status, credentials, resource)", labels=["code"])
+        failures = CounterMetricFamily(
+            "gpu_node_agent_export_failures", "export failures by code (gRPC status, credentials, resource)", labels=["code"]
+        )
         for code, count in sorted(self.failures_by_code.items()):
             failures.add_metric([code], float(count))
         yield from (points, requests, failures)
-        yield GaugeMetricFamily("gpu_node_agent_export_backlog_points", "points waiting to be written", value=float(backlog_points))
-        yield GaugeMetricFamily("gpu_node_agent_export_descriptors_ready", "1 once every metric descriptor exists", value=float(descriptors_ready))
+        yield GaugeMetricFamily(
+            "gpu_node_agent_export_backlog_points", "points waiting to be written", value=float(backlog_points)
+        )
+        yield GaugeMetricFamily(
+            "gpu_node_agent_export_descriptors_ready", "1 once every metric descriptor exists", value=float(descriptors_ready)
+        )
         if self.last_success_wall is not None:
-            yield GaugeMetricFamily("gpu_node_agent_export_last_success_timestamp_seconds", "wall time of the last accepted write", value=self.last_success_wall)
+            yield GaugeMetricFamily(
+                "gpu_node_agent_export_last_success_timestamp_seconds",
+                "wall time of the last accepted write",
+                value=self.last_success_wall,
+            )
 
 
 def _iso(wall: float | None) -> str | None:

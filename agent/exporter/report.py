@@ -19,18 +19,27 @@ from typing import Any, Protocol
 from agent.exporter.series import TERMINATION, MetricKind, SeriesPoint
 
 
-class DrainOutcome(Protocol):
-    """agent.drain.DrainReport, as far as the report needs it."""
+class FinishedDrain(Protocol):
+    """agent.drain.DrainReport, as far as the report needs it (read-only: the report is frozen)."""
 
-    reason: str
-    detail: str
-    finished_at_wall: float
-    drain_s: float
-    in_flight_at_notice: float | None
-    completed: float
-    aborted: float
-    outcome: str
-    failed: float
+    @property
+    def reason(self) -> str: ...
+    @property
+    def detail(self) -> str: ...
+    @property
+    def finished_at_wall(self) -> float: ...
+    @property
+    def drain_s(self) -> float: ...
+    @property
+    def in_flight_at_notice(self) -> float | None: ...
+    @property
+    def completed(self) -> float: ...
+    @property
+    def aborted(self) -> float: ...
+    @property
+    def outcome(self) -> str: ...
+    @property
+    def failed(self) -> float: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +59,7 @@ class TerminationReport:
     failed: float = 0.0
 
     @classmethod
-    def from_drain(cls, drain: DrainOutcome, *, transitions: int = 0) -> TerminationReport:
+    def from_drain(cls, drain: FinishedDrain, *, transitions: int = 0) -> TerminationReport:
         return cls(
             reason=drain.reason,
             outcome=drain.outcome,

@@ -35,13 +35,18 @@ _K8S_ENV = "KUBERNETES_SERVICE_HOST"
 
 
 class Identity(Protocol):
-    """What the metadata probe stores under snapshot key "metadata.identity"."""
+    """What the metadata source stores under snapshot key "metadata.identity" (read-only)."""
 
-    project_id: str | None
-    instance_id: str | None
-    zone: str | None
-    cluster_name: str | None
-    cluster_location: str | None
+    @property
+    def project_id(self) -> str | None: ...
+    @property
+    def instance_id(self) -> str | None: ...
+    @property
+    def zone(self) -> str | None: ...
+    @property
+    def cluster_name(self) -> str | None: ...
+    @property
+    def cluster_location(self) -> str | None: ...
 
 
 class ResourceError(Exception):

@@ -1,5 +1,5 @@
 """What the node pushes to Cloud Monitoring (SPEC §7): the descriptor table, the
-snapshot -> `NodeMetrics` -> series mapping, and the TimeSeries protos. Pure.
+node view -> `NodeMetrics` -> series mapping, and the TimeSeries protos. Pure.
 
 Which series are written when a reading is missing (SPEC: never stop writing the
 autoscaling series while the node serves; a missing series blocks HPA scale-down):
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-from agent.demand import TTFT_SERIES, Series
+from agent.node_view import TTFT_SERIES, NodeView, Series, VllmSource
 from state_machine import State
 
 PREFIX = "custom.googleapis.com/"
@@ -57,14 +57,6 @@ class MetricKind(StrEnum):
 class ValueType(StrEnum):
     DOUBLE = "DOUBLE"
     INT64 = "INT64"
-
-
-class VllmSource(StrEnum):
-    """Where this round's vLLM values came from (see the module docstring)."""
-
-    FRESH = "fresh"
-    HELD = "held"  # vLLM unreadable (hung, garbage): last good reading
-    DOWN = "down"  # vLLM refuses connections or was never read: zero load
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,16 +106,70 @@ DESCRIPTORS: tuple[Descriptor, ...] = (
     _d("vllm/queue_length", ValueType.DOUBLE, "{request}", "requests waiting in vLLM's queue, all engines"),
     _d("vllm/kv_cache_usage_gb", ValueType.DOUBLE, "GBy", "KV-cache in use (10^9 bytes), where the cache size is known"),
     _d("queue/pending_requests", ValueType.DOUBLE, "{request}", "requests the node still owes an answer: running + waiting"),
-    _d("vllm/ttft_ms", ValueType.DOUBLE, "ms", "time to first token over the sliding window; 0 when no request finished", _QUANTILE_LABEL),
-    _d("vllm/tpot_ms", ValueType.DOUBLE, "ms", "time per output token over the sliding window; 0 when no request finished", _QUANTILE_LABEL),
+    _d(
+        "vllm/ttft_ms",
+        ValueType.DOUBLE,
+        "ms",
+        "time to first token over the sliding window; 0 when no request finished",
+        _QUANTILE_LABEL,
+    ),
+    _d(
+        "vllm/tpot_ms",
+        ValueType.DOUBLE,
+        "ms",
+        "time per output token over the sliding window; 0 when no request finished",
+        _QUANTILE_LABEL,
+    ),
     _d("node/demand", ValueType.DOUBLE, "1", "load relative to the autoscaling targets, 1.0 = at target (agent/demand.py)"),
-    _d("agent/state", ValueType.INT64, "1", "1 for the node's lifecycle state, 0 for the others", ("state", "INIT, WARMING, READY, DRAINING or TERMINATED")),
-    _d("agent/termination/count", ValueType.INT64, "1", "1 per termination report, written once as the node goes away", *_TERMINATION_LABELS),
-    _d("agent/termination/drain_seconds", ValueType.DOUBLE, "s", "seconds from the drain's start to its end", *_TERMINATION_LABELS),
-    _d("agent/termination/in_flight_at_notice", ValueType.DOUBLE, "{request}", "requests in flight when the drain started (absent when unknown)", *_TERMINATION_LABELS),
-    _d("agent/termination/completed_requests", ValueType.DOUBLE, "{request}", "requests completed during the drain", *_TERMINATION_LABELS),
-    _d("agent/termination/aborted_requests", ValueType.DOUBLE, "{request}", "requests aborted during the drain (or left in flight at its deadline)", *_TERMINATION_LABELS),
-    _d("agent/termination/failed_requests", ValueType.DOUBLE, "{request}", "requests that finished with an error during the drain", *_TERMINATION_LABELS),
+    _d(
+        "agent/state",
+        ValueType.INT64,
+        "1",
+        "1 for the node's lifecycle state, 0 for the others",
+        ("state", "INIT, WARMING, READY, DRAINING or TERMINATED"),
+    ),
+    _d(
+        "agent/termination/count",
+        ValueType.INT64,
+        "1",
+        "1 per termination report, written once as the node goes away",
+        *_TERMINATION_LABELS,
+    ),
+    _d(
+        "agent/termination/drain_seconds",
+        ValueType.DOUBLE,
+        "s",
+        "seconds from the drain's start to its end",
+        *_TERMINATION_LABELS,
+    ),
+    _d(
+        "agent/termination/in_flight_at_notice",
+        ValueType.DOUBLE,
+        "{request}",
+        "requests in flight when the drain started (absent when unknown)",
+        *_TERMINATION_LABELS,
+    ),
+    _d(
+        "agent/termination/completed_requests",
+        ValueType.DOUBLE,
+        "{request}",
+        "requests completed during the drain",
+        *_TERMINATION_LABELS,
+    ),
+    _d(
+        "agent/termination/aborted_requests",
+        ValueType.DOUBLE,
+        "{request}",
+        "requests aborted during the drain (or left in flight at its deadline)",
+        *_TERMINATION_LABELS,
+    ),
+    _d(
+        "agent/termination/failed_requests",
+        ValueType.DOUBLE,
+        "{request}",
+        "requests that finished with an error during the drain",
+        *_TERMINATION_LABELS,
+    ),
 )
 DESCRIPTOR_BY_TYPE: dict[str, Descriptor] = {d.type: d for d in DESCRIPTORS}
 
@@ -155,27 +201,30 @@ class NodeMetrics:
     node_demand: float | None = None
 
 
-def node_metrics_from_snapshot(
-    snapshot: Any, lifecycle: Any, autoscaling: Mapping[Series, float | None] | None = None
-) -> NodeMetrics:
-    """Read the snapshot keys "vllm" and "gpu" and the lifecycle state; `autoscaling`
-    (agent/demand.py's values for this round) replaces the autoscaling series."""
-    gpu_live = gpu_view(snapshot)
-    vllm, source = vllm_view(snapshot)
-    zero = source is VllmSource.DOWN
-    quantiles_zero = dict.fromkeys(QUANTILES, 0.0)
+def node_metrics(view: NodeView) -> NodeMetrics:
+    """The values one round writes, from the node view; where the view carries the
+    autoscaling values (agent/demand.py's lifecycle rule) they replace the plain facts."""
+    gpu_live, vllm = view.gpu, view.vllm
     metrics = NodeMetrics(
-        state=lifecycle.state,
+        state=view.state,
         gpu_usage_percent=None if gpu_live is None else gpu_live.utilization_percent_mean,
         gpu_memory_used_bytes=None if gpu_live is None else gpu_live.memory_used_bytes_total,
-        vllm_source=source,
-        queue_length=0.0 if zero else _or_zero(vllm.requests_waiting if vllm.queue_waiting is None else vllm.queue_waiting),
-        pending_requests=0.0 if zero else _or_zero(vllm.in_flight),
-        generation_tokens_per_s=0.0 if zero else _or_zero(vllm.generation_tokens_per_s),
-        kv_cache_used_bytes=_kv_used(vllm, zero),
-        ttft_s=quantiles_zero if zero else _quantiles(vllm.ttft_s),
-        tpot_s=quantiles_zero if zero else _quantiles(vllm.tpot_s),
+        vllm_source=view.vllm_source,
+        kv_cache_used_bytes=_kv_used(view),
     )
+    if vllm is None or view.vllm_source is VllmSource.DOWN:
+        zero = dict.fromkeys(QUANTILES, 0.0)
+        metrics = replace(metrics, queue_length=0.0, pending_requests=0.0, generation_tokens_per_s=0.0, ttft_s=zero, tpot_s=zero)
+    else:
+        metrics = replace(
+            metrics,
+            queue_length=_or_zero(vllm.requests_waiting if vllm.queue_waiting is None else vllm.queue_waiting),
+            pending_requests=_or_zero(vllm.in_flight),
+            generation_tokens_per_s=_or_zero(vllm.generation_tokens_per_s),
+            ttft_s=_quantiles(vllm.ttft_s),
+            tpot_s=_quantiles(vllm.tpot_s),
+        )
+    autoscaling = view.autoscaling
     if autoscaling is None:
         return metrics
     return replace(
@@ -188,28 +237,12 @@ def node_metrics_from_snapshot(
     )
 
 
-def gpu_view(snapshot: Any) -> Any:
-    """The fresh GPU reading of a node with GPUs, else None (stale or failing NVML is unknown)."""
-    gpu = snapshot.value("gpu")
-    return gpu if gpu is not None and gpu.gpu_count > 0 else None
-
-
-def vllm_view(snapshot: Any) -> tuple[Any, VllmSource]:
-    """The vLLM reading this round writes from, and where it came from."""
-    fresh = snapshot.value("vllm")
-    if fresh is not None:
-        return fresh, VllmSource.FRESH
-    reading = snapshot.get("vllm")
-    if reading is None or reading.value is None or reading.failed_with("refused"):
-        # The last good value, if any, still tells whether the KV capacity is known.
-        return (None if reading is None else reading.value), VllmSource.DOWN
-    return reading.value, VllmSource.HELD
-
-
-def _kv_used(vllm: Any, zero: bool) -> float | None:
+def _kv_used(view: NodeView) -> float | None:
+    """Written only where the KV capacity is known (even DOWN: the last reading says so), then always."""
+    vllm = view.vllm
     if vllm is None or vllm.kv_cache_used_bytes is None:
         return None
-    return 0.0 if zero else float(vllm.kv_cache_used_bytes)
+    return 0.0 if view.vllm_source is VllmSource.DOWN else float(vllm.kv_cache_used_bytes)
 
 
 def _or_zero(value: float | None) -> float:
@@ -261,7 +294,10 @@ def descriptor_proto(desc: Descriptor, project_id: str) -> Any:
         unit=desc.unit,
         description=desc.description,
         display_name=desc.short,
-        labels=[label_pb2.LabelDescriptor(key=k, value_type=label_pb2.LabelDescriptor.STRING, description=text) for k, text in desc.labels],
+        labels=[
+            label_pb2.LabelDescriptor(key=k, value_type=label_pb2.LabelDescriptor.STRING, description=text)
+            for k, text in desc.labels
+        ],
     )
 
 

@@ -55,7 +55,11 @@ class CompletionStream:
 
     def opening(self) -> list[bytes]:
         """What goes out before the first token: chat announces the assistant's role."""
-        return [self._event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])] if self.chat else []
+        return (
+            [self._event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])]
+            if self.chat
+            else []
+        )
 
     def token(self, text: str, finish_reason: str | None = None) -> bytes:
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}

@@ -36,7 +36,7 @@ def _non_negative(text: str) -> float:
 
 
 async def _serve_until_signal(stop: Callable[[], Awaitable[None]], watch: Callable[[], Awaitable[None]],
-                              extra: dict[int, Callable[[], None]] | None = None) -> None:
+                              extra: dict[signal.Signals, Callable[[], None]] | None = None) -> None:
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -56,12 +56,21 @@ async def _serve_until_signal(stop: Callable[[], Awaitable[None]], watch: Callab
 
 
 def vllm_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent.sim.vllm",
-                                     description="a fake vLLM OpenAI server on 127.0.0.1: /health, /v1/models, /metrics, completions")
+    parser = argparse.ArgumentParser(
+        prog="python -m agent.sim.vllm",
+        description="a fake vLLM OpenAI server on 127.0.0.1: /health, /v1/models, /metrics, completions",
+    )
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (default 8000)")
-    parser.add_argument("--engines", type=int, default=1, choices=range(1, 65), metavar="N", help="data-parallel engines (default 1)")
-    parser.add_argument("--latency", type=_non_negative, default=0.5, metavar="S",
-                        help="seconds each completion takes, so in-flight requests can be watched (default 0.5)")
+    parser.add_argument(
+        "--engines", type=int, default=1, choices=range(1, 65), metavar="N", help="data-parallel engines (default 1)"
+    )
+    parser.add_argument(
+        "--latency",
+        type=_non_negative,
+        default=0.5,
+        metavar="S",
+        help="seconds each completion takes, so in-flight requests can be watched (default 0.5)",
+    )
     args = parser.parse_args(argv)
     return asyncio.run(_vllm(args.port, args.engines, args.latency))
 
@@ -96,11 +105,16 @@ async def _vllm(port: int, engines: int, latency_s: float) -> int:
 
 
 def metadata_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent.sim.metadata",
-                                     description="a fake GCE metadata server on 127.0.0.1 (point GCE_METADATA_HOST at it)")
+    parser = argparse.ArgumentParser(
+        prog="python -m agent.sim.metadata", description="a fake GCE metadata server on 127.0.0.1 (point GCE_METADATA_HOST at it)"
+    )
     parser.add_argument("--port", type=int, default=8096, help="0 picks a free port (default 8096)")
-    parser.add_argument("--preempt-after", type=_non_negative, metavar="S",
-                        help="set instance/preempted=TRUE after S seconds (kill -USR1 the process to do it at once)")
+    parser.add_argument(
+        "--preempt-after",
+        type=_non_negative,
+        metavar="S",
+        help="set instance/preempted=TRUE after S seconds (kill -USR1 the process to do it at once)",
+    )
     args = parser.parse_args(argv)
     return asyncio.run(_metadata(args.port, args.preempt_after))
 

@@ -36,7 +36,6 @@ from google.cloud import monitoring_v3
 from google.protobuf import empty_pb2
 from google.rpc import status_pb2
 
-
 SERVICE = "google.monitoring.v3.MetricService"
 RESOURCE_LABELS: dict[str, frozenset[str]] = {
     "gce_instance": frozenset({"project_id", "instance_id", "zone"}),
@@ -53,7 +52,13 @@ MAX_SERIES_PER_REQUEST = 200  # "at most 200 time series per request"
 MIN_POINT_GAP_S = 10.0  # quota: "one point per time series every 10 seconds" at most
 _KIND = metric_pb2.MetricDescriptor.MetricKind
 _VALUE = metric_pb2.MetricDescriptor.ValueType
-_ONEOF_OF_VALUE_TYPE = {_VALUE.DOUBLE: "double_value", _VALUE.INT64: "int64_value", _VALUE.BOOL: "bool_value", _VALUE.STRING: "string_value", _VALUE.DISTRIBUTION: "distribution_value"}
+_ONEOF_OF_VALUE_TYPE = {
+    _VALUE.DOUBLE: "double_value",
+    _VALUE.INT64: "int64_value",
+    _VALUE.BOOL: "bool_value",
+    _VALUE.STRING: "string_value",
+    _VALUE.DISTRIBUTION: "distribution_value",
+}
 _TS_REQUEST = monitoring_v3.CreateTimeSeriesRequest.pb()
 _SUMMARY = monitoring_v3.CreateTimeSeriesSummary.pb()
 
@@ -137,9 +142,19 @@ class FakeMetricService:
         unary = grpc.unary_unary_rpc_method_handler
         methods = {
             "CreateTimeSeries": unary(self._create_time_series, _TS_REQUEST.FromString, empty_pb2.Empty.SerializeToString),
-            "CreateMetricDescriptor": unary(self._create_descriptor, _pb("CreateMetricDescriptorRequest").FromString, metric_pb2.MetricDescriptor.SerializeToString),
-            "GetMetricDescriptor": unary(self._get_descriptor, _pb("GetMetricDescriptorRequest").FromString, metric_pb2.MetricDescriptor.SerializeToString),
-            "ListMetricDescriptors": unary(self._list_descriptors, _pb("ListMetricDescriptorsRequest").FromString, _pb("ListMetricDescriptorsResponse").SerializeToString),
+            "CreateMetricDescriptor": unary(
+                self._create_descriptor,
+                _pb("CreateMetricDescriptorRequest").FromString,
+                metric_pb2.MetricDescriptor.SerializeToString,
+            ),
+            "GetMetricDescriptor": unary(
+                self._get_descriptor, _pb("GetMetricDescriptorRequest").FromString, metric_pb2.MetricDescriptor.SerializeToString
+            ),
+            "ListMetricDescriptors": unary(
+                self._list_descriptors,
+                _pb("ListMetricDescriptorsRequest").FromString,
+                _pb("ListMetricDescriptorsResponse").SerializeToString,
+            ),
         }
         self._server = grpc.aio.server()
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
@@ -178,14 +193,20 @@ class FakeMetricService:
 
     # --- handlers ----------------------------------------------------------------------
     async def _create_time_series(self, request: Any, context: Any) -> Any:
-        return await self._serve("CreateTimeSeries", request.name, context, len(request.time_series), lambda p, f: self._write(p, request, f))
+        return await self._serve(
+            "CreateTimeSeries", request.name, context, len(request.time_series), lambda p, f: self._write(p, request, f)
+        )
 
     async def _create_descriptor(self, request: Any, context: Any) -> Any:
-        return await self._serve("CreateMetricDescriptor", request.name, context, 0, lambda p, f: self._store_descriptor(p, request.metric_descriptor))
+        return await self._serve(
+            "CreateMetricDescriptor", request.name, context, 0, lambda p, f: self._store_descriptor(p, request.metric_descriptor)
+        )
 
     async def _get_descriptor(self, request: Any, context: Any) -> Any:
         project, _, metric_type = request.name.removeprefix("projects/").partition("/metricDescriptors/")
-        return await self._serve("GetMetricDescriptor", f"projects/{project}", context, 0, lambda p, f: self._descriptor(p, metric_type))
+        return await self._serve(
+            "GetMetricDescriptor", f"projects/{project}", context, 0, lambda p, f: self._descriptor(p, metric_type)
+        )
 
     async def _list_descriptors(self, request: Any, context: Any) -> Any:
         def listing(project: str, _fault: Fault | None) -> Any:
@@ -234,7 +255,11 @@ class FakeMetricService:
         if code is None and self.projects is not None and project not in self.projects:
             code = grpc.StatusCode.PERMISSION_DENIED
         if code is not None:
-            permission = "timeSeries.create" if method == "CreateTimeSeries" else "metricDescriptors." + method.removesuffix("MetricDescriptor").lower()
+            permission = (
+                "timeSeries.create"
+                if method == "CreateTimeSeries"
+                else "metricDescriptors." + method.removesuffix("MetricDescriptor").lower()
+            )
             raise RpcError(code, f"Permission monitoring.{permission} denied (or the resource may not exist).")
 
     # --- descriptors ---------------------------------------------------------------------
@@ -265,7 +290,11 @@ class FakeMetricService:
     def _write(self, project: str, request: Any, fault: Fault | None) -> Any:
         total = len(request.time_series)
         if total == 0 or total > MAX_SERIES_PER_REQUEST:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"Field timeSeries had an invalid value: a request must contain 1 to {MAX_SERIES_PER_REQUEST} TimeSeries, got {total}")
+            raise RpcError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "Field timeSeries had an invalid value: "
+                f"a request must contain 1 to {MAX_SERIES_PER_REQUEST} TimeSeries, got {total}",
+            )
         now = self.wall()
         errors: dict[str, list[int]] = {}
         seen: set[tuple[Any, ...]] = set()
@@ -295,14 +324,26 @@ class FakeMetricService:
         start = _wall(point.interval.start_time) if point.interval.HasField("start_time") else None
         if end > now + MAX_AHEAD_S or end < now - MAX_AGE_S:
             return "The point's end time must be at most 25 hours in the past and 5 minutes in the future"
-        stored = StoredPoint(project, ts.metric.type, dict(ts.metric.labels), ts.resource.type, dict(ts.resource.labels),
-                             _KIND.Name(desc.metric_kind), getattr(point.value, _ONEOF_OF_VALUE_TYPE[desc.value_type]), end, start)
+        stored = StoredPoint(
+            project,
+            ts.metric.type,
+            dict(ts.metric.labels),
+            ts.resource.type,
+            dict(ts.resource.labels),
+            _KIND.Name(desc.metric_kind),
+            getattr(point.value, _ONEOF_OF_VALUE_TYPE[desc.value_type]),
+            end,
+            start,
+        )
         if stored.key in seen:
             return "Duplicate TimeSeries encountered. Only one point can be written per TimeSeries per request."
         seen.add(stored.key)
         prior = self._last_end.get(stored.key)
         if prior is not None and end < prior:
-            return "Points must be written in order. One or more of the points specified had an older start time than the most recent point."
+            return (
+                "Points must be written in order. "
+                "One or more of the points specified had an older start time than the most recent point."
+            )
         if prior is not None and end - prior < MIN_POINT_GAP_S:
             return "One or more points were written more frequently than the maximum sampling period configured for the metric."
         self._last_end[stored.key] = end
@@ -313,7 +354,9 @@ class FakeMetricService:
         oneof = ts.points[0].value.WhichOneof("value") if ts.points else None
         value_type = {v: k for k, v in _ONEOF_OF_VALUE_TYPE.items()}.get(oneof or "", _VALUE.DOUBLE)
         kind = ts.metric_kind or _KIND.GAUGE
-        return self._store_descriptor(project, metric_pb2.MetricDescriptor(type=ts.metric.type, metric_kind=kind, value_type=value_type))
+        return self._store_descriptor(
+            project, metric_pb2.MetricDescriptor(type=ts.metric.type, metric_kind=kind, value_type=value_type)
+        )
 
 
 def _check_shape(ts: Any, desc: Any, project: str) -> str | None:
@@ -340,7 +383,9 @@ def _check_shape(ts: Any, desc: Any, project: str) -> str | None:
     has_start = point.interval.HasField("start_time")
     if desc.metric_kind == _KIND.GAUGE and has_start and point.interval.start_time != point.interval.end_time:
         return "A GAUGE point's start time must be empty or equal to its end time"
-    if desc.metric_kind == _KIND.CUMULATIVE and (not has_start or _wall(point.interval.start_time) >= _wall(point.interval.end_time)):
+    if desc.metric_kind == _KIND.CUMULATIVE and (
+        not has_start or _wall(point.interval.start_time) >= _wall(point.interval.end_time)
+    ):
         return "A CUMULATIVE point needs a start time before its end time"
     return None
 
@@ -356,7 +401,9 @@ def _partial_failure(total: int, errors: dict[str, list[int]]) -> RpcError:
     return RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"One or more TimeSeries could not be written: {text}", summary)
 
 
-def _series_key(project: str, metric_type: str, labels: dict[str, str], resource_type: str, resource_labels: dict[str, str]) -> tuple[Any, ...]:
+def _series_key(
+    project: str, metric_type: str, labels: dict[str, str], resource_type: str, resource_labels: dict[str, str]
+) -> tuple[Any, ...]:
     return (project, metric_type, frozenset(labels.items()), resource_type, frozenset(resource_labels.items()))
 
 

@@ -32,9 +32,54 @@ from prometheus_client import (
 
 from agent.sim.completions import CONTENT_TYPE, CompletionStream, completion_json
 
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -69,7 +114,9 @@ class ServedMetrics:
 class _VllmMetrics:
     """vLLM's families on a private registry; V1 (model_name + engine) or V0 (model_name)."""
 
-    def __init__(self, model: str, engines: int, metric_names: str, buckets: dict[str, tuple[float, ...]], cache_info: dict[str, str]) -> None:
+    def __init__(
+        self, model: str, engines: int, metric_names: str, buckets: dict[str, tuple[float, ...]], cache_info: dict[str, str]
+    ) -> None:
         v1 = metric_names == "v1"
         lab = ["model_name", "engine"] if v1 else ["model_name"]
         r = self.registry = CollectorRegistry()
@@ -80,22 +127,70 @@ class _VllmMetrics:
         self.kv = Gauge(kv_name, "KV-cache usage. 1 means 100 percent usage.", lab, registry=r)
         self.prompt = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", lab, registry=r)
         self.generation = Counter("vllm:generation_tokens", "Number of generation tokens processed.", lab, registry=r)
-        self.success = Counter("vllm:request_success", "Count of successfully processed requests.", lab + ["finished_reason"], registry=r)
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", lab, buckets=buckets["ttft"], registry=r)
+        self.success = Counter(
+            "vllm:request_success", "Count of successfully processed requests.", [*lab, "finished_reason"], registry=r
+        )
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            lab,
+            buckets=buckets["ttft"],
+            registry=r,
+        )
         tpot_name = "vllm:inter_token_latency_seconds" if v1 else "vllm:time_per_output_token_seconds"
         self.tpot = Histogram(tpot_name, "Histogram of inter-token latency in seconds.", lab, buckets=buckets["tpot"], registry=r)
         self.request_tpot = (
-            Histogram("vllm:request_time_per_output_token_seconds", "Histogram of time_per_output_token_seconds per request.", lab, buckets=buckets["tpot"], registry=r)
+            Histogram(
+                "vllm:request_time_per_output_token_seconds",
+                "Histogram of time_per_output_token_seconds per request.",
+                lab,
+                buckets=buckets["tpot"],
+                registry=r,
+            )
             if v1
             else None
         )
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", lab, buckets=buckets["e2e"], registry=r)
-        self.sleep = Gauge("vllm:engine_sleep_state", "Engine sleep state; awake = 0 means engine is sleeping.", lab + ["sleep_state"], registry=r) if v1 else None
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            lab,
+            buckets=buckets["e2e"],
+            registry=r,
+        )
+        self.sleep = (
+            Gauge(
+                "vllm:engine_sleep_state",
+                "Engine sleep state; awake = 0 means engine is sleeping.",
+                [*lab, "sleep_state"],
+                registry=r,
+            )
+            if v1
+            else None
+        )
         # Current V1 only: why requests wait, engine health, time in the queue.
-        self.waiting_by_reason = Gauge("vllm:num_requests_waiting_by_reason", "Number of requests waiting, by reason.", lab + ["reason"], registry=r) if v1 else None
+        self.waiting_by_reason = (
+            Gauge("vllm:num_requests_waiting_by_reason", "Number of requests waiting, by reason.", [*lab, "reason"], registry=r)
+            if v1
+            else None
+        )
         self.healthy = Gauge("vllm:engine_healthy", "1 if the engine is healthy.", lab, registry=r) if v1 else None
-        self.queue_time = Histogram("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", lab, buckets=buckets["e2e"], registry=r) if v1 else None
-        info = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", [*cache_info, *(["engine"] if v1 else [])], registry=r)
+        self.queue_time = (
+            Histogram(
+                "vllm:request_queue_time_seconds",
+                "Histogram of time spent in WAITING phase for request.",
+                lab,
+                buckets=buckets["e2e"],
+                registry=r,
+            )
+            if v1
+            else None
+        )
+        info = Gauge(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            [*cache_info, *(["engine"] if v1 else [])],
+            registry=r,
+        )
         for e in range(engines):
             info.labels(**cache_info, **({"engine": str(e)} if v1 else {})).set(1)
             # vLLM creates every per-engine child up front, so a fresh server serves zeros, not nothing.
@@ -105,7 +200,9 @@ class _VllmMetrics:
             for reason in ("stop", "length", "abort"):
                 self.success.labels(*self.series[e], reason)
 
-    def observe(self, engine: int, prompt: int, output: int, ttft_s: float, tpot_s: float, reason: str, queue_s: float = 0.0) -> None:
+    def observe(
+        self, engine: int, prompt: int, output: int, ttft_s: float, tpot_s: float, reason: str, queue_s: float = 0.0
+    ) -> None:
         key = self.series[engine]
         if self.queue_time is not None:
             self.queue_time.labels(*key).observe(queue_s)
@@ -188,7 +285,13 @@ class FakeVllm:
             raise ValueError("metric_names is v1 or v0, and V0 has a single engine")
         self.model, self.engines, self.metric_names, self.host = model, engines, metric_names, host
         self.buckets = {"ttft": TTFT_BUCKETS, "tpot": TPOT_BUCKETS, "e2e": E2E_BUCKETS, **(buckets or {})}
-        self.cache_info = {"block_size": str(block_size), "cache_dtype": "auto", "gpu_memory_utilization": "0.9", "kv_cache_memory_bytes": str(kv_cache_memory_bytes), "num_gpu_blocks": str(num_gpu_blocks)}
+        self.cache_info = {
+            "block_size": str(block_size),
+            "cache_dtype": "auto",
+            "gpu_memory_utilization": "0.9",
+            "kv_cache_memory_bytes": str(kv_cache_memory_bytes),
+            "num_gpu_blocks": str(num_gpu_blocks),
+        }
         self.running, self.waiting, self.kv_cache_usage = [0] * engines, [0] * engines, [0.0] * engines
         self.deferred = [0] * engines  # of the waiting, how many wait on a KV transfer / LoRA budget
         self.engine_healthy = [True] * engines
@@ -210,7 +313,9 @@ class FakeVllm:
         self._next_engine = 0
         self._runner: web.AppRunner | None = None
         self._released = asyncio.Event()
-        self._sim_t, self._queues, self._active = 0.0, [deque() for _ in range(engines)], [[] for _ in range(engines)]
+        self._sim_t = 0.0
+        self._queues: list[deque[Any]] = [deque() for _ in range(engines)]
+        self._active: list[list[Any]] = [[] for _ in range(engines)]
         self._metrics = self._new_metrics()
 
     # --- lifecycle -------------------------------------------------------------------
@@ -281,7 +386,16 @@ class FakeVllm:
         self._queues, self._active = [deque() for _ in range(self.engines)], [[] for _ in range(self.engines)]
         self._metrics = self._new_metrics()
 
-    def observe_request(self, engine: int = 0, prompt_tokens: int = 32, output_tokens: int = 16, ttft_s: float | None = None, tpot_s: float | None = None, reason: str = "stop", queue_s: float = 0.0) -> None:
+    def observe_request(
+        self,
+        engine: int = 0,
+        prompt_tokens: int = 32,
+        output_tokens: int = 16,
+        ttft_s: float | None = None,
+        tpot_s: float | None = None,
+        reason: str = "stop",
+        queue_s: float = 0.0,
+    ) -> None:
         """Record one finished request in the counters and histograms."""
         ttft = self.ttft_s if ttft_s is None else ttft_s
         tpot = self.tpot_s if tpot_s is None else tpot_s
@@ -294,7 +408,11 @@ class FakeVllm:
             m.waiting.labels(*key).set(self.waiting[e])
             m.kv.labels(*key).set(self.kv_cache_usage[e])
             if m.sleep is not None:
-                for state, value in (("awake", 0 if self.sleeping else 1), ("weights_offloaded", 1 if self.sleeping else 0), ("discard_all", 0)):
+                for state, value in (
+                    ("awake", 0 if self.sleeping else 1),
+                    ("weights_offloaded", 1 if self.sleeping else 0),
+                    ("discard_all", 0),
+                ):
                     m.sleep.labels(*key, state).set(value)
             if m.waiting_by_reason is not None and m.healthy is not None:
                 deferred = min(self.deferred[e], self.waiting[e])
@@ -352,7 +470,14 @@ class FakeVllm:
             seq.generated += max(0.0, min(dt, self._sim_t - seq.first_token_s)) / tpot
             if seq.generated >= seq.output - 1 and self._sim_t >= seq.first_token_s:
                 active.remove(seq)
-                self.observe_request(e, seq.prompt, seq.output, seq.first_token_s - seq.arrived_s, tpot, "stop" if p.rng.random() < 0.8 else "length")
+                self.observe_request(
+                    e,
+                    seq.prompt,
+                    seq.output,
+                    seq.first_token_s - seq.arrived_s,
+                    tpot,
+                    "stop" if p.rng.random() < 0.8 else "length",
+                )
         self.running[e], self.waiting[e] = len(active), len(queue)
         capacity = float(self.cache_info["num_gpu_blocks"]) * float(self.cache_info["block_size"])
         self.kv_cache_usage[e] = min(1.0, sum(s.prompt + s.generated for s in active) / capacity * 20)
@@ -370,7 +495,16 @@ class FakeVllm:
         return await self._faulted(request, self.metrics_fault, lambda: self.render_metrics() + self.extra_metrics, 200)
 
     async def _models(self, request: web.Request) -> web.Response:
-        card = {"id": self.model, "object": "model", "created": int(time.time()), "owned_by": "vllm", "root": self.model, "parent": None, "max_model_len": 8192, "permission": []}
+        card = {
+            "id": self.model,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "vllm",
+            "root": self.model,
+            "parent": None,
+            "max_model_len": 8192,
+            "permission": [],
+        }
         return web.json_response({"object": "list", "data": [card]})
 
     async def _faulted(self, request: web.Request, fault: Fault, body: Any, status: int) -> web.StreamResponse:
@@ -382,9 +516,13 @@ class FakeVllm:
                 async with asyncio.timeout(self.delay_s):
                     await self._released.wait()
         elif fault in (Fault.HTTP_500, Fault.HTTP_503):
-            return web.Response(status=int(fault.value[5:]), text="Internal Server Error" if fault is Fault.HTTP_500 else "Service Unavailable")
+            return web.Response(
+                status=int(fault.value[5:]), text="Internal Server Error" if fault is Fault.HTTP_500 else "Service Unavailable"
+            )
         elif fault is Fault.GARBAGE:
-            return web.Response(body=b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe garbage", content_type="application/octet-stream")
+            return web.Response(
+                body=b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe garbage", content_type="application/octet-stream"
+            )
         elif fault is Fault.OVERSIZED:
             return await self._oversized(request)
         text = body()
@@ -396,7 +534,7 @@ class FakeVllm:
     async def _oversized(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": METRICS_CONTENT_TYPE})
         await response.prepare(request)
-        line = b"vllm:num_requests_running{engine=\"0\",model_name=\"padding\"} 0.0\n" * 1024
+        line = b'vllm:num_requests_running{engine="0",model_name="padding"} 0.0\n' * 1024
         try:
             for _ in range(self.oversized_bytes // len(line) + 1):
                 await response.write(line)
@@ -431,7 +569,9 @@ class FakeVllm:
         self.observe_request(engine, prompt_tokens, tokens, reason=reason)
         return web.json_response(completion_json(request.path, self.model, "ok " * tokens, reason, prompt_tokens, tokens))
 
-    async def _stream(self, request: web.Request, stream: CompletionStream, engine: int, tokens: int, reason: str) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, stream: CompletionStream, engine: int, tokens: int, reason: str
+    ) -> web.StreamResponse:
         """One SSE chunk per token (the first after ttft_s, then one every tpot_s); the
         request counts as running until its last token, and as aborted if the client goes."""
         response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE, "Cache-Control": "no-cache"})

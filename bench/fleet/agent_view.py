@@ -62,7 +62,8 @@ class NodeAgent:
         reading = self.reading()
         as_state = State.READY if self.rule is StateRule.LIVE and reading is not None else state
         values: dict[str, float | None] = {
-            series.value: v for series, v in self.gauge.values(as_state, reading, stale=False, gpu_usage_percent=gpu_usage_percent).items()
+            series.value: v
+            for series, v in self.gauge.values(as_state, reading, stale=False, gpu_usage_percent=gpu_usage_percent).items()
         }
         if self.rule is StateRule.TARGET_WHILE_WARMING and state in _WARMING:
             values.update(self.warming_values)

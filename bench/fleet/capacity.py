@@ -19,7 +19,9 @@ class Saturation:
 
 
 @functools.lru_cache(maxsize=256)
-def saturation(params: ServingParams, prompt_tokens: int, output_tokens: int, modes: EngineModes = EngineModes(), seconds: float = 240.0) -> Saturation:
+def saturation(
+    params: ServingParams, prompt_tokens: int, output_tokens: int, modes: EngineModes = EngineModes(), seconds: float = 240.0
+) -> Saturation:
     """Steady state of a node whose queue never empties (fixed sizes; the first third of
     the run is warm-up and not counted)."""
     server = NodeServer(params, slo_ttft_s=1e9, modes=modes)

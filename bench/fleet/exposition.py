@@ -10,9 +10,54 @@ from types import MappingProxyType
 from probes.prom_text import Sample
 
 # vLLM's bucket boundaries (vllm/v1/metrics/loggers.py), as its /metrics serves them.
-TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+TTFT_BUCKETS_S = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
 ITL_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-E2E_BUCKETS_S = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+E2E_BUCKETS_S = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 _LABELS = MappingProxyType({"engine": "0", "model_name": MODEL})
@@ -23,7 +68,7 @@ def _labels(**extra: str) -> MappingProxyType[str, str]:
 
 
 def _le(buckets: tuple[float, ...]) -> tuple[MappingProxyType[str, str], ...]:
-    return tuple(_labels(le=f"{b}") for b in buckets) + (_labels(le="+Inf"),)
+    return (*(_labels(le=f"{b}") for b in buckets), _labels(le="+Inf"))
 
 
 _STOP, _ABORT = _labels(finished_reason="stop"), _labels(finished_reason="abort")
@@ -50,7 +95,7 @@ class Histogram:
     def samples(self) -> list[Sample]:
         out, cumulative = [], 0.0
         bucket = self.name + "_bucket"
-        for le, count in zip(self._le, self.counts):
+        for le, count in zip(self._le, self.counts, strict=False):
             cumulative += count
             out.append(Sample(bucket, le, cumulative))
         out.append(Sample(self.name + "_count", _LABELS, cumulative))

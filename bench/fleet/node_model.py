@@ -70,7 +70,7 @@ class _Run:
     """`count` identical sequences in the batch: decode from iteration g0 to `end`;
     `reserved` is what the no-preemption mode set aside for each (prompt + output)."""
 
-    __slots__ = ("arrival_s", "kv_base", "g0", "end", "reserved", "count", "alive")
+    __slots__ = ("alive", "arrival_s", "count", "end", "g0", "kv_base", "reserved")
 
     def __init__(self, arrival_s: float, kv_base: float, g0: float, end: float, reserved: float, count: int) -> None:
         self.arrival_s, self.kv_base, self.g0, self.end, self.reserved = arrival_s, kv_base, g0, end, reserved

@@ -80,7 +80,9 @@ def verdict_table(results: Sequence[RunResult]) -> list[str]:
             best, gauge = winner(runs), next((r for r in runs if r.policy == GAUGE), None)
             met = gauge is not None and best is gauge
             why = "yes" if met else ("no policy reaches 99 %" if best is None else "no")
-            lines.append(f"| {trace} | {kind.upper()} | {best.policy if best else 'none'} | {_cell(best)} | {_cell(gauge)} | {why} |")
+            lines.append(
+                f"| {trace} | {kind.upper()} | {best.policy if best else 'none'} | {_cell(best)} | {_cell(gauge)} | {why} |"
+            )
     return lines
 
 
@@ -113,7 +115,9 @@ def sensitivity_table(results: Sequence[RunResult], columns: Sequence[str]) -> l
         for policy in dict.fromkeys(r.policy for r in runs if r.kind == kind):
             cells = []
             for column in columns:
-                r = next((x for x in runs if x.kind == kind and x.policy == policy and x.fidelity == column and x.trace == trace), None)
+                r = next(
+                    (x for x in runs if x.kind == kind and x.policy == policy and x.fidelity == column and x.trace == trace), None
+                )
                 cells.append("=" if r is None else _cell(r))
             lines.append(f"| {kind.upper()} | {policy} | " + " | ".join(cells) + " |")
     return lines
@@ -134,13 +138,25 @@ def plot(results: Sequence[RunResult], path: Path, traces: Sequence[str]) -> Non
     fig, axes = plt.subplots(2 * len(traces), len(kinds), figsize=(7.0 * len(kinds), 3.4 * 2 * len(traces)), squeeze=False)
     for i, trace in enumerate(traces):
         for j, kind in enumerate(kinds):
-            _panel(axes[2 * i][j], axes[2 * i + 1][j], [r for r in main if r.trace == trace and r.kind == kind], f"{trace} - {kind.upper()}")
+            _panel(
+                axes[2 * i][j],
+                axes[2 * i + 1][j],
+                [r for r in main if r.trace == trace and r.kind == kind],
+                f"{trace} - {kind.upper()}",
+            )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-_COLORS = {"gpu80": "tab:red", "queue": "tab:orange", "ttft1.5s": "tab:purple", "kv0.5": "tab:blue", "batch64": "tab:brown", "demand": "tab:green"}
+_COLORS = {
+    "gpu80": "tab:red",
+    "queue": "tab:orange",
+    "ttft1.5s": "tab:purple",
+    "kv0.5": "tab:blue",
+    "batch64": "tab:brown",
+    "demand": "tab:green",
+}
 
 
 def _panel(nodes_ax, slo_ax, runs: Sequence[RunResult], title: str) -> None:

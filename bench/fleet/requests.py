@@ -108,7 +108,7 @@ def _build(name: str, rows: list[tuple[float, int, int]], duration_s: float) -> 
 
 
 def _rows(trace: RequestTrace) -> list[tuple[float, int, int]]:
-    return list(zip(trace.times_s, trace.prompt_tokens, trace.output_tokens))
+    return list(zip(trace.times_s, trace.prompt_tokens, trace.output_tokens, strict=False))
 
 
 def scale(trace: RequestTrace, factor: float, *, seed: int = 1, jitter_s: float = 5.0) -> RequestTrace:
@@ -185,7 +185,10 @@ class RateStream:
         pool_rng = random.Random(f"sizes:{trace.name}:{seed}")
         # Unit-mean lognormal factors, drawn once: a request takes the next pair.
         self._pool = [
-            (math.exp(PROMPT_SIGMA * pool_rng.gauss(0, 1) - PROMPT_SIGMA**2 / 2), math.exp(OUTPUT_SIGMA * pool_rng.gauss(0, 1) - OUTPUT_SIGMA**2 / 2))
+            (
+                math.exp(PROMPT_SIGMA * pool_rng.gauss(0, 1) - PROMPT_SIGMA**2 / 2),
+                math.exp(OUTPUT_SIGMA * pool_rng.gauss(0, 1) - OUTPUT_SIGMA**2 / 2),
+            )
             for _ in range(1 << 15)
         ]
         self._k = 0
@@ -204,7 +207,9 @@ class RateStream:
         out = []
         for i, t in enumerate(sorted(t0_s + rng.random() * dt_s for _ in range(n))):
             fp, fo = pool[(k + i) % size]
-            out.append((t, min(MAX_PROMPT_TOKENS, max(1, round(mean_p * fp))), min(MAX_OUTPUT_TOKENS, max(1, round(mean_o * fo))), c))
+            out.append(
+                (t, min(MAX_PROMPT_TOKENS, max(1, round(mean_p * fp))), min(MAX_OUTPUT_TOKENS, max(1, round(mean_o * fo))), c)
+            )
         self._k = (k + n) % size
         return out
 

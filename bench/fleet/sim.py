@@ -115,9 +115,20 @@ class RunResult:
 class Fleet:
     """One run: a request stream, a policy, an autoscaler kind; `run()` returns the RunResult."""
 
-    def __init__(self, stream, policy: Policy, kind: Kind, *, seed: int = 1, fleet: FleetParams | None = None,
-                 serving: ServingParams | None = None, fidelity: Fidelity | None = None,
-                 demand_targets: DemandTargets | None = None, rule: StateRule = StateRule.AGENT, label: str | None = None) -> None:
+    def __init__(
+        self,
+        stream,
+        policy: Policy,
+        kind: Kind,
+        *,
+        seed: int = 1,
+        fleet: FleetParams | None = None,
+        serving: ServingParams | None = None,
+        fidelity: Fidelity | None = None,
+        demand_targets: DemandTargets | None = None,
+        rule: StateRule = StateRule.AGENT,
+        label: str | None = None,
+    ) -> None:
         self.stream, self.policy, self.kind, self.rule = stream, policy, kind, rule
         self.f, self.fid = fleet or FleetParams(), fidelity or Fidelity()
         self.serving = serving or ServingParams()
@@ -188,8 +199,14 @@ class Fleet:
     def _create(self, now_s: float, extra_delay_s: float = 0.0, warm: bool = False) -> None:
         f, fid = self.f, self.fid
         server = NodeServer(self.serving, f.slo_ttft_s, self.modes)
-        agent = NodeAgent(self.targets, slo_ttft_s=f.slo_ttft_s, slo_tpot_s=f.slo_tpot_s, window_s=f.window_s, rule=self.rule,
-                          warming_values={self.policy.metric: self.target})
+        agent = NodeAgent(
+            self.targets,
+            slo_ttft_s=f.slo_ttft_s,
+            slo_tpot_s=f.slo_tpot_s,
+            window_s=f.window_s,
+            rule=self.rule,
+            warming_values={self.policy.metric: self.target},
+        )
         weight = self._lb_weight()
         if warm:  # the fleet starts serving
             node = Node(now_s - 3600.0, now_s, now_s, server, agent, phase=State.READY, weight=weight)

@@ -307,12 +307,17 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path, bool]:
         flag, default = "--" + field.name.replace("_", "-"), field.default
         if isinstance(default, bool):
             off = f"--no-{flag[2:]}" if default else flag
-            parser.add_argument(off, dest=field.name, action="store_false" if default else "store_true", help=_HELP.get(field.name))
+            action = "store_false" if default else "store_true"
+            parser.add_argument(off, dest=field.name, action=action, help=_HELP.get(field.name))
             continue
         kind = float if field.name == "target" else type(default) if default not in (MISSING, None) else str
         parser.add_argument(
-            flag, type=kind, required=default is MISSING, default=None if default is MISSING else default,
-            help=_HELP.get(field.name), choices=sorted(METRICS) if field.name == "metric" else None,
+            flag,
+            type=kind,
+            required=default is MISSING,
+            default=None if default is MISSING else default,
+            help=_HELP.get(field.name),
+            choices=sorted(METRICS) if field.name == "metric" else None,
         )
     parser.add_argument("--agent-config", type=Path, default=HERE / "config.toml")
     parser.add_argument("--dry-run", action="store_true", help="print the requests, send nothing")

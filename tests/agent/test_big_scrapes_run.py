@@ -69,6 +69,13 @@ async def test_label_values_the_agent_re_exports_come_from_an_allow_list(tmp_pat
             assert len(finished) <= 6
             assert len(lines) < 400
             _, full = await get_json(http, f"{agent.url}/status")
-            assert set(full["readings"]["vllm"]["value"]["requests_finished_total"]) <= {"stop", "length", "abort", "error", "repetition", "other"}
+            assert set(full["readings"]["vllm"]["value"]["requests_finished_total"]) <= {
+                "stop",
+                "length",
+                "abort",
+                "error",
+                "repetition",
+                "other",
+            }
     finally:
         agent.kill()

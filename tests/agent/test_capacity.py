@@ -12,7 +12,15 @@ from agent.capacity import IterationFloor, OutputTokens, admissions_per_s, engin
 
 @pytest.mark.parametrize(
     ("running", "generation_tps", "value"),
-    [(50.0, 2000.0, 0.025), (1.0, 50.0, 0.02), (0.0, 100.0, None), (0.5, 100.0, None), (10.0, 0.0, None), (10.0, None, None), (math.nan, 1.0, None)],
+    [
+        (50.0, 2000.0, 0.025),
+        (1.0, 50.0, 0.02),
+        (0.0, 100.0, None),
+        (0.5, 100.0, None),
+        (10.0, 0.0, None),
+        (10.0, None, None),
+        (math.nan, 1.0, None),
+    ],
 )
 def test_the_mean_iteration_is_the_batch_over_the_token_rate(running, generation_tps, value) -> None:
     assert iteration_s(running, generation_tps) == (None if value is None else pytest.approx(value))
@@ -39,8 +47,10 @@ def test_engine_utilization(running, generation_tps, kv, floor_s, max_seqs, valu
 def test_utilization_is_linear_in_load_for_a_linear_iteration_cost() -> None:
     """Iteration t0 + m * batch, KV per sequence fixed: utilization = throughput / its maximum."""
     t0, m, full = 0.013, 0.0001, 300.0
+
     def throughput(batch: float) -> float:
         return batch / (t0 + m * batch)
+
     for batch in (10.0, 75.0, 150.0, 299.0):
         got = engine_utilization(batch, throughput(batch), batch / full, t0)
         assert got == pytest.approx(throughput(batch) / throughput(full), rel=1e-6)

@@ -177,9 +177,15 @@ async def test_drain_wait_that_times_out_exits_1_and_says_the_drain_goes_on(laun
     assert await state_of(session, agent) == "DRAINING"
 
 
-async def test_a_drain_subsumed_by_a_preemption_says_so_and_resume_is_refused(launch: Launch, session, metadata_server: FakeMetadataServer) -> None:
-    agent = await launch(GPU_AGENT_PREEMPTION__ENABLED="auto", GPU_AGENT_PREEMPTION__WATCH_TIMEOUT_S="2",
-                         GCE_METADATA_HOST=metadata_server.address, GPU_AGENT_DRAIN__PROPAGATION_DELAY_S="30")
+async def test_a_drain_subsumed_by_a_preemption_says_so_and_resume_is_refused(
+    launch: Launch, session, metadata_server: FakeMetadataServer
+) -> None:
+    agent = await launch(
+        GPU_AGENT_PREEMPTION__ENABLED="auto",
+        GPU_AGENT_PREEMPTION__WATCH_TIMEOUT_S="2",
+        GCE_METADATA_HOST=metadata_server.address,
+        GPU_AGENT_DRAIN__PROPAGATION_DELAY_S="30",
+    )
     await ready(session, agent)
     await metadata_server.set("instance/preempted", "TRUE")
 
@@ -212,6 +218,6 @@ async def test_client_commands_import_only_the_standard_library(launch: Launch, 
 
 def test_the_client_defaults_mirror_the_config_model() -> None:
     # admin_client cannot import agent.config (pydantic): its copies must not drift.
-    assert admin_client.DEFAULT_PORT == ServiceConfig.model_fields["port"].default
+    assert ServiceConfig.model_fields["port"].default == admin_client.DEFAULT_PORT
     assert admin_client.DEFAULT_CONFIG_PATH == DEFAULT_CONFIG_PATH
-    assert admin_client.SERVICE_KEYS == set(ServiceConfig.model_fields)
+    assert set(ServiceConfig.model_fields) == admin_client.SERVICE_KEYS

@@ -9,29 +9,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from agent.config import load_config
 from agent.daemon import Daemon
 from agent.sim.nvml import FakeNvml
 from agent.sim.vllm import FakeVllm
-from tests.harness import AgentProcess, get_json, until
+from tests.harness import AgentProcess, get_json, inprocess_config, until
 
 
 def config(tmp_path: Path, vllm: FakeVllm) -> object:
-    return load_config(
-        None,
-        {
-            "GPU_AGENT_SERVICE__HOST": "127.0.0.1",
-            "GPU_AGENT_SERVICE__PORT": "0",
-            "GPU_AGENT_SERVICE__STATE_DIR": str(tmp_path / "state"),
-            "GPU_AGENT_INFERENCE__BASE_URL": vllm.url,
-            "GPU_AGENT_INFERENCE__POLL_INTERVAL_S": "0.1",
-            "GPU_AGENT_GPU__POLL_INTERVAL_S": "0.1",
-            "GPU_AGENT_EXPORT__ENABLED": "false",
-            "GPU_AGENT_PREEMPTION__ENABLED": "false",
-            "GPU_AGENT_DRAIN__PROPAGATION_DELAY_S": "0.1",
-            "GPU_AGENT_DRAIN__SETTLE_S": "0.1",
-        },
-    )
+    return inprocess_config(tmp_path, vllm.url, GPU_AGENT_GPU__POLL_INTERVAL_S="0.1")
 
 
 @pytest.fixture
@@ -80,9 +65,8 @@ async def test_gpu_figures_reach_status_and_metrics(node) -> None:
     daemon, nvml, _ = node
     nvml.set(0, utilization_percent=73)
     await until(lambda: (v := daemon.snapshot.value("gpu")) is not None and v.gpus[0].utilization_percent == 73, 5)
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{daemon.bound_port}/metrics") as resp:
-            text = await resp.text()
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{daemon.bound_port}/metrics") as resp:
+        text = await resp.text()
     assert 'gpu_node_agent_gpu_utilization_ratio{gpu="0"} 0.73' in text
     assert "gpu_node_agent_gpus 2.0" in text
 

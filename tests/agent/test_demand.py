@@ -72,7 +72,8 @@ def test_demand_outside_ready_follows_the_lifecycle_rule(state, held, value, dom
 
 
 @pytest.mark.parametrize(
-    "field", ["queue_per_node", "kv_usage_ratio", "ttft_p95_s", "max_demand", "utilization_target", "max_num_seqs", "iteration_floor_s"]
+    "field",
+    ["queue_per_node", "kv_usage_ratio", "ttft_p95_s", "max_demand", "utilization_target", "max_num_seqs", "iteration_floor_s"],
 )
 @pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf])
 def test_targets_reject_values_that_are_not_positive_and_finite(field, bad) -> None:
@@ -197,11 +198,14 @@ def test_demand_gauge_warming_zero_ready_live_draining_held() -> None:
     serving = values(State.READY, busy, gpu=91.0)
     assert serving[Series.DEMAND] == 2.0  # waiting 20 / 10 dominates
     assert (serving[Series.QUEUE_LENGTH], serving[Series.PENDING_REQUESTS], serving[Series.GPU_USAGE_PERCENT]) == (20, 28, 91.0)
-    assert [serving[Series.TTFT_P50_MS], serving[Series.TTFT_P95_MS], serving[Series.TTFT_P99_MS]] == pytest.approx([200, 1000, 1800])
+    assert [serving[Series.TTFT_P50_MS], serving[Series.TTFT_P95_MS], serving[Series.TTFT_P99_MS]] == pytest.approx(
+        [200, 1000, 1800]
+    )
     emptying = V(0, 1, 0.01, {"p95": 0.1})
     assert values(State.DRAINING, emptying, gpu=5.0) == serving  # every series held from the last READY round
     assert values(State.READY, V(100, 8, 0.9, {"p95": 9.0}))[Series.DEMAND] == 3.0  # capped
     assert gauge.values(State.READY, None, stale=False, gpu_usage_percent=None)[Series.DEMAND] == 1.0  # nothing read: neutral
+
 
 def test_a_view_never_moves_the_held_values() -> None:
     @dataclass(frozen=True)
@@ -219,14 +223,29 @@ def test_a_view_never_moves_the_held_values() -> None:
     assert held[Series.QUEUE_LENGTH] == 7
 
 
-def _reading(running: float, generation_tps: float, kv: float, *, waiting: float = 0.0, generated: float = 0.0, done: float = 0.0,
-             itl_p50: float | None = None, prompt_tps: float = 0.0):
+def _reading(
+    running: float,
+    generation_tps: float,
+    kv: float,
+    *,
+    waiting: float = 0.0,
+    generated: float = 0.0,
+    done: float = 0.0,
+    itl_p50: float | None = None,
+    prompt_tps: float = 0.0,
+):
     from types import SimpleNamespace
 
     return SimpleNamespace(
-        requests_waiting=waiting, requests_running=running, kv_cache_usage_ratio=kv, ttft_s={"p50": 0.1, "p95": 0.2, "p99": 0.3},
-        tpot_s={"p50": itl_p50}, generation_tokens_per_s=generation_tps, prompt_tokens_per_s=prompt_tps,
-        generation_tokens_total=generated, requests_completed_total=done,
+        requests_waiting=waiting,
+        requests_running=running,
+        kv_cache_usage_ratio=kv,
+        ttft_s={"p50": 0.1, "p95": 0.2, "p99": 0.3},
+        tpot_s={"p50": itl_p50},
+        generation_tokens_per_s=generation_tps,
+        prompt_tokens_per_s=prompt_tps,
+        generation_tokens_total=generated,
+        requests_completed_total=done,
     )
 
 
@@ -234,11 +253,18 @@ def test_the_gauge_calibrates_itself_from_what_vllm_reports() -> None:
     from agent.demand import DemandGauge
 
     gauge = DemandGauge(DemandTargets())  # t0 unknown: bounded from above by the median inter-token latency
-    first = gauge.values(State.READY, _reading(20, 1000.0, 0.1, generated=2e4, done=100, itl_p50=0.015), stale=False, gpu_usage_percent=None)
+    first = gauge.values(
+        State.READY, _reading(20, 1000.0, 0.1, generated=2e4, done=100, itl_p50=0.015), stale=False, gpu_usage_percent=None
+    )
     # t_iter 20 ms, t0 <= 15 ms: utilization 1 - 0.9 * 15/20 = 0.325, over the 0.6 target
     assert first[Series.DEMAND] == pytest.approx(0.325 / 0.6)
     # 200 tokens a request, 1000 tokens/s: 5 starts/s; 10 waiting are 2 s of queue, the whole SLO
-    queued = gauge.values(State.READY, _reading(20, 1000.0, 0.1, waiting=10, generated=4e4, done=200, itl_p50=0.015), stale=False, gpu_usage_percent=None)
+    queued = gauge.values(
+        State.READY,
+        _reading(20, 1000.0, 0.1, waiting=10, generated=4e4, done=200, itl_p50=0.015),
+        stale=False,
+        gpu_usage_percent=None,
+    )
     assert queued[Series.DEMAND] == pytest.approx(2.0)
     # a held reading teaches nothing and cannot show spare capacity
     held = gauge.values(State.READY, _reading(1, 10.0, 0.0, itl_p50=0.001), stale=True, gpu_usage_percent=None)

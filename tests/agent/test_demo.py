@@ -22,13 +22,17 @@ DURATION_S = 20
 def demo() -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "agent", "demo", "--duration", str(DURATION_S)], cwd=REPO, capture_output=True, text=True, timeout=90
+        [sys.executable, "-m", "agent", "demo", "--duration", str(DURATION_S)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=90,
     )
     return result, time.monotonic() - started
 
 
 def summary_of(out: str) -> str:
-    return out[out.index("\nsummary\n"):]
+    return out[out.index("\nsummary\n") :]
 
 
 def test_demo_runs_the_lifecycle_and_ends_by_itself(demo) -> None:
@@ -55,8 +59,11 @@ def test_request_counts_are_integers_that_add_up(demo) -> None:
     total = re.search(r"= (\d+) = (\d+) completed \+ (\d+) aborted", summary)
     assert notice and after and total, summary
     assert int(notice[1]) + int(after[1]) == int(total[1]) == int(total[2]) + int(total[3])
-    report = re.search(r"termination report: preemption drain, \w+ after [\d.]+ s: (\d+) in flight at the notice, "
-                       r"(\d+) completed, (\d+) aborted", summary)
+    report = re.search(
+        r"termination report: preemption drain, \w+ after [\d.]+ s: (\d+) in flight at the notice, "
+        r"(\d+) completed, (\d+) aborted",
+        summary,
+    )
     assert report and (report[1], report[2], report[3]) == (notice[1], total[2], total[3])
 
 
@@ -87,4 +94,4 @@ def test_every_line_is_the_demos_own_and_nothing_reaches_stderr(demo) -> None:
     body = result.stdout[: result.stdout.index("\nsummary\n")]
     for line in body.splitlines():
         assert re.match(r"\[ *\d+\.\ds\] |          \S", line), f"stray line: {line!r}"
-    assert re.search(r"\] agent warning \(agent\.preemption\): metadata notice", body)
+    assert re.search(r"\] agent warning \(agent\.policy\.preemption\): metadata notice", body)

@@ -33,7 +33,9 @@ async def world():
     await sink.stop()
 
 
-async def start(tmp_path: Path, sink: FakeMetricService, vllm: FakeVllm, meta: FakeMetadataServer | None = None, **extra: str) -> AgentProcess:
+async def start(
+    tmp_path: Path, sink: FakeMetricService, vllm: FakeVllm, meta: FakeMetadataServer | None = None, **extra: str
+) -> AgentProcess:
     env = {
         "GPU_AGENT_INFERENCE__BASE_URL": vllm.url,
         "GPU_AGENT_EXPORT__ENABLED": "true",
@@ -42,9 +44,22 @@ async def start(tmp_path: Path, sink: FakeMetricService, vllm: FakeVllm, meta: F
         "GPU_AGENT_EXPORT__INTERVAL_S": "10",
     }
     if meta is None:
-        env.update({"GPU_AGENT_EXPORT__PROJECT_ID": "demo-project", "GPU_AGENT_EXPORT__RESOURCE": "generic_node", "GPU_AGENT_EXPORT__NODE_ID": "node-a", "GPU_AGENT_EXPORT__LOCATION": "us-central1-a"})
+        env.update(
+            {
+                "GPU_AGENT_EXPORT__PROJECT_ID": "demo-project",
+                "GPU_AGENT_EXPORT__RESOURCE": "generic_node",
+                "GPU_AGENT_EXPORT__NODE_ID": "node-a",
+                "GPU_AGENT_EXPORT__LOCATION": "us-central1-a",
+            }
+        )
     else:
-        env.update({"GPU_AGENT_PREEMPTION__ENABLED": "auto", "GPU_AGENT_PREEMPTION__WATCH_TIMEOUT_S": "2", "GCE_METADATA_HOST": meta.address})
+        env.update(
+            {
+                "GPU_AGENT_PREEMPTION__ENABLED": "auto",
+                "GPU_AGENT_PREEMPTION__WATCH_TIMEOUT_S": "2",
+                "GCE_METADATA_HOST": meta.address,
+            }
+        )
     env.update(extra)
     return await AgentProcess(tmp_path, env).start().started()
 
@@ -63,7 +78,8 @@ async def test_pushes_autoscaling_series_and_the_report_on_sigterm(tmp_path, wor
         assert point.metric_labels == {}  # label-free: autoscalers sum one series per node
         demand = sink.series(DEMAND)[-1]
         state = next(
-            p.metric_labels["state"] for p in sink.series("custom.googleapis.com/agent/state")
+            p.metric_labels["state"]
+            for p in sink.series("custom.googleapis.com/agent/state")
             if p.end_wall == demand.end_wall and p.value == 1
         )
         # 7 waiting / 10 per node while READY; a warming node writes 0 (capacity on its way)
@@ -94,7 +110,9 @@ async def test_pushes_autoscaling_series_and_the_report_on_sigterm(tmp_path, wor
 
 async def test_report_arrives_at_preemption_before_any_signal(tmp_path, world) -> None:
     sink, vllm, meta = world
-    agent = await start(tmp_path, sink, vllm, meta, GPU_AGENT_PREEMPTION__NOTICE_BUDGET_S="8", GPU_AGENT_DRAIN__SAFETY_MARGIN_S="2")
+    agent = await start(
+        tmp_path, sink, vllm, meta, GPU_AGENT_PREEMPTION__NOTICE_BUDGET_S="8", GPU_AGENT_DRAIN__SAFETY_MARGIN_S="2"
+    )
     try:
         async with aiohttp.ClientSession() as http:
             await until(lambda: sink.series(QUEUE), 15, 0.05, "first push")
@@ -121,6 +139,7 @@ async def test_permission_denied_is_explained_and_the_node_keeps_serving(tmp_pat
     agent = await start(tmp_path, sink, vllm)
     try:
         async with aiohttp.ClientSession() as http:
+
             async def explained() -> bool:
                 _, full = await get_json(http, f"{agent.url}/status")
                 return "PERMISSION_DENIED" in str(full["exporter"]) and full["state"] == "READY"

@@ -15,11 +15,13 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.config import ExportConfig
+from agent.core.snapshot import Snapshot
 from agent.exporter import series as s
-from agent.exporter.client import IDENTITY_KEY, Exporter, Tuning
+from agent.exporter.push_loop import Exporter, Tuning
 from agent.exporter.report import TerminationReport
+from agent.node_view import NodeViews
 from agent.sim.monitoring import FakeMetricService
-from probes.snapshot import Snapshot
+from probes.metadata import IDENTITY_KEY
 from probes.vllm import VllmReading
 from state_machine import DrainReason, Lifecycle, Source
 from tests.harness import until
@@ -52,10 +54,27 @@ class Wall:
 def reading(waiting: float = 4) -> VllmReading:
     quantiles = {"p50": 0.1, "p95": 0.2, "p99": 0.3}
     return VllmReading(
-        requests_running=2, requests_waiting=waiting, in_flight=2 + waiting, kv_cache_usage_ratio=0.25, kv_cache_capacity_bytes=8e9,
-        kv_cache_used_bytes=2e9, kv_capacity_source="configured", prompt_tokens_per_s=10.0, generation_tokens_per_s=90.0,
-        ttft_s=quantiles, tpot_s=quantiles, e2e_s={}, goodput_ratio=1.0, requests_finished_total={}, requests_completed_total=0,
-        requests_aborted_total=0, window_s=60, engines=1, models=("m",), metric_names="v1", engine_sleeping=False,
+        requests_running=2,
+        requests_waiting=waiting,
+        in_flight=2 + waiting,
+        kv_cache_usage_ratio=0.25,
+        kv_cache_capacity_bytes=8e9,
+        kv_cache_used_bytes=2e9,
+        kv_capacity_source="configured",
+        prompt_tokens_per_s=10.0,
+        generation_tokens_per_s=90.0,
+        ttft_s=quantiles,
+        tpot_s=quantiles,
+        e2e_s={},
+        goodput_ratio=1.0,
+        requests_finished_total={},
+        requests_completed_total=0,
+        requests_aborted_total=0,
+        window_s=60,
+        engines=1,
+        models=("m",),
+        metric_names="v1",
+        engine_sleeping=False,
     )
 
 
@@ -69,7 +88,14 @@ class Node:
 
     def exporter(self, environ: dict[str, str] | None = None, tuning: Tuning = FAST, **cfg: Any) -> Exporter:
         settings = {"project_id": PROJECT, "insecure": True, "endpoint": self.fake.endpoint, "interval_s": 10, **cfg}
-        exporter = Exporter(ExportConfig(**settings), self.snapshot, self.lifecycle, wall=self.wall, environ=environ or {}, hostname="node-a", tuning=tuning)
+        exporter = Exporter(
+            ExportConfig(**settings),
+            NodeViews(self.snapshot, self.lifecycle, None),
+            wall=self.wall,
+            environ=environ or {},
+            hostname="node-a",
+            tuning=tuning,
+        )
         self.exporters.append(exporter)
         return exporter
 
@@ -105,13 +131,35 @@ GKE_ENV = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "POD_NAME": "vllm-0", "POD_NAM
     "identity, environ, cfg, resource_type, resource_labels",
     [
         (Identity(), {}, {}, "gce_instance", {"project_id": PROJECT, "instance_id": "7001", "zone": "us-east1-b"}),
-        (Identity(cluster_name="gpu", cluster_location="us-east1"), GKE_ENV, {}, "k8s_pod",
-         {"project_id": PROJECT, "location": "us-east1", "cluster_name": "gpu", "namespace_name": "serving", "pod_name": "vllm-0"}),
-        (None, {}, {"resource": "generic_node", "location": "lab"}, "generic_node", {"project_id": PROJECT, "location": "lab", "namespace": "default", "node_id": "node-a"}),
+        (
+            Identity(cluster_name="gpu", cluster_location="us-east1"),
+            GKE_ENV,
+            {},
+            "k8s_pod",
+            {
+                "project_id": PROJECT,
+                "location": "us-east1",
+                "cluster_name": "gpu",
+                "namespace_name": "serving",
+                "pod_name": "vllm-0",
+            },
+        ),
+        (
+            None,
+            {},
+            {"resource": "generic_node", "location": "lab"},
+            "generic_node",
+            {"project_id": PROJECT, "location": "lab", "namespace": "default", "node_id": "node-a"},
+        ),
     ],
 )
 async def test_a_round_creates_every_descriptor_then_writes_one_request_on_the_node_resource(
-    node: Node, identity: Identity | None, environ: dict[str, str], cfg: dict[str, Any], resource_type: str, resource_labels: dict[str, str]
+    node: Node,
+    identity: Identity | None,
+    environ: dict[str, str],
+    cfg: dict[str, Any],
+    resource_type: str,
+    resource_labels: dict[str, str],
 ) -> None:
     if identity is not None:
         node.snapshot.put(IDENTITY_KEY, identity, stale_after_s=1e6)
@@ -121,13 +169,21 @@ async def test_a_round_creates_every_descriptor_then_writes_one_request_on_the_n
     assert units == {d.short: d.unit for d in s.DESCRIPTORS}
     (write,) = node.fake.calls_of("CreateTimeSeries")
     assert (write.code, write.series) == ("OK", SERIES_PER_ROUND)
-    assert {(p.resource_type, tuple(sorted(p.resource_labels.items()))) for p in node.fake.points} == {(resource_type, tuple(sorted(resource_labels.items())))}
+    assert {(p.resource_type, tuple(sorted(p.resource_labels.items()))) for p in node.fake.points} == {
+        (resource_type, tuple(sorted(resource_labels.items())))
+    }
     assert [p.value for p in node.fake.series(s.VLLM_QUEUE)] == [4.0] and node.fake.series(s.VLLM_QUEUE)[0].metric_labels == {}
     assert [p.value for p in node.fake.series(s.AGENT_STATE, state="READY")] == [1]
     assert [p.value for p in node.fake.series(s.TTFT, quantile="p95")] == [pytest.approx(200.0)]
     health = exporter.health()
-    assert (health["points_written"], health["descriptors_created"], health["backlog_size"]) == (SERIES_PER_ROUND, len(s.DESCRIPTORS), 0)
-    assert health["healthy"] and health["last_success_at"] == "2027-01-15T08:00:00Z" and health["resource"]["type"] == resource_type
+    assert (health["points_written"], health["descriptors_created"], health["backlog_size"]) == (
+        SERIES_PER_ROUND,
+        len(s.DESCRIPTORS),
+        0,
+    )
+    assert (
+        health["healthy"] and health["last_success_at"] == "2027-01-15T08:00:00Z" and health["resource"]["type"] == resource_type
+    )
 
 
 async def test_descriptors_are_created_once_and_one_that_already_exists_is_fine(node: Node) -> None:
@@ -139,7 +195,9 @@ async def test_descriptors_are_created_once_and_one_that_already_exists_is_fine(
     assert [c.code for c in node.fake.calls_of("CreateTimeSeries")] == ["OK", "OK"]
 
 
-async def test_pushes_keep_one_point_per_series_5_s_apart_and_skip_a_sample_that_would_not(node: Node, caplog: pytest.LogCaptureFixture) -> None:
+async def test_pushes_keep_one_point_per_series_5_s_apart_and_skip_a_sample_that_would_not(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
     exporter = node.exporter()
     for after_s in (10, 10, 2, 10):
         await node.push(exporter, after_s)
@@ -154,7 +212,11 @@ async def test_an_outage_then_recovery_writes_every_point_once_and_in_order(node
     for _ in range(5):
         await node.push(exporter)
     health = exporter.health()
-    assert health["backlog_size"] == 5 * SERIES_PER_ROUND and health["failures_by_code"]["UNAVAILABLE"] >= 5 and not health["healthy"]
+    assert (
+        health["backlog_size"] == 5 * SERIES_PER_ROUND
+        and health["failures_by_code"]["UNAVAILABLE"] >= 5
+        and not health["healthy"]
+    )
     node.fake.unavailable = False
     await node.push(exporter)
     assert queue_ends(node.fake) == [T0 + 10 * i for i in range(1, 8)]
@@ -162,7 +224,9 @@ async def test_an_outage_then_recovery_writes_every_point_once_and_in_order(node
     assert (exporter.health()["backlog_size"], exporter.points_total["dropped"]) == (0, 0)
 
 
-async def test_an_outage_longer_than_the_backlog_drops_the_oldest_and_counts_every_one(node: Node, caplog: pytest.LogCaptureFixture) -> None:
+async def test_an_outage_longer_than_the_backlog_drops_the_oldest_and_counts_every_one(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
     exporter = node.exporter(backlog_max_points=3 * SERIES_PER_ROUND)
     node.fake.unavailable = True
     for _ in range(6):
@@ -214,7 +278,9 @@ async def test_run_waits_for_the_metadata_identity_before_its_first_push(node: N
 async def test_without_a_project_id_the_error_says_which_setting_is_missing(node: Node) -> None:
     exporter = node.exporter(project_id=None)
     await node.push(exporter)
-    assert exporter.health()["last_error_code"] == "resource" and "export.project_id is not set" in exporter.health()["last_error"]
+    assert (
+        exporter.health()["last_error_code"] == "resource" and "export.project_id is not set" in exporter.health()["last_error"]
+    )
     assert node.fake.calls == []
 
 
@@ -246,22 +312,35 @@ async def test_a_deadline_exceeded_write_that_landed_is_not_duplicated_by_its_re
     exporter = node.exporter()
     await node.push(exporter)
     assert [c.code for c in node.fake.calls_of("CreateTimeSeries")] == ["DEADLINE_EXCEEDED", "INVALID_ARGUMENT"]
-    assert len(node.fake.points) == SERIES_PER_ROUND and exporter.health()["failures_by_code"] == {"DEADLINE_EXCEEDED": 1, "INVALID_ARGUMENT": 1}
+    assert len(node.fake.points) == SERIES_PER_ROUND and exporter.health()["failures_by_code"] == {
+        "DEADLINE_EXCEEDED": 1,
+        "INVALID_ARGUMENT": 1,
+    }
     await node.push(exporter)
     assert queue_ends(node.fake) == [T0 + 10, T0 + 20]
 
 
 async def test_a_partial_failure_is_counted_and_logged_not_retried(node: Node, caplog: pytest.LogCaptureFixture) -> None:
-    node.fake.inject("CreateTimeSeries", grpc.StatusCode.INVALID_ARGUMENT, reject_series=2, message="Field timeSeries[0] had an invalid value")
+    node.fake.inject(
+        "CreateTimeSeries", grpc.StatusCode.INVALID_ARGUMENT, reject_series=2, message="Field timeSeries[0] had an invalid value"
+    )
     exporter = node.exporter()
     await node.push(exporter)
     assert [c.code for c in node.fake.calls_of("CreateTimeSeries")] == ["INVALID_ARGUMENT"]
     assert (exporter.points_total["ok"], exporter.points_total["failed"]) == (SERIES_PER_ROUND - 2, 2)
     assert len(node.fake.points) == SERIES_PER_ROUND - 2 and exporter.health()["backlog_size"] == 0
-    assert any(r.levelno == logging.ERROR and "One or more TimeSeries could not be written" in r.getMessage() for r in caplog.records)
+    assert any(
+        r.levelno == logging.ERROR and "One or more TimeSeries could not be written" in r.getMessage() for r in caplog.records
+    )
 
 
-@pytest.mark.parametrize("code, hint", [(grpc.StatusCode.PERMISSION_DENIED, "roles/monitoring.metricWriter"), (grpc.StatusCode.NOT_FOUND, "check export.project_id")])
+@pytest.mark.parametrize(
+    "code, hint",
+    [
+        (grpc.StatusCode.PERMISSION_DENIED, "roles/monitoring.metricWriter"),
+        (grpc.StatusCode.NOT_FOUND, "check export.project_id"),
+    ],
+)
 async def test_a_refused_project_is_a_clear_error_in_status_and_logs_and_the_exporter_keeps_running(
     node: Node, caplog: pytest.LogCaptureFixture, code: grpc.StatusCode, hint: str
 ) -> None:
@@ -278,7 +357,9 @@ async def test_a_refused_project_is_a_clear_error_in_status_and_logs_and_the_exp
     assert any(r.levelno == logging.ERROR and code.name in r.getMessage() for r in caplog.records)
 
 
-async def test_missing_credentials_are_a_clear_error_in_health_not_a_crash(node: Node, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+async def test_missing_credentials_are_a_clear_error_in_health_not_a_crash(
+    node: Node, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
     exporter = node.exporter(insecure=False, endpoint="127.0.0.1:9")
     await node.push(exporter)
@@ -292,7 +373,16 @@ def terminate(lifecycle: Lifecycle) -> None:
     lifecycle.terminate("emptied")
 
 
-REPORT = TerminationReport(reason="preemption", outcome="emptied", at_wall=T0 + 15, drain_s=9.5, in_flight_at_notice=6, completed=6, aborted=0, transitions=5)
+REPORT = TerminationReport(
+    reason="preemption",
+    outcome="emptied",
+    at_wall=T0 + 15,
+    drain_s=9.5,
+    in_flight_at_notice=6,
+    completed=6,
+    aborted=0,
+    transitions=5,
+)
 
 
 async def test_flush_final_writes_the_report_and_the_last_points_within_the_deadline(node: Node) -> None:
@@ -301,8 +391,19 @@ async def test_flush_final_writes_the_report_and_the_last_points_within_the_dead
     terminate(node.lifecycle)
     node.wall.now += 10
     assert await exporter.flush_final(REPORT, deadline_s=2.0)
-    report = {p.metric_type.removeprefix(s.TERMINATION): (p.value, p.end_wall) for p in node.fake.points if p.metric_type.startswith(s.TERMINATION)}
-    assert report == {"count": (1, T0 + 15), "drain_seconds": (9.5, T0 + 15), "in_flight_at_notice": (6, T0 + 15), "completed_requests": (6, T0 + 15), "aborted_requests": (0, T0 + 15), "failed_requests": (0, T0 + 15)}
+    report = {
+        p.metric_type.removeprefix(s.TERMINATION): (p.value, p.end_wall)
+        for p in node.fake.points
+        if p.metric_type.startswith(s.TERMINATION)
+    }
+    assert report == {
+        "count": (1, T0 + 15),
+        "drain_seconds": (9.5, T0 + 15),
+        "in_flight_at_notice": (6, T0 + 15),
+        "completed_requests": (6, T0 + 15),
+        "aborted_requests": (0, T0 + 15),
+        "failed_requests": (0, T0 + 15),
+    }
     assert node.fake.series(s.TERMINATION + "count")[0].metric_labels == {"reason": "preemption", "outcome": "emptied"}
     assert [p.value for p in node.fake.series(s.AGENT_STATE, state="TERMINATED")] == [0, 1]
     assert all(c.code == "OK" for c in node.fake.calls)
@@ -321,7 +422,9 @@ async def test_flush_final_right_after_a_push_skips_the_last_sample_rather_than_
     assert len(node.fake.series(s.TERMINATION + "count")) == 1
 
 
-async def test_flush_final_during_an_outage_gives_up_within_the_deadline_and_counts_what_is_left(node: Node, caplog: pytest.LogCaptureFixture) -> None:
+async def test_flush_final_during_an_outage_gives_up_within_the_deadline_and_counts_what_is_left(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     exporter = node.exporter()
     await node.push(exporter)
@@ -337,7 +440,9 @@ async def test_flush_final_during_an_outage_gives_up_within_the_deadline_and_cou
 
 async def test_a_hanging_api_never_blocks_the_event_loop(node: Node) -> None:
     node.fake.inject("CreateTimeSeries", grpc.StatusCode.OK, delay_s=5.0, times=10)
-    exporter = node.exporter(tuning=Tuning(request_timeout_s=0.2, max_attempts=2, retry_base_s=0.01, retry_cap_s=0.02, identity_wait_s=0))
+    exporter = node.exporter(
+        tuning=Tuning(request_timeout_s=0.2, max_attempts=2, retry_base_s=0.01, retry_cap_s=0.02, identity_wait_s=0)
+    )
     ticks = 0
 
     async def tick() -> None:
@@ -355,17 +460,18 @@ async def test_a_hanging_api_never_blocks_the_event_loop(node: Node) -> None:
     assert health["failures_by_code"]["DEADLINE_EXCEEDED"] == 2 and health["backlog_size"] == SERIES_PER_ROUND
 
 
-async def test_run_pushes_at_once_then_parks_after_flush_final_and_is_cancellable(node: Node) -> None:
+async def test_run_pushes_at_once_then_returns_once_flush_final_takes_over(node: Node) -> None:
     exporter = node.exporter()
     async with asyncio.TaskGroup() as group:
         task = group.create_task(exporter.run())
         await until(lambda: exporter.points_total["ok"] == SERIES_PER_ROUND, 5, what="the first push")
         node.wall.now += 10
         assert await exporter.flush_final(REPORT, deadline_s=2.0)
-        await asyncio.sleep(0)
-        assert not task.done()
-        task.cancel()
-    assert task.cancelled()
+        written = len(node.fake.calls)
+        await asyncio.wait_for(task, 2)  # done (the supervisor runs it as a task that may finish)
+    assert not task.cancelled() and task.result() is None
+    assert len(node.fake.calls) == written  # nothing pushed after the final flush
+
 
 
 async def test_metrics_families_expose_points_by_result_and_the_backlog(node: Node) -> None:

@@ -12,12 +12,13 @@ import pytest
 from google.api import metric_pb2
 
 from agent.config import ExportConfig, ExportResource
-from agent.drain import DrainReport
+from agent.core.snapshot import Snapshot
 from agent.exporter import series as s
 from agent.exporter.report import TerminationReport, report_points
 from agent.exporter.resource import ResourceError, detect_resource
+from agent.node_view import NodeViews, VllmSource, node_view
+from agent.policy.drain import DrainReport
 from probes.gpu import GpuInfo, GpuReading, GpuStatus
-from probes.snapshot import Snapshot
 from probes.vllm import VllmReading
 from state_machine import State
 
@@ -40,7 +41,9 @@ def vllm(**changes: Any) -> VllmReading:
 
 
 def gpus(*utilization: float | None) -> GpuReading:
-    return GpuReading.of([GpuInfo(index=i, utilization_percent=u, memory_used_bytes=int(40 * GB)) for i, u in enumerate(utilization)])
+    return GpuReading.of(
+        [GpuInfo(index=i, utilization_percent=u, memory_used_bytes=int(40 * GB)) for i, u in enumerate(utilization)]
+    )
 
 
 class Node:
@@ -52,18 +55,25 @@ class Node:
         self.lifecycle = SimpleNamespace(state=state)
 
     def metrics(self) -> s.NodeMetrics:
-        return s.node_metrics_from_snapshot(self.snapshot, self.lifecycle)
+        return s.node_metrics(node_view(self.snapshot, self.lifecycle.state))
 
 
 def test_descriptors_cover_spec_types_with_units_descriptions_and_gauge_kind_only() -> None:
     shorts = {d.short for d in s.DESCRIPTORS}
-    assert SPEC_TYPES <= shorts and all(d.type.startswith("custom.googleapis.com/") for d in s.DESCRIPTORS)
+    assert shorts >= SPEC_TYPES and all(d.type.startswith("custom.googleapis.com/") for d in s.DESCRIPTORS)
     assert {d.kind for d in s.DESCRIPTORS} <= {s.MetricKind.GAUGE, s.MetricKind.CUMULATIVE}
     assert all(d.unit and d.description for d in s.DESCRIPTORS)
     assert len(shorts) == len(s.DESCRIPTORS)
     labels = {d.short: [k for k, _ in d.labels] for d in s.DESCRIPTORS}
     assert labels["vllm/ttft_ms"] == labels["vllm/tpot_ms"] == ["quantile"]
-    autoscaling = ("vllm/queue_length", "queue/pending_requests", "vllm/kv_cache_usage_gb", "vllm/tps", "gpu/usage_percent", "gpu/memory_used_gb")
+    autoscaling = (
+        "vllm/queue_length",
+        "queue/pending_requests",
+        "vllm/kv_cache_usage_gb",
+        "vllm/tps",
+        "gpu/usage_percent",
+        "gpu/memory_used_gb",
+    )
     assert all(labels[t] == [] for t in autoscaling)  # one series per node: autoscalers sum what matches
     units = {d.short: d.unit for d in s.DESCRIPTORS}
     assert (units["gpu/usage_percent"], units["gpu/memory_used_gb"], units["vllm/ttft_ms"]) == ("%", "GBy", "ms")
@@ -77,7 +87,9 @@ def test_fresh_readings_become_node_metrics_in_the_descriptors_units() -> None:
     assert points[(s.GPU_USAGE, ())] == 50.0 and points[(s.GPU_MEMORY, ())] == 80.0
     assert points[(s.VLLM_QUEUE, ())] == 5 and points[(s.PENDING, ())] == 8 and points[(s.VLLM_TPS, ())] == 250
     assert points[(s.VLLM_KV, ())] == 10.0
-    assert points[(s.TTFT, (("quantile", "p95"),))] == pytest.approx(400.0) and points[(s.TPOT, (("quantile", "p99"),))] == pytest.approx(80.0)
+    assert points[(s.TTFT, (("quantile", "p95"),))] == pytest.approx(400.0) and points[
+        (s.TPOT, (("quantile", "p99"),))
+    ] == pytest.approx(80.0)
     assert [points[(s.AGENT_STATE, (("state", st.value),))] for st in State] == [0, 0, 1, 0, 0]
     assert len(points) == 2 + 4 + 6 + 5
 
@@ -105,20 +117,24 @@ def _old(node: Node) -> None:
 
 def _fresh_but_empty_window(node: Node) -> None:
     empty = dict.fromkeys(s.QUANTILES)
-    node.snapshot.put("vllm", vllm(generation_tokens_per_s=None, ttft_s=empty, tpot_s=empty, kv_cache_used_bytes=None), stale_after_s=5)
+    node.snapshot.put(
+        "vllm", vllm(generation_tokens_per_s=None, ttft_s=empty, tpot_s=empty, kv_cache_used_bytes=None), stale_after_s=5
+    )
 
 
 @pytest.mark.parametrize(
     "setup, source, queue, kv_gb, ttft_p95_ms, tps",
     [
-        (_never, s.VllmSource.DOWN, 0.0, None, 0.0, 0.0),
-        (_refused_after_good, s.VllmSource.DOWN, 0.0, 0.0, 0.0, 0.0),
-        (_hung_after_good, s.VllmSource.HELD, 5.0, 10.0, 400.0, 250.0),
-        (_old, s.VllmSource.HELD, 5.0, 10.0, 400.0, 250.0),
-        (_fresh_but_empty_window, s.VllmSource.FRESH, 5.0, None, 0.0, 0.0),
+        (_never, VllmSource.DOWN, 0.0, None, 0.0, 0.0),
+        (_refused_after_good, VllmSource.DOWN, 0.0, 0.0, 0.0, 0.0),
+        (_hung_after_good, VllmSource.HELD, 5.0, 10.0, 400.0, 250.0),
+        (_old, VllmSource.HELD, 5.0, 10.0, 400.0, 250.0),
+        (_fresh_but_empty_window, VllmSource.FRESH, 5.0, None, 0.0, 0.0),
     ],
 )
-def test_vllm_series_never_go_missing_whatever_the_reading(setup: Any, source: s.VllmSource, queue: float, kv_gb: float | None, ttft_p95_ms: float, tps: float) -> None:
+def test_vllm_series_never_go_missing_whatever_the_reading(
+    setup: Any, source: VllmSource, queue: float, kv_gb: float | None, ttft_p95_ms: float, tps: float
+) -> None:
     node = Node(State.WARMING)
     setup(node)
     metrics = node.metrics()
@@ -140,7 +156,9 @@ def test_vllm_series_never_go_missing_whatever_the_reading(setup: Any, source: s
         (None, False, None, None),
     ],
 )
-def test_gpu_series_come_only_from_a_fresh_reading_of_a_node_with_gpus(reading: GpuReading | None, stale: bool, usage: float | None, memory_gb: float | None) -> None:
+def test_gpu_series_come_only_from_a_fresh_reading_of_a_node_with_gpus(
+    reading: GpuReading | None, stale: bool, usage: float | None, memory_gb: float | None
+) -> None:
     node = Node()
     if reading is not None:
         node.snapshot.put("gpu", reading, stale_after_s=5)
@@ -158,7 +176,10 @@ def test_series_are_unique_so_one_request_can_carry_a_whole_round() -> None:
 
 
 def test_time_series_protos_carry_kind_value_type_resource_and_end_time_only() -> None:
-    points = [s.SeriesPoint(s.AGENT_STATE, (("state", "READY"),), s.MetricKind.GAUGE, 1.0), s.SeriesPoint(s.VLLM_QUEUE, (), s.MetricKind.GAUGE, 2.5)]
+    points = [
+        s.SeriesPoint(s.AGENT_STATE, (("state", "READY"),), s.MetricKind.GAUGE, 1.0),
+        s.SeriesPoint(s.VLLM_QUEUE, (), s.MetricKind.GAUGE, 2.5),
+    ]
     state, queue = s.time_series_protos(points, "generic_node", {"project_id": "p", "node_id": "n"}, 1_800_000_000.25)
     assert state.points[0].value.WhichOneof("value") == "int64_value" and state.points[0].value.int64_value == 1
     assert queue.points[0].value.double_value == 2.5 and queue.value_type == metric_pb2.MetricDescriptor.DOUBLE
@@ -201,15 +222,59 @@ POD_ENV = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "POD_NAME": "vllm-7d9f", "POD_
     "cfg, identity, environ, kind, labels",
     [
         ({}, Identity(), {}, "gce_instance", {"project_id": "proj", "instance_id": "1234567890", "zone": "us-central1-a"}),
-        ({}, GKE, POD_ENV, "k8s_pod", {"project_id": "proj", "location": "us-central1", "cluster_name": "serving", "namespace_name": "llm", "pod_name": "vllm-7d9f"}),
-        ({"project_id": "mine"}, None, {}, "generic_node", {"project_id": "mine", "location": "global", "namespace": "default", "node_id": "host-a"}),
-        ({}, GKE, {}, "gce_instance", {"project_id": "proj", "instance_id": "1234567890", "zone": "us-central1-a"}),  # GKE node, not in a pod
-        ({"resource": "generic_node"}, GKE, POD_ENV, "generic_node", {"project_id": "proj", "location": "us-central1-a", "namespace": "serving", "node_id": "1234567890"}),
-        ({"resource": "gce_instance", "project_id": "p2", "node_id": "55", "location": "europe-west4-a"}, None, {}, "gce_instance", {"project_id": "p2", "instance_id": "55", "zone": "europe-west4-a"}),
-        ({"project_id": "other", "location": "eu", "node_id": "n1"}, None, {}, "generic_node", {"project_id": "other", "location": "eu", "namespace": "default", "node_id": "n1"}),
+        (
+            {},
+            GKE,
+            POD_ENV,
+            "k8s_pod",
+            {
+                "project_id": "proj",
+                "location": "us-central1",
+                "cluster_name": "serving",
+                "namespace_name": "llm",
+                "pod_name": "vllm-7d9f",
+            },
+        ),
+        (
+            {"project_id": "mine"},
+            None,
+            {},
+            "generic_node",
+            {"project_id": "mine", "location": "global", "namespace": "default", "node_id": "host-a"},
+        ),
+        (
+            {},
+            GKE,
+            {},
+            "gce_instance",
+            {"project_id": "proj", "instance_id": "1234567890", "zone": "us-central1-a"},
+        ),  # GKE node, not in a pod
+        (
+            {"resource": "generic_node"},
+            GKE,
+            POD_ENV,
+            "generic_node",
+            {"project_id": "proj", "location": "us-central1-a", "namespace": "serving", "node_id": "1234567890"},
+        ),
+        (
+            {"resource": "gce_instance", "project_id": "p2", "node_id": "55", "location": "europe-west4-a"},
+            None,
+            {},
+            "gce_instance",
+            {"project_id": "p2", "instance_id": "55", "zone": "europe-west4-a"},
+        ),
+        (
+            {"project_id": "other", "location": "eu", "node_id": "n1"},
+            None,
+            {},
+            "generic_node",
+            {"project_id": "other", "location": "eu", "namespace": "default", "node_id": "n1"},
+        ),
     ],
 )
-def test_resource_is_detected_from_identity_and_env_and_overridable(cfg: dict[str, Any], identity: Identity | None, environ: dict[str, str], kind: str, labels: dict[str, str]) -> None:
+def test_resource_is_detected_from_identity_and_env_and_overridable(
+    cfg: dict[str, Any], identity: Identity | None, environ: dict[str, str], kind: str, labels: dict[str, str]
+) -> None:
     resource = detect_resource(ExportConfig(**cfg), identity, environ, "host-a")
     assert resource.as_dict() == {"type": kind, "labels": labels}
 
@@ -223,20 +288,36 @@ def test_resource_is_detected_from_identity_and_env_and_overridable(cfg: dict[st
         ({"resource": "gce_instance", "project_id": "p"}, None, {}, "set export.node_id and export.location"),
     ],
 )
-def test_resource_errors_say_what_is_missing_and_where_it_comes_from(cfg: dict[str, Any], identity: Identity | None, environ: dict[str, str], message: str) -> None:
+def test_resource_errors_say_what_is_missing_and_where_it_comes_from(
+    cfg: dict[str, Any], identity: Identity | None, environ: dict[str, str], message: str
+) -> None:
     with pytest.raises(ResourceError, match=message):
         detect_resource(ExportConfig(**cfg), identity, environ, "host-a")
     assert ExportConfig(**cfg).resource in set(ExportResource)
 
 
 def test_termination_report_comes_from_the_drain_and_becomes_labelled_points() -> None:
-    drain = DrainReport(reason="preemption", detail="TRUE", started_at_wall=100.0, finished_at_wall=118.5, drain_s=18.5,
-                        in_flight_at_notice=12.0, completed=10.0, aborted=2.0, outcome="deadline", failed=1.0)
+    drain = DrainReport(
+        reason="preemption",
+        detail="TRUE",
+        started_at_wall=100.0,
+        finished_at_wall=118.5,
+        drain_s=18.5,
+        in_flight_at_notice=12.0,
+        completed=10.0,
+        aborted=2.0,
+        outcome="deadline",
+        failed=1.0,
+    )
     report = TerminationReport.from_drain(drain, transitions=6)
     assert report.as_dict()["at"] == "1970-01-01T00:01:58Z" and report.transitions == 6
     points = {p.metric_type.removeprefix(s.TERMINATION): p for p in report_points(report)}
     assert {name: p.value for name, p in points.items()} == {
-        "count": 1, "drain_seconds": 18.5, "in_flight_at_notice": 12, "completed_requests": 10, "aborted_requests": 2,
+        "count": 1,
+        "drain_seconds": 18.5,
+        "in_flight_at_notice": 12,
+        "completed_requests": 10,
+        "aborted_requests": 2,
         "failed_requests": 1,
     }
     assert all(p.labels == (("reason", "preemption"), ("outcome", "deadline")) for p in points.values())
@@ -252,25 +333,33 @@ def test_autoscaling_series_follow_the_lifecycle_rule_and_the_facts_do_not() -> 
     gauge = DemandGauge(DemandTargets(queue_per_node=10.0, kv_usage_ratio=0.5))  # hand targets: a fixed formula here
     node = Node()
 
+    views = NodeViews(node.snapshot, node.lifecycle, gauge)
+
     def written(state: State) -> dict[tuple[str, tuple], float]:
         node.lifecycle.state = state
-        source, fresh = s.vllm_view(node.snapshot), s.gpu_view(node.snapshot)
-        autoscaling = gauge.values(
-            state, source[0], stale=False, gpu_usage_percent=None if fresh is None else fresh.utilization_percent_mean
-        )
-        return {(p.metric_type, p.labels): p.value for p in s.series_points(s.node_metrics_from_snapshot(node.snapshot, node.lifecycle, autoscaling))}
+        return {(p.metric_type, p.labels): p.value for p in s.series_points(s.node_metrics(views.round()))}
 
     p95 = (s.TTFT, (("quantile", "p95"),))
     node.snapshot.put("vllm", vllm(), stale_after_s=5)
     node.snapshot.put("gpu", gpus(90.0, 70.0), stale_after_s=5)
     warming = written(State.WARMING)
-    assert (warming[(s.VLLM_QUEUE, ())], warming[(s.PENDING, ())], warming[p95], warming[(s.GPU_USAGE, ())], warming[(s.NODE_DEMAND, ())]) == (0, 0, 0, 0, 0)
+    assert (
+        warming[(s.VLLM_QUEUE, ())],
+        warming[(s.PENDING, ())],
+        warming[p95],
+        warming[(s.GPU_USAGE, ())],
+        warming[(s.NODE_DEMAND, ())],
+    ) == (0, 0, 0, 0, 0)
     assert warming[(s.VLLM_TPS, ())] == 250  # tps is a fact, not an autoscaling series
     ready = written(State.READY)
     assert (ready[(s.VLLM_QUEUE, ())], ready[(s.PENDING, ())], ready[(s.GPU_USAGE, ())]) == (5, 8, 80.0)
     assert ready[p95] == pytest.approx(400.0) and ready[(s.NODE_DEMAND, ())] == pytest.approx(1.0)  # kv 0.5 / 0.5
     # Draining: the LB sends nothing new, the node empties; the autoscaling series hold.
-    node.snapshot.put("vllm", vllm(requests_waiting=0, requests_running=1, in_flight=1, ttft_s={"p50": 0.01, "p95": 0.02, "p99": 0.03}), stale_after_s=5)
+    node.snapshot.put(
+        "vllm",
+        vllm(requests_waiting=0, requests_running=1, in_flight=1, ttft_s={"p50": 0.01, "p95": 0.02, "p99": 0.03}),
+        stale_after_s=5,
+    )
     node.snapshot.put("gpu", gpus(3.0, 1.0), stale_after_s=5)
     draining = written(State.DRAINING)
     for series in [(s.VLLM_QUEUE, ()), (s.PENDING, ()), (s.GPU_USAGE, ()), (s.NODE_DEMAND, ())] + [

@@ -45,7 +45,9 @@ EXPECTED_UNIT = {
 
 @pytest.mark.parametrize("descriptor", s.DESCRIPTORS, ids=lambda d: d.short)
 def test_every_descriptor_unit_is_valid_ucum_and_the_one_its_meaning_calls_for(descriptor: s.Descriptor) -> None:
-    assert _EXPRESSION.fullmatch(descriptor.unit), f"{descriptor.short}: {descriptor.unit!r} is not a unit Cloud Monitoring accepts"
+    assert _EXPRESSION.fullmatch(descriptor.unit), (
+        f"{descriptor.short}: {descriptor.unit!r} is not a unit Cloud Monitoring accepts"
+    )
     assert descriptor.unit == EXPECTED_UNIT[descriptor.short]
 
 

@@ -20,7 +20,6 @@ from agent.sim.vllm import FakeVllm
 from tests.harness import REPO, AgentProcess, get_json, post_json, status_is, until
 
 
-
 async def start(tmp_path: Path, vllm: FakeVllm, state_dir: Path) -> AgentProcess:
     env = {"GPU_AGENT_INFERENCE__BASE_URL": vllm.url, "GPU_AGENT_SERVICE__STATE_DIR": str(state_dir)}
     return await AgentProcess(tmp_path, env).start().started()
@@ -67,7 +66,11 @@ async def test_an_unusable_state_file_is_moved_aside_never_deleted_and_the_agent
             moved = [Path(p) for p in full["state_file"]["quarantined"]]
             assert len(moved) == 1 and moved[0].parent == state
             kept = os.lstat(moved[0])
-            assert (stat.S_IFMT(kept.st_mode), kept.st_size, kept.st_ino) == (stat.S_IFMT(before.st_mode), before.st_size, before.st_ino)
+            assert (stat.S_IFMT(kept.st_mode), kept.st_size, kept.st_ino) == (
+                stat.S_IFMT(before.st_mode),
+                before.st_size,
+                before.st_ino,
+            )
             assert full["state_file"]["persisted"] is True
             assert agent.logs("state file unusable; moved aside, starting without it")
             # A new drain is written where the bad file was, and survives a restart.
@@ -99,8 +102,12 @@ async def test_a_state_dir_that_cannot_be_written_is_reported_at_start_told_to_t
             _, full = await get_json(http, f"{agent.url}/status")
             assert full["state_file"]["persisted"] is False and full["state_file"]["error"]
             cli = await asyncio.to_thread(
-                subprocess.run, [sys.executable, "-m", "agent", "drain", "--url", agent.url, "--reason", "again"],
-                capture_output=True, text=True, timeout=30, cwd=REPO,
+                subprocess.run,
+                [sys.executable, "-m", "agent", "drain", "--url", agent.url, "--reason", "again"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd=REPO,
             )
             assert cli.returncode == 0 and "not persisted" in cli.stderr, cli  # the CLI says so too
             blocker.unlink()  # the disk comes back: the retry must land without another call

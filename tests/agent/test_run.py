@@ -27,7 +27,6 @@ from tests.harness import (
 )
 
 
-
 @pytest.fixture
 async def http():
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
@@ -183,7 +182,7 @@ async def test_admin_drain_survives_a_restart(tmp_path, vllm, http, agents) -> N
 
 
 async def test_an_agent_restarted_mid_preemption_keeps_the_notices_deadline(tmp_path, vllm, http, agents) -> None:
-    from state_machine.persist import current_boot_id
+    from agent.state_file import current_boot_id
 
     agent = await start_agent(agents, tmp_path, vllm, drain__timeout_s="300", drain__propagation_delay_s="0")
     await wait_state(http, agent, "READY")
@@ -243,7 +242,14 @@ async def test_bad_admin_requests_get_a_4xx_with_a_reason_and_change_nothing(tmp
 
 @pytest.mark.parametrize(
     "fault, code",
-    [("garbage", "garbage"), ("truncated", "garbage"), ("oversized", "too_large"), ("hang", "timeout"), ("slow", "timeout"), ("http_500", "http_500")],
+    [
+        ("garbage", "garbage"),
+        ("truncated", "garbage"),
+        ("oversized", "too_large"),
+        ("hang", "timeout"),
+        ("slow", "timeout"),
+        ("http_500", "http_500"),
+    ],
 )
 async def test_bad_vllm_metrics_are_dropped_marked_stale_and_explained(tmp_path, vllm, http, agents, fault, code) -> None:
     agent = await start_agent(agents, tmp_path, vllm)
@@ -297,8 +303,21 @@ async def test_cli_drain_wait_returns_once_drained_and_status_renders(tmp_path, 
 
     await until(a_ready_round_saw_it, 5)
     cli = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent", "drain", "--wait", "--timeout", "20", "--reason", "cli test", "--url", agent.url, "--json",
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "agent",
+        "drain",
+        "--wait",
+        "--timeout",
+        "20",
+        "--reason",
+        "cli test",
+        "--url",
+        agent.url,
+        "--json",
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     await wait_state(http, agent, "DRAINING")
     await asyncio.sleep(0.8)
@@ -307,7 +326,9 @@ async def test_cli_drain_wait_returns_once_drained_and_status_renders(tmp_path, 
     out, err = await asyncio.wait_for(cli.communicate(), 15)
     assert cli.returncode == 0, err
     assert b'"drained": true' in out
-    status = subprocess.run([sys.executable, "-m", "agent", "status", "--url", agent.url], cwd=REPO, capture_output=True, text=True, timeout=20)
+    status = subprocess.run(
+        [sys.executable, "-m", "agent", "status", "--url", agent.url], cwd=REPO, capture_output=True, text=True, timeout=20
+    )
     assert status.returncode == 0
     assert status.stdout.startswith("DRAINING (admin, drained)")
     # The node is empty now, but what it tells the autoscalers is held from its last READY
@@ -319,7 +340,13 @@ async def test_cli_drain_wait_returns_once_drained_and_status_renders(tmp_path, 
 
 
 async def test_status_cli_says_when_the_agent_is_unreachable() -> None:
-    result = subprocess.run([sys.executable, "-m", "agent", "status", "--url", "http://127.0.0.1:9"], cwd=REPO, capture_output=True, text=True, timeout=20)
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "status", "--url", "http://127.0.0.1:9"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     assert result.returncode == 1
     assert "cannot reach the agent" in result.stderr
 

@@ -15,7 +15,6 @@ from agent.sim.vllm import FakeVllm
 from tests.harness import AgentProcess, get_json, status_is, until
 
 
-
 async def ready_agent(tmp_path, vllm: FakeVllm) -> AgentProcess:
     agent = await AgentProcess(tmp_path, {"GPU_AGENT_INFERENCE__BASE_URL": vllm.url}).start().started()
     async with aiohttp.ClientSession() as http:
@@ -26,7 +25,11 @@ async def ready_agent(tmp_path, vllm: FakeVllm) -> AgentProcess:
 async def test_sighup_usr1_and_usr2_do_their_jobs_and_never_kill_or_drain_the_agent(tmp_path, vllm) -> None:
     agent = await ready_agent(tmp_path, vllm)
     try:
-        for sig, message in ((signal.SIGHUP, "SIGHUP"), (signal.SIGUSR1, "status (SIGUSR1)"), (signal.SIGUSR2, "stacks (SIGUSR2)")):
+        for sig, message in (
+            (signal.SIGHUP, "SIGHUP"),
+            (signal.SIGUSR1, "status (SIGUSR1)"),
+            (signal.SIGUSR2, "stacks (SIGUSR2)"),
+        ):
             agent.send(sig)
             await until(lambda m=message: [e for e in agent.logs() if e["message"].startswith(m)], 5, what=message)
         assert agent.proc.poll() is None

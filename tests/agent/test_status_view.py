@@ -80,12 +80,21 @@ async def test_ready_then_vllm_lost_then_admin_drained(launch: Launch, session, 
     assert "drain report" in text
 
 
-async def test_export_failing_then_preemption_then_terminated(launch: Launch, session, fake_vllm, metadata_server: FakeMetadataServer) -> None:
+async def test_export_failing_then_preemption_then_terminated(
+    launch: Launch, session, fake_vllm, metadata_server: FakeMetadataServer
+) -> None:
     agent = await launch(
-        GPU_AGENT_EXPORT__ENABLED="true", GPU_AGENT_EXPORT__ENDPOINT="127.0.0.1:9", GPU_AGENT_EXPORT__INSECURE="true",
-        GPU_AGENT_EXPORT__INTERVAL_S="10", GPU_AGENT_EXPORT__PROJECT_ID="demo-project",
-        GPU_AGENT_EXPORT__RESOURCE="generic_node", GPU_AGENT_EXPORT__NODE_ID="node-a", GPU_AGENT_EXPORT__LOCATION="us-central1-a",
-        GPU_AGENT_PREEMPTION__ENABLED="auto", GPU_AGENT_PREEMPTION__WATCH_TIMEOUT_S="2", GCE_METADATA_HOST=metadata_server.address,
+        GPU_AGENT_EXPORT__ENABLED="true",
+        GPU_AGENT_EXPORT__ENDPOINT="127.0.0.1:9",
+        GPU_AGENT_EXPORT__INSECURE="true",
+        GPU_AGENT_EXPORT__INTERVAL_S="10",
+        GPU_AGENT_EXPORT__PROJECT_ID="demo-project",
+        GPU_AGENT_EXPORT__RESOURCE="generic_node",
+        GPU_AGENT_EXPORT__NODE_ID="node-a",
+        GPU_AGENT_EXPORT__LOCATION="us-central1-a",
+        GPU_AGENT_PREEMPTION__ENABLED="auto",
+        GPU_AGENT_PREEMPTION__WATCH_TIMEOUT_S="2",
+        GCE_METADATA_HOST=metadata_server.address,
         GPU_AGENT_DRAIN__PROPAGATION_DELAY_S="1",
     )
     await when(session, agent, lambda s: s["state"] == "READY" and s["exporter"].get("last_error"), "READY, export failing")
@@ -107,8 +116,12 @@ async def test_export_failing_then_preemption_then_terminated(launch: Launch, se
     await when(session, agent, lambda s: s["state"] == "TERMINATED", "TERMINATED")
     text = await shown(agent)
     assert re.match(r"TERMINATED \(preemption, emptied\) for .+ - nothing to do, the node is going away\n", text)
-    assert re.search(r"^termination report\n  - preemption drain, emptied after [\d.]+ s, finished \d\d:\d\d:\d\dZ\n"
-                     r"  - requests: 2 in flight at the notice, 2 completed, 0 aborted$", text, re.MULTILINE)
+    assert re.search(
+        r"^termination report\n  - preemption drain, emptied after [\d.]+ s, finished \d\d:\d\d:\d\dZ\n"
+        r"  - requests: 2 in flight at the notice, 2 completed, 0 aborted$",
+        text,
+        re.MULTILINE,
+    )
     machine = await run_cli("status", "--json", "--url", agent.url)
     assert json.loads(machine.stdout)["termination_report"]["completed"] == 2.0  # --json is the raw document
 
@@ -128,7 +141,9 @@ def test_a_drain_not_on_disk_and_quarantined_state_files_are_warnings(ready_stat
     assert any("drain.json.bad-1" in w for w in found)
     ready_status["state_file"].update(error="[Errno 30] Read-only file system", persisted=None, quarantined=[])
     assert any("drain not persisted: " in w and "Read-only file system" in w for w in warnings_of(render(ready_status)))
-    ready_status["state_file"].update(error=None, persisted=True, writable=False, unwritable_reason="/var/lib/x: Read-only file system")
+    ready_status["state_file"].update(
+        error=None, persisted=True, writable=False, unwritable_reason="/var/lib/x: Read-only file system"
+    )
     assert any("state dir not writable" in w and "Read-only" in w for w in warnings_of(render(ready_status)))
 
 

@@ -13,14 +13,17 @@ import pytest
 from tests.harness import AgentProcess, get_json, status_is, until
 
 
-
 async def vllm_reading(http: aiohttp.ClientSession, agent: AgentProcess) -> dict:
     return (await get_json(http, f"{agent.url}/status"))[1]["readings"]["vllm"]
 
 
 async def test_negative_running_is_never_read_as_an_empty_node_by_the_drain(tmp_path, vllm) -> None:
     vllm.set_load(running=-5, waiting=5)  # -5 + 5 = 0 "in flight", with 5 requests queued
-    agent = await AgentProcess(tmp_path, {"GPU_AGENT_INFERENCE__BASE_URL": vllm.url, "GPU_AGENT_DRAIN__TIMEOUT_S": "2"}).start().started()
+    agent = (
+        await AgentProcess(tmp_path, {"GPU_AGENT_INFERENCE__BASE_URL": vllm.url, "GPU_AGENT_DRAIN__TIMEOUT_S": "2"})
+        .start()
+        .started()
+    )
     try:
         async with aiohttp.ClientSession() as http:
             await until(lambda: status_is(http, f"{agent.url}/readyz", 200), 10)  # /health is fine

@@ -37,7 +37,9 @@ def test_long_line_is_the_size_asked_and_parses() -> None:
     assert len(line) == 100_000
     body = padded(loaded(FakeVllm(model="m")).render_metrics(), [line])
     # Well-formed exposition (the agent refuses it as too large, by its line cap, not as garbage).
-    sample = next(s for s in PromParser(max_line_chars=200_000).parse_bytes(body).samples if len(s.labels.get("finished_reason", "")) > 1000)
+    sample = next(
+        s for s in PromParser(max_line_chars=200_000).parse_bytes(body).samples if len(s.labels.get("finished_reason", "")) > 1000
+    )
     assert sample.value == 1.0 and sample.labels["model_name"] == "m"
 
 
@@ -66,17 +68,40 @@ def _load(p99_ms: float | None, errors: int = 0, **errors_by: int) -> LoadResult
 
 def test_report_puts_each_figure_next_to_its_baseline_and_goal() -> None:
     case = ClientCase("b", "2,500 idle connections, fd limit 1024", "b. idle", "idle", (), 8, (1024, 1024))
-    dead = AttackRun(_load(0.7), _load(None, 1000, closed=1000), _load(2.0), [(10.5, False)], [(20.0, True)],
-                     Attacked(proc=None, ready={"answered_200": 1008}), 10.0, 60 * 2**20, 65 * 2**20, 1024, ("1024", "1024"), True)
-    scrape = [ScrapeRun("the plain one", 13_000, _load(1.9), (83, 9000, 0.01), 57 * 2**20, True),
-              ScrapeRun("+ 100,000 distinct-label lines", 8_300_000, _load(1043.2), (100_083, 7 * 2**20, 0.5), 600 * 2**20, True)]
-    text = fault_report.render({"clients": [(case, dead)], "scrapes": scrape, "notices": {"clean": [0.003] * 5, "prelude": [8.0, 12.0, None]}},
-                               QUICK, "python -m bench.bench_faults --quick", "machine")
+    dead = AttackRun(
+        _load(0.7),
+        _load(None, 1000, closed=1000),
+        _load(2.0),
+        [(10.5, False)],
+        [(20.0, True)],
+        Attacked(proc=None, ready={"answered_200": 1008}),
+        10.0,
+        60 * 2**20,
+        65 * 2**20,
+        1024,
+        ("1024", "1024"),
+        True,
+    )
+    scrape = [
+        ScrapeRun("the plain one", 13_000, _load(1.9), (83, 9000, 0.01), 57 * 2**20, True),
+        ScrapeRun("+ 100,000 distinct-label lines", 8_300_000, _load(1043.2), (100_083, 7 * 2**20, 0.5), 600 * 2**20, True),
+    ]
+    text = fault_report.render(
+        {"clients": [(case, dead)], "scrapes": scrape, "notices": {"clean": [0.003] * 5, "prelude": [8.0, 12.0, None]}},
+        QUICK,
+        "python -m bench.bench_faults --quick",
+        "machine",
+    )
     rows = _SUMMARY.findall(text)
-    assert rows[0] == ("faults b: /readyz p99 during 2,500 idle connections, fd limit 1024 (quiet: 0.7 ms)",
-                       "no answers, errors 100% (closed 1000); RSS max 65 MB; /healthz first failure at +0.5 s",
-                       "<= 50 ms, 0 errors, RSS < 256 MB")
-    assert rows[1] == ("faults d: /readyz p99 while vLLM serves 100,000 distinct-label lines (baseline: 1.9 ms)",
-                       "1043.2 ms; agent /metrics 100,083 lines; RSS over MemoryMax", "<= 20 ms; agent /metrics lines fixed")
+    assert rows[0] == (
+        "faults b: /readyz p99 during 2,500 idle connections, fd limit 1024 (quiet: 0.7 ms)",
+        "no answers, errors 100% (closed 1000); RSS max 65 MB; /healthz first failure at +0.5 s",
+        "<= 50 ms, 0 errors, RSS < 256 MB",
+    )
+    assert rows[1] == (
+        "faults d: /readyz p99 while vLLM serves 100,000 distinct-label lines (baseline: 1.9 ms)",
+        "1043.2 ms; agent /metrics 100,083 lines; RSS over MemoryMax",
+        "<= 20 ms; agent /metrics lines fixed",
+    )
     assert rows[2][1] == ">= 44.34 s (1 not seen within 45 s)" and "clean path p99 3.0 ms" in rows[2][0]
     assert "| 0/1 (first failure at +0.5 s) / 1/1 |" in text

@@ -42,7 +42,9 @@ from state_machine import State
 
 REPO = Path(__file__).resolve().parents[2]
 AZURE = REPO.parent / "shared" / "traces" / "azure-llm-2023"
-needs_azure = pytest.mark.skipif(not (AZURE / "AzureLLMInferenceTrace_conv.csv").is_file(), reason=f"the Azure LLM inference trace 2023 is not at {AZURE}")
+needs_azure = pytest.mark.skipif(
+    not (AZURE / "AzureLLMInferenceTrace_conv.csv").is_file(), reason=f"the Azure LLM inference trace 2023 is not at {AZURE}"
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -163,10 +165,12 @@ def test_the_fleet_grows_when_the_load_jumps(kind: Kind) -> None:
 
 def test_the_fleet_starts_sized_for_the_traces_own_requests() -> None:
     """Issue 17 (f): 20 requests/s of 4k-token prompts need more nodes than of 200-token ones."""
+
     def initial(prompt: int) -> int:
         times = array("d", (i / 20 for i in range(20 * 600)))
         trace = RequestTrace("t", times, array("l", [prompt] * len(times)), array("l", [100] * len(times)), 600.0)
         return Fleet(RequestStream(trace), DEMAND, Kind.MIG).size
+
     assert initial(4000) > initial(200) >= 1
 
 
@@ -279,8 +283,13 @@ def test_the_shared_azure_trace_loads_with_its_provenance_counts() -> None:
 def test_the_quick_study_runs_in_under_a_minute_and_reports_every_run(tmp_path: Path) -> None:
     out = tmp_path / "fleet.md"
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "bench.fleet_sim", "--quick", "--jobs", "2", "--write", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.fleet_sim", "--quick", "--jobs", "2", "--write", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     took = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert took < 60
@@ -366,8 +375,12 @@ def test_hpa_scale_down_waits_for_its_stabilization_window() -> None:
 def test_hpa_scale_up_is_limited_per_period_by_its_policy() -> None:
     hpa = Hpa(HpaParams(target=1.0))  # deploy/gke/hpa.yaml: 2 pods per 60 s
     assert hpa.decide(0.0, 2, [Member(5.0, 1e3)] * 2) == 4
-    assert hpa.decide(15.0, 4, [Member(5.0, 1e3)] * 2 + [Member(None, 0.0, pending=True)] * 2) == 4  # 2 already added in this period
-    assert hpa.decide(60.0, 4, [Member(5.0, 1e3)] * 2 + [Member(None, 0.0, pending=True)] * 2) == 6  # the t=0 event left the period
+    assert (
+        hpa.decide(15.0, 4, [Member(5.0, 1e3)] * 2 + [Member(None, 0.0, pending=True)] * 2) == 4
+    )  # 2 already added in this period
+    assert (
+        hpa.decide(60.0, 4, [Member(5.0, 1e3)] * 2 + [Member(None, 0.0, pending=True)] * 2) == 6
+    )  # the t=0 event left the period
 
 
 def test_hpa_scale_down_is_limited_per_period_by_its_policy() -> None:

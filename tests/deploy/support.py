@@ -86,7 +86,10 @@ def load_provision() -> ModuleType:
 # schemas: this schema is written from the CRD's documented fields (Google Cloud
 # Managed Service for Prometheus, PodMonitoringSpec / ScrapeEndpoint / TargetLabels /
 # ScrapeLimits). Strict like the Kubernetes ones: unknown fields fail.
-_DURATION = {"type": "string", "pattern": r"^((([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?|0)$"}
+_DURATION = {
+    "type": "string",
+    "pattern": r"^((([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?|0)$",
+}
 _LABEL_SELECTOR = {
     "type": "object",
     "additionalProperties": False,

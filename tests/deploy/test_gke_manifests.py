@@ -164,7 +164,8 @@ def test_the_agent_runs_as_non_root_with_a_read_only_root_and_a_state_volume() -
 
 def test_the_hpa_scales_the_deployment_on_the_demand_gauge_from_1_to_20() -> None:
     hpa = manifest("HorizontalPodAutoscaler")["spec"]
-    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": manifest("Deployment")["metadata"]["name"]}
+    deployment = manifest("Deployment")["metadata"]["name"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment}
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 20)
     (metric,) = hpa["metrics"]
     assert metric["type"] == "Pods"

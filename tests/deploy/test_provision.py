@@ -15,14 +15,26 @@ import pytest
 from tests.deploy.support import GCE, REPO, load_provision
 
 provision = load_provision()
-ARGS = ["--project", "proj", "--zone", "us-central1-a", "--model", "org/model", "--service-account", "sa@proj.iam.gserviceaccount.com"]
+ARGS = [
+    "--project",
+    "proj",
+    "--zone",
+    "us-central1-a",
+    "--model",
+    "org/model",
+    "--service-account",
+    "sa@proj.iam.gserviceaccount.com",
+]
 
 
 def dry_run(*extra: str) -> list[dict[str, Any]]:
     """The script's output, run as operators run it."""
     result = subprocess.run(
         [sys.executable, str(GCE / "provision.py"), *ARGS, "--dry-run", *extra],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     return json.loads(result.stdout)
 
@@ -101,7 +113,10 @@ def test_a_spot_template_is_deleted_on_preemption_and_recreated_by_the_mig(capsy
     ("argv", "expected"),
     [
         ([], {"metric": "custom.googleapis.com/node/demand", "utilization_target": 1.0, "utilization_target_type": "GAUGE"}),
-        (["--metric", "queue"], {"metric": "custom.googleapis.com/vllm/queue_length", "utilization_target": 4.0, "utilization_target_type": "GAUGE"}),
+        (
+            ["--metric", "queue"],
+            {"metric": "custom.googleapis.com/vllm/queue_length", "utilization_target": 4.0, "utilization_target_type": "GAUGE"},
+        ),
         (
             ["--metric", "ttft", "--target", "1200"],
             {
@@ -111,11 +126,16 @@ def test_a_spot_template_is_deleted_on_preemption_and_recreated_by_the_mig(capsy
                 "filter": 'metric.type = "custom.googleapis.com/vllm/ttft_ms" AND metric.labels.quantile = "p95"',
             },
         ),
-        (["--metric", "gpu"], {"metric": "custom.googleapis.com/gpu/usage_percent", "utilization_target": 80.0, "utilization_target_type": "GAUGE"}),
+        (
+            ["--metric", "gpu"],
+            {"metric": "custom.googleapis.com/gpu/usage_percent", "utilization_target": 80.0, "utilization_target_type": "GAUGE"},
+        ),
     ],
     ids=["demand", "queue", "ttft-p95", "gpu"],
 )
-def test_the_autoscaler_scales_the_mig_on_the_chosen_custom_metric(argv: list[str], expected: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_autoscaler_scales_the_mig_on_the_chosen_custom_metric(
+    argv: list[str], expected: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     policy = body(planned(capsys, *argv), "InsertAutoscalerRequest")["autoscaling_policy"]
     assert policy["custom_metric_utilizations"] == [expected]
     assert (policy["min_num_replicas"], policy["max_num_replicas"]) == (1, 20)
@@ -158,11 +178,24 @@ for step in json.load(sys.stdin):
 
 
 def test_every_request_is_a_valid_compute_v1_message() -> None:
-    variant = ["--spot", "--metric", "ttft", "--accelerator-count", "1", "--subnetwork", "s", "--vllm-args", "--max-model-len 8192"]
+    variant = [
+        "--spot",
+        "--metric",
+        "ttft",
+        "--accelerator-count",
+        "1",
+        "--subnetwork",
+        "s",
+        "--vllm-args",
+        "--max-model-len 8192",
+    ]
     steps = dry_run() + dry_run(*variant)
     result = subprocess.run(
-        [sys.executable, "-c", _CHECK_WITH_COMPUTE_V1], input=json.dumps(steps),
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", _CHECK_WITH_COMPUTE_V1],
+        input=json.dumps(steps),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     if "No module named 'google.cloud.compute_v1'" in result.stderr or "cannot import name 'compute_v1'" in result.stderr:
         pytest.fail("google-cloud-compute is required by this test: pip install -e '.[test,deploy]'", pytrace=False)
@@ -180,7 +213,11 @@ def test_the_daemon_packages_never_import_google_cloud_compute() -> None:
 
 
 def test_building_the_steps_is_pure_and_needs_no_google_package() -> None:
-    settings = provision.Settings(project="p", zone="europe-west4-a", name="n", template_name="t", model="m", service_account="sa")
-    steps = provision.build_steps(settings, {k: k for k in ("startup-script", "gpu-node-agent-unit", "vllm-unit", "gpu-node-agent-config")})
+    settings = provision.Settings(
+        project="p", zone="europe-west4-a", name="n", template_name="t", model="m", service_account="sa"
+    )
+    steps = provision.build_steps(
+        settings, {k: k for k in ("startup-script", "gpu-node-agent-unit", "vllm-unit", "gpu-node-agent-config")}
+    )
     assert len(steps) == 6 and "google.cloud.compute_v1" not in sys.modules
     assert settings.region == "europe-west4"

@@ -79,7 +79,9 @@ class HAProxy:
         self.cfg_path = tmp_path / "haproxy.cfg"
         self.log_path = tmp_path / "haproxy.log"
         servers = "\n".join(f"    server {b.name} 127.0.0.1:{b.vllm_port} check port {b.agent_port}" for b in backends)
-        self.cfg_path.write_text(_CFG.format(port=self.port, stats_port=self.stats_port, inter_ms=inter_ms, fall=fall, rise=rise, servers=servers))
+        self.cfg_path.write_text(
+            _CFG.format(port=self.port, stats_port=self.stats_port, inter_ms=inter_ms, fall=fall, rise=rise, servers=servers)
+        )
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -89,7 +91,9 @@ class HAProxy:
     async def start(self, timeout_s: float = 10.0) -> HAProxy:
         # A file, not a pipe: nobody must have to read HAProxy's log for it to go on.
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen([self.binary, "-f", str(self.cfg_path), "-db"], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(
+                [self.binary, "-f", str(self.cfg_path), "-db"], stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
 
         async def listening() -> bool:
             if self.proc is not None and self.proc.poll() is not None:

@@ -90,7 +90,9 @@ class SteadyLoad:
 
     async def _one(self, session: aiohttp.ClientSession, path: str, streamed: bool) -> None:
         body = {"model": MODEL, "max_tokens": 16, "stream": streamed}
-        body.update({"messages": [{"role": "user", "content": "hello"}]} if path.endswith("/chat/completions") else {"prompt": "hello"})
+        body.update(
+            {"messages": [{"role": "user", "content": "hello"}]} if path.endswith("/chat/completions") else {"prompt": "hello"}
+        )
         started, status, server, error = time.monotonic(), None, None, None
         try:
             async with session.post(f"{self.url}{path}", json=body) as resp:
@@ -113,7 +115,7 @@ async def _stream_error(resp: aiohttp.ClientResponse) -> str | None:
     """None for a stream of JSON chunks that ends with `data: [DONE]`."""
     if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
         return f"not an event stream: {resp.headers.get('Content-Type')}"
-    events = [line[len(b"data: "):].strip() async for line in resp.content if line.startswith(b"data: ")]
+    events = [line[len(b"data: ") :].strip() async for line in resp.content if line.startswith(b"data: ")]
     if not events or events[-1] != b"[DONE]":
         return f"stream ended without [DONE] after {len(events)} events"
     if len(events) < 2:

@@ -85,7 +85,9 @@ async def run_soak(duration_s: float, *, seed: int = 1, interval_s: float = 0.05
             agent.kill()
             await vllm.stop()
     samples.append((time.monotonic() - t0, rss_end))
-    return SoakResult(time.monotonic() - t0, rss_start, rss_end, start, end_status["process"], faults, end_status["state"], samples)
+    return SoakResult(
+        time.monotonic() - t0, rss_start, rss_end, start, end_status["process"], faults, end_status["state"], samples
+    )
 
 
 async def _warm_up(vllm: FakeVllm, http: aiohttp.ClientSession, agent: AgentProcess, interval_s: float) -> int:

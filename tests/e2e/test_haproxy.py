@@ -63,12 +63,19 @@ async def fleet(tmp_path: Path, session: aiohttp.ClientSession) -> AsyncIterator
 
 def describe(failures: list[Outcome], lb: HAProxy) -> str:
     """The failed requests and HAProxy's own log lines, for the assertion message."""
-    first = "\n".join(f"  {o.path} streamed={o.streamed} server={o.server} at {o.started_at:.3f}: {o.error}" for o in failures[:10])
+    first = "\n".join(
+        f"  {o.path} streamed={o.streamed} server={o.server} at {o.started_at:.3f}: {o.error}" for o in failures[:10]
+    )
     return f"{len(failures)} failed requests:\n{first}\nhaproxy log (tail):\n{lb.log()[-4000:]}"
 
 
 async def all_took_traffic(load: SteadyLoad, nodes: list[Node], after: float = 0.0, least: int = 5) -> None:
-    await until(lambda: all(load.served_by(n.name, after=after) >= least for n in nodes), 15, 0.05, f"every node to serve {least} requests")
+    await until(
+        lambda: all(load.served_by(n.name, after=after) >= least for n in nodes),
+        15,
+        0.05,
+        f"every node to serve {least} requests",
+    )
 
 
 async def terminated(session: aiohttp.ClientSession, node: Node) -> bool:
@@ -115,7 +122,9 @@ async def test_sigterm_rolling_restart_behind_haproxy_fails_no_request(fleet: tu
     assert any(n.agents[0].logs("agent stopping")[0]["termination_report"]["in_flight_at_notice"] > 0 for n in nodes)
 
 
-async def test_spot_preemption_behind_haproxy_fails_no_request(fleet: tuple[list[Node], HAProxy], session: aiohttp.ClientSession) -> None:
+async def test_spot_preemption_behind_haproxy_fails_no_request(
+    fleet: tuple[list[Node], HAProxy], session: aiohttp.ClientSession
+) -> None:
     nodes, lb = fleet
     victim, others = nodes[1], [nodes[0], nodes[2]]
     load = SteadyLoad(lb.url, rate_rps=40)
@@ -137,4 +146,6 @@ async def test_spot_preemption_behind_haproxy_fails_no_request(fleet: tuple[list
     assert load.count(lambda o: o.started_at > down_at) == sum(load.served_by(n.name, after=down_at) for n in others)
     (drain,) = victim.agent.logs("drain finished")
     print(f"{victim.name} drain:", drain["drain"])
-    assert drain["drain"]["reason"] == "preemption" and drain["drain"]["outcome"] == "emptied" and drain["drain"]["aborted"] == 0, drain
+    assert (
+        drain["drain"]["reason"] == "preemption" and drain["drain"]["outcome"] == "emptied" and drain["drain"]["aborted"] == 0
+    ), drain

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pynvml
 import pytest
 
+from agent.core.snapshot import Snapshot
 from agent.sim.nvml import FakeNvml
 from probes.base import ProbeError, ProbeRunner
 from probes.gpu import (
@@ -26,9 +27,8 @@ from probes.gpu import (
     throttle_reason_names,
 )
 from probes.gpu_probe import GpuProbe
-from probes.nvml import NvmlCallTimeout, NvmlWedged, NvmlWorker
 from probes.nvml_backend import PynvmlBackend
-from probes.snapshot import Snapshot
+from probes.nvml_worker import NvmlCallTimeout, NvmlWedged, NvmlWorker
 from tests.harness import until
 
 
@@ -81,9 +81,21 @@ def _gpu(index: int, **values) -> GpuInfo:
         ((), GpuStatus.NO_GPU, None, 0.0, ()),
         ((_gpu(0, utilization_percent=20.0), _gpu(1, utilization_percent=40.0)), GpuStatus.OK, 30.0, 200.0, ()),
         # a MIG GPU reports no utilization: absent from the mean, not a problem
-        ((_gpu(0), _gpu(1, utilization_percent=None, unavailable={"utilization_percent": "NOT_SUPPORTED (MIG)"})), GpuStatus.OK, 10.0, 200.0, ()),
+        (
+            (_gpu(0), _gpu(1, utilization_percent=None, unavailable={"utilization_percent": "NOT_SUPPORTED (MIG)"})),
+            GpuStatus.OK,
+            10.0,
+            200.0,
+            (),
+        ),
         ((_gpu(0), GpuInfo(index=1, lost=True, detail="GPU_IS_LOST")), GpuStatus.DEGRADED, 10.0, 100.0, (1,)),
-        ((_gpu(0, temperature_c=None, unavailable={"temperature_c": "UNKNOWN: Unknown Error"}),), GpuStatus.DEGRADED, 10.0, 100.0, ()),
+        (
+            (_gpu(0, temperature_c=None, unavailable={"temperature_c": "UNKNOWN: Unknown Error"}),),
+            GpuStatus.DEGRADED,
+            10.0,
+            100.0,
+            (),
+        ),
         ((_gpu(0, remap_failure=True),), GpuStatus.DEGRADED, 10.0, 100.0, ()),
     ],
 )
@@ -134,7 +146,12 @@ async def test_reads_every_value_with_units_converted(fake: FakeNvml, make_probe
     gpu = reading.gpus[0]
     assert reading.status is GpuStatus.OK and reading.driver_version == "550.90.07"
     assert (gpu.uuid, gpu.name, gpu.utilization_percent, gpu.temperature_c, gpu.power_w) == (
-        fake.gpus[0].uuid, "NVIDIA L4", 73.0, 61.0, 71.5)
+        fake.gpus[0].uuid,
+        "NVIDIA L4",
+        73.0,
+        61.0,
+        71.5,
+    )
     assert (gpu.memory_used_bytes, gpu.memory_total_bytes) == (5 * 2**30, fake.gpus[0].memory_total_bytes)
     assert (gpu.ecc_volatile_corrected, gpu.ecc_volatile_uncorrected, gpu.ecc_aggregate_uncorrected) == (3, 0, 1)
     assert (gpu.remapped_rows_correctable, gpu.remap_pending, gpu.remap_failure) == (2, False, False)

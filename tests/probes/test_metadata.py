@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from agent.core.snapshot import Snapshot
 from agent.sim.metadata import NO_NOTICE, FakeMetadataServer
 from probes.base import ProbeError
 from probes.metadata import (
@@ -34,7 +35,6 @@ from probes.metadata import (
     parse_upcoming_maintenance,
     serves,
 )
-from probes.snapshot import Snapshot
 from tests.harness import until
 
 PREEMPTED = "instance/preempted"

@@ -19,7 +19,13 @@ FIXTURES = sorted((Path(__file__).resolve().parent.parent / "fixtures" / "vllm")
     [
         ("up 1\n", "up", {}, 1.0, None),
         ("up{} 1\n", "up", {}, 1.0, None),
-        ('vllm:num_requests_running{engine="0",model_name="m"} 3.0\n', "vllm:num_requests_running", {"engine": "0", "model_name": "m"}, 3.0, None),
+        (
+            'vllm:num_requests_running{engine="0",model_name="m"} 3.0\n',
+            "vllm:num_requests_running",
+            {"engine": "0", "model_name": "m"},
+            3.0,
+            None,
+        ),
         ('a{x="1",} 2\n', "a", {"x": "1"}, 2.0, None),  # trailing comma, as Go's parser allows
         ('a{ x = "1" , y="2" } 2\n', "a", {"x": "1", "y": "2"}, 2.0, None),
         ('a{path="C:\\\\dir\\"q\\"\\nnext"} 1\n', "a", {"path": 'C:\\dir"q"\nnext'}, 1.0, None),
@@ -32,7 +38,9 @@ FIXTURES = sorted((Path(__file__).resolve().parent.parent / "fixtures" / "vllm")
         ('a{model_name="Qwen/Qwen3-8B ü"} 7\n', "a", {"model_name": "Qwen/Qwen3-8B ü"}, 7.0, None),
     ],
 )
-def test_valid_sample_lines_parse_to_name_labels_value_and_timestamp(text: str, name: str, labels: dict[str, str], value: float, timestamp_ms: int | None) -> None:
+def test_valid_sample_lines_parse_to_name_labels_value_and_timestamp(
+    text: str, name: str, labels: dict[str, str], value: float, timestamp_ms: int | None
+) -> None:
     (sample,) = PromParser().parse(text).samples
     assert (sample.name, dict(sample.labels), sample.value, sample.timestamp_ms) == (name, labels, value, timestamp_ms)
 
@@ -50,15 +58,21 @@ def test_help_and_type_lines_give_the_family_types_and_comments_are_skipped() ->
 
 
 def test_created_samples_are_separate_samples_never_merged_into_the_counter() -> None:
-    text = '# TYPE vllm:prompt_tokens_total counter\nvllm:prompt_tokens_total{engine="0"} 5.0\n# TYPE vllm:prompt_tokens_created gauge\nvllm:prompt_tokens_created{engine="0"} 1.7e+09\n'
-    assert [(s.name, s.value) for s in parse(text).samples] == [("vllm:prompt_tokens_total", 5.0), ("vllm:prompt_tokens_created", 1.7e9)]
+    text = (
+        '# TYPE vllm:prompt_tokens_total counter\nvllm:prompt_tokens_total{engine="0"} 5.0\n'
+        '# TYPE vllm:prompt_tokens_created gauge\nvllm:prompt_tokens_created{engine="0"} 1.7e+09\n'
+    )
+    assert [(s.name, s.value) for s in parse(text).samples] == [
+        ("vllm:prompt_tokens_total", 5.0),
+        ("vllm:prompt_tokens_created", 1.7e9),
+    ]
 
 
 @pytest.mark.parametrize(
     "text, why",
     [
         ('vllm:num_requests_running{engine="0"} 3', "no final line feed (truncated)"),
-        ('vllm:num_requests_running{engine="0',  "cut inside a label"),
+        ('vllm:num_requests_running{engine="0', "cut inside a label"),
         ('a{x="1"} 1\nb{y="2"\n', "unclosed label set"),
         ("<html><body>502 Bad Gateway</body></html>\n", "HTML"),
         ("a\n", "no value"),
@@ -119,6 +133,8 @@ def test_every_fixture_parses_exactly_like_prometheus_client(path: Path) -> None
     text = path.read_text()
     ours = sorted((s.name, tuple(sorted(s.labels.items())), s.value) for s in parse(text).samples)
     theirs = sorted(
-        (s.name, tuple(sorted(s.labels.items())), s.value) for family in text_string_to_metric_families(text) for s in family.samples
+        (s.name, tuple(sorted(s.labels.items())), s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
     )
     assert ours == theirs and len(ours) >= 5

@@ -8,8 +8,9 @@ from collections import Counter
 
 import pytest
 
-from probes.base import ProbeError, ProbeRunner, backoff_s
-from probes.snapshot import Snapshot
+from agent.core.backoff import backoff_s
+from agent.core.snapshot import Snapshot
+from probes.base import ProbeError, ProbeRunner
 
 
 class ScriptedProbe:

@@ -30,14 +30,20 @@ def fixture(name: str) -> VllmScrape:
 
 
 def hist(name: str, bounds: list[float], cumulative: list[float], labels: str = 'engine="0",model_name="m"') -> str:
-    lines = [f'{name}_bucket{{{labels},le="{b}"}} {c}' for b, c in zip([*map(str, bounds), "+Inf"], cumulative)]
+    lines = [f'{name}_bucket{{{labels},le="{b}"}} {c}' for b, c in zip([*map(str, bounds), "+Inf"], cumulative, strict=False)]
     return "\n".join([*lines, f"{name}_count{{{labels}}} {cumulative[-1]}", f"{name}_sum{{{labels}}} 0"]) + "\n"
 
 
-def vllm_text(running: float = 0, waiting: float = 0, prompt: float | None = None, generation: float | None = None, extra: str = "") -> str:
-    text = f'vllm:num_requests_running{{engine="0",model_name="m"}} {running}\nvllm:num_requests_waiting{{engine="0",model_name="m"}} {waiting}\n'
+def vllm_text(
+    running: float = 0, waiting: float = 0, prompt: float | None = None, generation: float | None = None, extra: str = ""
+) -> str:
+    text = (
+        f'vllm:num_requests_running{{engine="0",model_name="m"}} {running}\n'
+        f'vllm:num_requests_waiting{{engine="0",model_name="m"}} {waiting}\n'
+    )
     if prompt is not None:
-        text += f'vllm:prompt_tokens_total{{engine="0",model_name="m"}} {prompt}\nvllm:prompt_tokens_created{{engine="0",model_name="m"}} 1.7e+09\n'
+        text += f'vllm:prompt_tokens_total{{engine="0",model_name="m"}} {prompt}\n'
+        text += 'vllm:prompt_tokens_created{engine="0",model_name="m"} 1.7e+09\n'
     if generation is not None:
         text += f'vllm:generation_tokens_total{{engine="0",model_name="m"}} {generation}\n'
     return text + extra
@@ -57,7 +63,16 @@ def vllm_text(running: float = 0, waiting: float = 0, prompt: float | None = Non
         ("v1_early_partial_real.txt", 0, 0, 0.0, None, {}, 1, "v0"),
     ],
 )
-def test_fixture_sums_engines_and_takes_the_fullest_kv_cache(name: str, running: float, waiting: float, kv: float, prompt: float | None, finished: dict[str, float], engines: int, names: str) -> None:
+def test_fixture_sums_engines_and_takes_the_fullest_kv_cache(
+    name: str,
+    running: float,
+    waiting: float,
+    kv: float,
+    prompt: float | None,
+    finished: dict[str, float],
+    engines: int,
+    names: str,
+) -> None:
     scrape = fixture(name)
     assert (scrape.requests_running, scrape.requests_waiting) == (running, waiting)
     assert scrape.kv_cache_usage_ratio == kv
@@ -78,7 +93,9 @@ def test_data_parallel_histograms_are_summed_bucket_by_bucket() -> None:
 def test_pid_labelled_gauges_are_maxed_per_engine_never_summed() -> None:
     scrape = fixture("v1_multiprocess_derived.txt")
     assert scrape.kv_usage_by_engine == {"0": 0.5213, "1": 0.5961}
-    doubled = scrape_of(vllm_text().replace("} 0\n", ',pid="1"} 4\n', 1) + 'vllm:num_requests_running{engine="0",model_name="m",pid="2"} 6\n')
+    doubled = scrape_of(
+        vllm_text().replace("} 0\n", ',pid="1"} 4\n', 1) + 'vllm:num_requests_running{engine="0",model_name="m",pid="2"} 6\n'
+    )
     assert doubled.requests_running == 6
 
 
@@ -103,7 +120,11 @@ def test_new_kv_name_wins_when_both_are_served_and_names_read_mixed() -> None:
 
 def test_created_samples_are_never_taken_for_token_counts() -> None:
     assert scrape_of(vllm_text(prompt=5)).prompt_tokens_total == 5
-    only_created = vllm_text() + 'vllm:prompt_tokens_created{engine="0",model_name="m"} 1.7e+09\nvllm:request_success_created{finished_reason="stop"} 1.7e+09\n'
+    only_created = (
+        vllm_text()
+        + 'vllm:prompt_tokens_created{engine="0",model_name="m"} 1.7e+09\n'
+        + 'vllm:request_success_created{finished_reason="stop"} 1.7e+09\n'
+    )
     scrape = scrape_of(only_created)
     assert scrape.prompt_tokens_total is None and scrape.finished_total == {}
 
@@ -149,7 +170,8 @@ def test_unknown_finished_reasons_are_folded_into_other() -> None:
 
 def test_many_models_are_counted_not_listed() -> None:
     lines = "".join(
-        f'vllm:num_requests_running{{engine="0",model_name="m{i:03d}"}} 0\nvllm:num_requests_waiting{{engine="0",model_name="m{i:03d}"}} 0\n'
+        f'vllm:num_requests_running{{engine="0",model_name="m{i:03d}"}} 0\n'
+        f'vllm:num_requests_waiting{{engine="0",model_name="m{i:03d}"}} 0\n'
         for i in range(100)
     )
     models = scrape_of(lines).models
@@ -166,14 +188,33 @@ def test_engine_sleep_state_is_read_when_served(awake: str | None, sleeping: boo
     "info, configured, per_token, expected",
     [
         ("", None, None, (None, None, "unknown: no vllm:cache_config_info in the scrape")),
-        ('block_size="16",num_gpu_blocks="1000",kv_cache_memory_bytes="None",engine="0"', None, None, (None, None, "unknown: kv_cache_memory_bytes is None and no per-token KV size is configured")),
-        ('block_size="16",num_gpu_blocks="1000",kv_cache_memory_bytes="4000000",engine="0"', None, None, (4e6, 1e6, "vllm:cache_config_info kv_cache_memory_bytes")),
-        ('block_size="16",num_gpu_blocks="1000",kv_cache_memory_bytes="None",engine="0"', None, 100.0, (1.6e6, 4e5, "vllm:cache_config_info cache size in tokens x configured bytes per token")),
+        (
+            'block_size="16",num_gpu_blocks="1000",kv_cache_memory_bytes="None",engine="0"',
+            None,
+            None,
+            (None, None, "unknown: kv_cache_memory_bytes is None and no per-token KV size is configured"),
+        ),
+        (
+            'block_size="16",num_gpu_blocks="1000",kv_cache_memory_bytes="4000000",engine="0"',
+            None,
+            None,
+            (4e6, 1e6, "vllm:cache_config_info kv_cache_memory_bytes"),
+        ),
+        (
+            'block_size="16",num_gpu_blocks="1000",kv_cache_memory_bytes="None",engine="0"',
+            None,
+            100.0,
+            (1.6e6, 4e5, "vllm:cache_config_info cache size in tokens x configured bytes per token"),
+        ),
         ('block_size="16",num_gpu_blocks="1000",engine="0"', 8e9, None, (8e9, 2e9, "configured kv_cache_capacity_bytes")),
     ],
 )
-def test_kv_capacity_says_how_it_was_known_or_why_not(info: str, configured: float | None, per_token: float | None, expected: tuple) -> None:
-    extra = 'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n' + (f"vllm:cache_config_info{{{info}}} 1.0\n" if info else "")
+def test_kv_capacity_says_how_it_was_known_or_why_not(
+    info: str, configured: float | None, per_token: float | None, expected: tuple
+) -> None:
+    extra = 'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n' + (
+        f"vllm:cache_config_info{{{info}}} 1.0\n" if info else ""
+    )
     assert kv_capacity(scrape_of(vllm_text(extra=extra)), configured_bytes=configured, bytes_per_token=per_token) == expected
 
 
@@ -192,7 +233,9 @@ def test_kv_capacity_says_how_it_was_known_or_why_not(info: str, configured: flo
         ([0.1], [0, 0], 0.5, None),  # nothing observed
     ],
 )
-def test_quantile_interpolates_inside_the_bucket_like_histogram_quantile(bounds: list[float], cumulative: list[float], q: float, expected: float | None) -> None:
+def test_quantile_interpolates_inside_the_bucket_like_histogram_quantile(
+    bounds: list[float], cumulative: list[float], q: float, expected: float | None
+) -> None:
     result = Histogram(tuple(bounds), tuple(cumulative)).quantile(q)
     assert result == (None if expected is None else pytest.approx(expected))
 
@@ -300,7 +343,12 @@ def test_goodput_prefers_the_per_request_tpot_histogram() -> None:
     window = VllmWindow(60)
     per_token = hist(ITL_NAME, [0.1], [1, 100])  # most tokens slow...
     per_request = hist("vllm:request_time_per_output_token_seconds", [0.1], [10, 10])  # ...but every request's mean is fine
-    window.add(0.0, scrape_of(vllm_text(extra=hist(ITL_NAME, [0.1], [0, 0]) + hist("vllm:request_time_per_output_token_seconds", [0.1], [0, 0]))))
+    window.add(
+        0.0,
+        scrape_of(
+            vllm_text(extra=hist(ITL_NAME, [0.1], [0, 0]) + hist("vllm:request_time_per_output_token_seconds", [0.1], [0, 0]))
+        ),
+    )
     window.add(10.0, scrape_of(vllm_text(extra=per_token + per_request)))
     assert window.derive(2.0, 0.1).goodput_ratio == 1.0
 
@@ -342,7 +390,12 @@ async def test_probe_reads_in_flight_summed_over_engines(vllm: FakeVllm, session
     vllm.kv_cache_usage = [0.2, 0.7]
     reading = await make_probe(vllm, session, Clock()).sample()
     assert (reading.requests_running, reading.requests_waiting, reading.in_flight) == (4, 2, 6)
-    assert (reading.kv_cache_usage_ratio, reading.engines, reading.metric_names, reading.models) == (0.7, 2, "v1", ("fake/llama-3-8b",))
+    assert (reading.kv_cache_usage_ratio, reading.engines, reading.metric_names, reading.models) == (
+        0.7,
+        2,
+        "v1",
+        ("fake/llama-3-8b",),
+    )
     last = vllm.requests[-1]
     assert (last.method, last.path, last.headers["Accept-Encoding"]) == ("GET", "/metrics", "identity")
 
@@ -378,9 +431,19 @@ async def test_restarted_vllm_restarts_the_window_with_no_negative_rate(vllm: Fa
 
 @pytest.mark.parametrize(
     "fault, code",
-    [(Fault.GARBAGE, "garbage"), (Fault.TRUNCATED, "garbage"), (Fault.HTTP_503, "http_503"), (Fault.HTTP_500, "http_500"), (Fault.SLOW, "timeout"), (Fault.HANG, "timeout"), (Fault.OVERSIZED, "too_large")],
+    [
+        (Fault.GARBAGE, "garbage"),
+        (Fault.TRUNCATED, "garbage"),
+        (Fault.HTTP_503, "http_503"),
+        (Fault.HTTP_500, "http_500"),
+        (Fault.SLOW, "timeout"),
+        (Fault.HANG, "timeout"),
+        (Fault.OVERSIZED, "too_large"),
+    ],
 )
-async def test_failed_scrape_raises_its_code_and_leaves_the_window_alone(vllm: FakeVllm, session: aiohttp.ClientSession, fault: Fault, code: str) -> None:
+async def test_failed_scrape_raises_its_code_and_leaves_the_window_alone(
+    vllm: FakeVllm, session: aiohttp.ClientSession, fault: Fault, code: str
+) -> None:
     clock = Clock()
     probe = make_probe(vllm, session, clock, timeout_s=0.3, max_bytes=256 * 1024)
     await probe.sample()
@@ -428,7 +491,12 @@ async def test_v0_server_reads_with_the_old_names(session: aiohttp.ClientSession
         fake.set_load(running=5)
         fake.kv_cache_usage = [0.4]
         reading = await make_probe(fake, session, Clock()).sample()
-        assert (reading.in_flight, reading.kv_cache_usage_ratio, reading.metric_names, reading.engine_sleeping) == (5, 0.4, "v0", None)
+        assert (reading.in_flight, reading.kv_cache_usage_ratio, reading.metric_names, reading.engine_sleeping) == (
+            5,
+            0.4,
+            "v0",
+            None,
+        )
     finally:
         await fake.stop()
 

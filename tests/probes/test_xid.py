@@ -100,7 +100,9 @@ def test_xid_109_is_fatal_by_default() -> None:
         (pynvml.NVML_GPU_RECOVERY_ACTION_NONE, False, "none"),
     ],
 )
-async def test_xid_154_is_acted_on_through_the_recovery_action_nvml_reports(watching: Running, action: int, fatal: bool, name: str) -> None:
+async def test_xid_154_is_acted_on_through_the_recovery_action_nvml_reports(
+    watching: Running, action: int, fatal: bool, name: str
+) -> None:
     watching.fake.set(1, recovery_action=action)
     watching.fake.emit_xid(1, 154)
     await until(lambda: len(watching.faults) == 1)

@@ -191,7 +191,8 @@ async def test_megabyte_headers_are_refused_before_parsing_memory_stays_and_the_
 async def test_malformed_requests_get_400_are_counted_and_logged_without_traceback(tmp_path, vllm) -> None:
     agent = await start(tmp_path, vllm)
     try:
-        for garbage in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" * 10, b"GET / HTTP/9.9\r\n\r\n", b"GET /readyz HTTP/1.1\r\nBad Header\r\n\r\n"):
+        tls_hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" * 10
+        for garbage in (tls_hello, b"GET / HTTP/9.9\r\n\r\n", b"GET /readyz HTTP/1.1\r\nBad Header\r\n\r\n"):
             reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
             writer.write(garbage)
             await writer.drain()

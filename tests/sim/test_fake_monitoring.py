@@ -13,7 +13,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import monitoring_v3
 
 from agent.config import ExportConfig
-from agent.exporter.api import build_client, partial_summary
+from agent.exporter.api_client import build_client, partial_summary
 from agent.exporter.series import (
     AGENT_STATE,
     DESCRIPTOR_BY_TYPE,
@@ -87,7 +87,10 @@ async def test_descriptors_are_created_listed_and_creating_one_again_is_harmless
 
 async def test_accepted_points_are_recorded_with_their_resource_labels_and_kind(fake: FakeMetricService, client: Any) -> None:
     await create_descriptors(client)
-    points = [SeriesPoint(AGENT_STATE, (("state", "READY"),), MetricKind.GAUGE, 1), SeriesPoint(VLLM_QUEUE, (), MetricKind.GAUGE, 7.5)]
+    points = [
+        SeriesPoint(AGENT_STATE, (("state", "READY"),), MetricKind.GAUGE, 1),
+        SeriesPoint(VLLM_QUEUE, (), MetricKind.GAUGE, 7.5),
+    ]
     await write(client, time_series_protos(points, "gce_instance", VM, T0))
     state, queue = fake.points
     assert (state.metric_labels, state.value, state.kind, state.end_wall) == ({"state": "READY"}, 1, "GAUGE", T0)
@@ -181,7 +184,9 @@ def _break(ts: Any, how: str) -> Any:
         ("unknown resource type", "Unsupported monitored resource type"),
     ],
 )
-async def test_malformed_series_are_refused_and_the_rest_of_the_request_stored(fake: FakeMetricService, client: Any, how: str, message: str) -> None:
+async def test_malformed_series_are_refused_and_the_rest_of_the_request_stored(
+    fake: FakeMetricService, client: Any, how: str, message: str
+) -> None:
     await create_descriptors(client)
     with pytest.raises(gexc.InvalidArgument, match=message) as caught:
         await write(client, [_break(series(T0, VLLM_QUEUE)[0], how), *series(T0, PENDING)])
@@ -196,8 +201,13 @@ async def test_delta_descriptors_are_refused(fake: FakeMetricService, client: An
         await client.create_metric_descriptor(name=f"projects/{PROJECT}", metric_descriptor=desc)
 
 
-@pytest.mark.parametrize("code, error", [(grpc.StatusCode.UNAVAILABLE, gexc.ServiceUnavailable), (grpc.StatusCode.DEADLINE_EXCEEDED, gexc.DeadlineExceeded)])
-async def test_injected_transient_faults_reach_the_client_and_store_nothing(fake: FakeMetricService, client: Any, code: grpc.StatusCode, error: type) -> None:
+@pytest.mark.parametrize(
+    "code, error",
+    [(grpc.StatusCode.UNAVAILABLE, gexc.ServiceUnavailable), (grpc.StatusCode.DEADLINE_EXCEEDED, gexc.DeadlineExceeded)],
+)
+async def test_injected_transient_faults_reach_the_client_and_store_nothing(
+    fake: FakeMetricService, client: Any, code: grpc.StatusCode, error: type
+) -> None:
     await create_descriptors(client)
     fake.inject("CreateTimeSeries", code)
     with pytest.raises(error):
@@ -217,9 +227,13 @@ async def test_a_deadline_exceeded_after_the_write_stored_it_so_a_retry_is_refus
     assert len(fake.points) == 1
 
 
-async def test_injected_partial_failure_rejects_the_first_series_and_stores_the_rest(fake: FakeMetricService, client: Any) -> None:
+async def test_injected_partial_failure_rejects_the_first_series_and_stores_the_rest(
+    fake: FakeMetricService, client: Any
+) -> None:
     await create_descriptors(client)
-    fake.inject("CreateTimeSeries", grpc.StatusCode.INVALID_ARGUMENT, reject_series=1, message="Field timeSeries[0] had an invalid value")
+    fake.inject(
+        "CreateTimeSeries", grpc.StatusCode.INVALID_ARGUMENT, reject_series=1, message="Field timeSeries[0] had an invalid value"
+    )
     with pytest.raises(gexc.InvalidArgument) as caught:
         await write(client, series(T0, VLLM_QUEUE, PENDING))
     summary = partial_summary(caught.value)

@@ -41,7 +41,9 @@ def value(samples: list, **labels: str) -> float:
     return match
 
 
-async def test_health_is_200_with_an_empty_body_then_the_configured_status(vllm: FakeVllm, session: aiohttp.ClientSession) -> None:
+async def test_health_is_200_with_an_empty_body_then_the_configured_status(
+    vllm: FakeVllm, session: aiohttp.ClientSession
+) -> None:
     assert await get(session, f"{vllm.url}/health") == (200, b"")
     vllm.health_status = 503
     assert (await get(session, f"{vllm.url}/health"))[0] == 503
@@ -54,7 +56,9 @@ async def test_models_is_an_openai_model_list(vllm: FakeVllm, session: aiohttp.C
     assert body["data"][0]["owned_by"] == "vllm"
 
 
-async def test_metrics_are_real_v1_exposition_with_engine_labels_created_and_vllm_buckets(vllm: FakeVllm, session: aiohttp.ClientSession) -> None:
+async def test_metrics_are_real_v1_exposition_with_engine_labels_created_and_vllm_buckets(
+    vllm: FakeVllm, session: aiohttp.ClientSession
+) -> None:
     vllm.set_load(running=5, waiting=1, engine=1)
     async with session.get(f"{vllm.url}/metrics") as resp:
         assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
@@ -63,7 +67,11 @@ async def test_metrics_are_real_v1_exposition_with_engine_labels_created_and_vll
     assert {s.labels["engine"] for s in running} == {"0", "1"}
     assert value(running, engine="1") == 5 and value(fams["vllm:num_requests_waiting"], engine="1") == 1
     assert "vllm:prompt_tokens_created" in fams and "vllm:time_to_first_token_seconds_created" in fams
-    ttft_bounds = [s.labels["le"] for s in fams["vllm:time_to_first_token_seconds"] if s.name.endswith("_bucket") and s.labels["engine"] == "0"]
+    ttft_bounds = [
+        s.labels["le"]
+        for s in fams["vllm:time_to_first_token_seconds"]
+        if s.name.endswith("_bucket") and s.labels["engine"] == "0"
+    ]
     assert ttft_bounds == [*map(str, TTFT_BUCKETS), "+Inf"]
     info = fams["vllm:cache_config_info"]
     assert {s.labels["engine"] for s in info} == {"0", "1"} and info[0].labels["num_gpu_blocks"] == "27648"
@@ -94,9 +102,13 @@ async def test_custom_buckets_are_served_as_configured(session: aiohttp.ClientSe
     assert bounds == ["0.5", "5.0", "+Inf"] and bounds != [*map(str, E2E_BUCKETS), "+Inf"]
 
 
-async def test_completion_counts_as_running_while_served_then_feeds_the_metrics(vllm: FakeVllm, session: aiohttp.ClientSession) -> None:
+async def test_completion_counts_as_running_while_served_then_feeds_the_metrics(
+    vllm: FakeVllm, session: aiohttp.ClientSession
+) -> None:
     vllm.ttft_s, vllm.tpot_s = 0.2, 0.01
-    request = asyncio.create_task(session.post(f"{vllm.url}/v1/completions", json={"model": vllm.model, "prompt": "one two three", "max_tokens": 50}))
+    request = asyncio.create_task(
+        session.post(f"{vllm.url}/v1/completions", json={"model": vllm.model, "prompt": "one two three", "max_tokens": 50})
+    )
 
     async def running() -> float:
         fams = await families(session, vllm)
@@ -106,17 +118,33 @@ async def test_completion_counts_as_running_while_served_then_feeds_the_metrics(
     resp = await request
     body = await resp.json()
     assert resp.status == 200 and body["object"] == "text_completion"
-    assert body["choices"][0]["finish_reason"] == "stop" and body["usage"] == {"prompt_tokens": 3, "completion_tokens": 16, "total_tokens": 19}
+    assert body["choices"][0]["finish_reason"] == "stop" and body["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 16,
+        "total_tokens": 19,
+    }
     fams = await families(session, vllm)
     assert sum(s.value for s in fams["vllm:num_requests_running"]) == 0
     assert sum(s.value for s in fams["vllm:generation_tokens"] if s.name.endswith("_total")) == 16
-    assert sum(s.value for s in fams["vllm:request_success"] if s.labels.get("finished_reason") == "stop" and s.name.endswith("_total")) == 1
+    assert (
+        sum(
+            s.value
+            for s in fams["vllm:request_success"]
+            if s.labels.get("finished_reason") == "stop" and s.name.endswith("_total")
+        )
+        == 1
+    )
     assert sum(s.value for s in fams["vllm:inter_token_latency_seconds"] if s.name.endswith("_count")) == 15
 
 
-async def test_chat_completion_is_openai_shaped_and_an_unknown_model_is_404(vllm: FakeVllm, session: aiohttp.ClientSession) -> None:
+async def test_chat_completion_is_openai_shaped_and_an_unknown_model_is_404(
+    vllm: FakeVllm, session: aiohttp.ClientSession
+) -> None:
     vllm.ttft_s = vllm.tpot_s = 0.0
-    async with session.post(f"{vllm.url}/v1/chat/completions", json={"model": vllm.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}) as resp:
+    async with session.post(
+        f"{vllm.url}/v1/chat/completions",
+        json={"model": vllm.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    ) as resp:
         body = await resp.json()
     assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
     assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 4
@@ -129,17 +157,22 @@ async def sse_events(resp: aiohttp.ClientResponse) -> list[bytes]:
     events = []
     async for line in resp.content:
         if line.startswith(b"data: "):
-            events.append(line[len(b"data: "):].rstrip(b"\n"))
+            events.append(line[len(b"data: ") :].rstrip(b"\n"))
         else:
             assert line == b"\n"  # every event is one data line and a blank line
     return events
 
 
-@pytest.mark.parametrize(("path", "body"), [
-    ("/v1/completions", {"prompt": "one two three"}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "one two three"}]}),
-])
-async def test_streamed_completion_sends_one_chunk_per_token_paced_counts_as_running_then_done(vllm: FakeVllm, session: aiohttp.ClientSession, path: str, body: dict) -> None:
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"prompt": "one two three"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "one two three"}]}),
+    ],
+)
+async def test_streamed_completion_sends_one_chunk_per_token_paced_counts_as_running_then_done(
+    vllm: FakeVllm, session: aiohttp.ClientSession, path: str, body: dict
+) -> None:
     vllm.ttft_s, vllm.tpot_s, vllm.completion_tokens = 0.2, 0.02, 5
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -152,7 +185,9 @@ async def test_streamed_completion_sends_one_chunk_per_token_paced_counts_as_run
     assert events[-1] == b"[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     chat = path.endswith("/chat/completions")
-    assert {c["object"] for c in chunks} == {"chat.completion.chunk" if chat else "text_completion"} and len({c["id"] for c in chunks}) == 1
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk" if chat else "text_completion"} and len(
+        {c["id"] for c in chunks}
+    ) == 1
     *tokens, usage = chunks
     if chat:
         assert tokens.pop(0)["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -162,13 +197,24 @@ async def test_streamed_completion_sends_one_chunk_per_token_paced_counts_as_run
     assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
     fams = await families(session, vllm)
     assert sum(s.value for s in fams["vllm:num_requests_running"]) == 0
-    assert sum(s.value for s in fams["vllm:request_success"] if s.labels.get("finished_reason") == "stop" and s.name.endswith("_total")) == 1
+    assert (
+        sum(
+            s.value
+            for s in fams["vllm:request_success"]
+            if s.labels.get("finished_reason") == "stop" and s.name.endswith("_total")
+        )
+        == 1
+    )
     assert sum(s.value for s in fams["vllm:generation_tokens"] if s.name.endswith("_total")) == 5
 
 
-async def test_streamed_completion_without_usage_option_ends_with_done_after_the_last_token(vllm: FakeVllm, session: aiohttp.ClientSession) -> None:
+async def test_streamed_completion_without_usage_option_ends_with_done_after_the_last_token(
+    vllm: FakeVllm, session: aiohttp.ClientSession
+) -> None:
     vllm.ttft_s = vllm.tpot_s = 0.0
-    async with session.post(f"{vllm.url}/v1/completions", json={"model": vllm.model, "prompt": "hi", "max_tokens": 3, "stream": True}) as resp:
+    async with session.post(
+        f"{vllm.url}/v1/completions", json={"model": vllm.model, "prompt": "hi", "max_tokens": 3, "stream": True}
+    ) as resp:
         events = await sse_events(resp)
     assert len(events) == 4 and events[-1] == b"[DONE]"
     assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
@@ -176,27 +222,40 @@ async def test_streamed_completion_without_usage_option_ends_with_done_after_the
 
 async def test_a_client_leaving_a_stream_counts_as_an_abort(vllm: FakeVllm, session: aiohttp.ClientSession) -> None:
     vllm.ttft_s, vllm.tpot_s, vllm.completion_tokens = 0.0, 0.05, 200
-    async with session.post(f"{vllm.url}/v1/completions", json={"model": vllm.model, "prompt": "hi", "stream": True, "max_tokens": 500}) as resp:
+    async with session.post(
+        f"{vllm.url}/v1/completions", json={"model": vllm.model, "prompt": "hi", "stream": True, "max_tokens": 500}
+    ) as resp:
         await resp.content.readline()
         resp.close()  # drop the connection mid-stream
 
     async def aborted() -> bool:
         fams = await families(session, vllm)
-        return sum(s.value for s in fams["vllm:request_success"] if s.labels.get("finished_reason") == "abort" and s.name.endswith("_total")) == 1
+        return (
+            sum(
+                s.value
+                for s in fams["vllm:request_success"]
+                if s.labels.get("finished_reason") == "abort" and s.name.endswith("_total")
+            )
+            == 1
+        )
 
     await until(aborted, 5, what="the stream to count as aborted")
     assert vllm.in_flight == 0
 
 
 @pytest.mark.parametrize("streamed", [False, True])
-async def test_stop_with_no_shutdown_timeout_aborts_what_is_in_flight_like_vllm_by_default(vllm: FakeVllm, session: aiohttp.ClientSession, streamed: bool) -> None:
+async def test_stop_with_no_shutdown_timeout_aborts_what_is_in_flight_like_vllm_by_default(
+    vllm: FakeVllm, session: aiohttp.ClientSession, streamed: bool
+) -> None:
     vllm.ttft_s, vllm.shutdown_timeout_s = 0.0, 0.0
     vllm.tpot_s = 0.1  # 1.5 s per completion
     await vllm.stop()
     await vllm.start(vllm.port)  # the timeout is the server's, read at start
 
     async def complete() -> None:
-        async with session.post(f"{vllm.url}/v1/completions", json={"model": vllm.model, "prompt": "hi", "stream": streamed}) as resp:
+        async with session.post(
+            f"{vllm.url}/v1/completions", json={"model": vllm.model, "prompt": "hi", "stream": streamed}
+        ) as resp:
             await resp.read()
 
     request = asyncio.create_task(complete())
@@ -206,7 +265,9 @@ async def test_stop_with_no_shutdown_timeout_aborts_what_is_in_flight_like_vllm_
         await request
 
 
-async def test_stop_lets_a_short_request_finish_within_the_default_shutdown_timeout(vllm: FakeVllm, session: aiohttp.ClientSession) -> None:
+async def test_stop_lets_a_short_request_finish_within_the_default_shutdown_timeout(
+    vllm: FakeVllm, session: aiohttp.ClientSession
+) -> None:
     vllm.ttft_s, vllm.tpot_s = 0.1, 0.01
     request = asyncio.create_task(session.post(f"{vllm.url}/v1/completions", json={"model": vllm.model, "prompt": "hi"}))
     await until(lambda: vllm.in_flight == 1, 2, what="the completion in flight")
@@ -217,7 +278,9 @@ async def test_stop_lets_a_short_request_finish_within_the_default_shutdown_time
 
 @pytest.mark.parametrize("target", ["health", "metrics"])
 @pytest.mark.parametrize(("fault", "status"), [(Fault.HTTP_500, 500), (Fault.HTTP_503, 503), (Fault.GARBAGE, 200)])
-async def test_status_faults_apply_to_their_endpoint_only(vllm: FakeVllm, session: aiohttp.ClientSession, target: str, fault: Fault, status: int) -> None:
+async def test_status_faults_apply_to_their_endpoint_only(
+    vllm: FakeVllm, session: aiohttp.ClientSession, target: str, fault: Fault, status: int
+) -> None:
     vllm.set_fault(fault, target)
     other = "metrics" if target == "health" else "health"
     faulted, body = await get(session, f"{vllm.url}/{target}")
@@ -248,7 +311,9 @@ async def test_truncated_and_oversized_metrics_bodies(vllm: FakeVllm, session: a
     assert status == 200 and len(body) >= 3 * 1024 * 1024
 
 
-async def test_refuse_stops_listening_and_accept_listens_again_on_the_same_port(vllm: FakeVllm, session: aiohttp.ClientSession) -> None:
+async def test_refuse_stops_listening_and_accept_listens_again_on_the_same_port(
+    vllm: FakeVllm, session: aiohttp.ClientSession
+) -> None:
     port = vllm.port
     await vllm.refuse()
     with pytest.raises(aiohttp.ClientConnectorError) as err:
@@ -293,7 +358,9 @@ def run_traffic(seed: int, steps: int) -> tuple[list[tuple[int, int]], bytes]:
     for _ in range(steps):
         fake.simulate_step(1.0)
         trace.append((sum(fake.running), sum(fake.waiting)))
-    counters = b"\n".join(line for line in fake.render_metrics().splitlines() if line.startswith(b"vllm:") and b"_created" not in line)
+    counters = b"\n".join(
+        line for line in fake.render_metrics().splitlines() if line.startswith(b"vllm:") and b"_created" not in line
+    )
     return trace, counters
 
 

@@ -13,15 +13,16 @@ from collections import Counter, deque
 from typing import Any
 
 from agent.config import DrainConfig, GpuConfig
+from agent.policy.requests import DrainDesk, DrainRequest
 from probes.gpu import GpuFault
-from state_machine import DrainReason, Lifecycle, Source
+from state_machine import DrainReason, Source
 
 log = logging.getLogger(__name__)
 
 
 class GpuFaultPolicy:
-    def __init__(self, lifecycle: Lifecycle, gpu_cfg: GpuConfig, drain_cfg: DrainConfig, *, recent_len: int = 50) -> None:
-        self._lifecycle = lifecycle
+    def __init__(self, drains: DrainDesk, gpu_cfg: GpuConfig, drain_cfg: DrainConfig, *, recent_len: int = 50) -> None:
+        self._drains = drains
         self._gpu_cfg = gpu_cfg
         self._drain_cfg = drain_cfg
         self.recent: deque[GpuFault] = deque(maxlen=recent_len)
@@ -41,12 +42,14 @@ class GpuFaultPolicy:
             return False
         if self.drained_for is not None:
             return False
-        started = self._lifecycle.begin_drain(
-            DrainReason.GPU_FAULT,
-            Source.NVML,
-            deadline_s=self._drain_cfg.timeout_s,
-            detail=fault.detail,
-            event_id=fault.event_id,
+        started = self._drains.request(
+            DrainRequest(
+                DrainReason.GPU_FAULT,
+                source=Source.NVML,
+                deadline_s=self._drain_cfg.timeout_s,
+                detail=fault.detail,
+                event_id=fault.event_id,
+            )
         )
         if started:
             self.drained_for = fault

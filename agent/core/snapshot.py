@@ -1,7 +1,9 @@
-"""One in-memory snapshot of the node: frozen readings keyed by probe, each with its age.
+"""One in-memory snapshot of the node: frozen readings under typed keys, each with its age.
 
-Probes write (one writer per key, readings replaced whole); the HTTP service,
-/metrics, the exporter and the lifecycle policy only read.
+Probes write (one writer per key, readings replaced whole); the node view, the
+HTTP service, /metrics, the exporter and the policies only read. A `Key[T]` is
+declared once, next to the reading it holds (probes/vllm.py's `VLLM`, ...), so a
+reader gets a `Reading[T]` back, not an Any.
 """
 
 from __future__ import annotations
@@ -14,6 +16,16 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 
 Clock = Callable[[], float]
+
+
+class Key(str, Generic[T]):
+    """The name of a snapshot entry and the type of what it holds: `Key[VllmReading]("vllm")`.
+
+    A str, because the name is what /status and /metrics show and what older callers
+    (and tests) pass; the type parameter is for the checker only.
+    """
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,16 +80,16 @@ class Snapshot:
     def __init__(self, clock: Clock = time.monotonic) -> None:
         self._clock = clock
         self._readings: dict[str, Reading[Any]] = {}
-        self._listeners: list[Callable[[str, Reading[Any]], None]] = []
+        self._listeners: list[Callable[[Key[Any], Reading[Any]], None]] = []
 
     def now(self) -> float:
         return self._clock()
 
-    def put(self, key: str, value: Any, stale_after_s: float) -> Reading[Any]:
+    def put(self, key: Key[T], value: T, stale_after_s: float) -> Reading[T]:
         reading = Reading(value=value, taken_at=self._clock(), stale_after_s=stale_after_s)
         return self._store(key, reading)
 
-    def fail(self, key: str, error: str, stale_after_s: float, code: str | None = None) -> Reading[Any]:
+    def fail(self, key: Key[T], error: str, stale_after_s: float, code: str | None = None) -> Reading[T]:
         """Record a failed attempt; the last good value is kept and now reads as stale."""
         old = self._readings.get(key)
         reading = Reading(
@@ -90,10 +102,10 @@ class Snapshot:
         )
         return self._store(key, reading)
 
-    def get(self, key: str) -> Reading[Any] | None:
+    def get(self, key: Key[T]) -> Reading[T] | None:
         return self._readings.get(key)
 
-    def value(self, key: str, fresh: bool = True) -> Any:
+    def value(self, key: Key[T], fresh: bool = True) -> T | None:
         reading = self._readings.get(key)
         if reading is None:
             return None
@@ -102,11 +114,11 @@ class Snapshot:
     def items(self) -> list[tuple[str, Reading[Any]]]:
         return list(self._readings.items())
 
-    def subscribe(self, listener: Callable[[str, Reading[Any]], None]) -> None:
+    def subscribe(self, listener: Callable[[Key[Any], Reading[Any]], None]) -> None:
         """`listener(key, reading)` runs on the loop thread after every write; it must not raise."""
         self._listeners.append(listener)
 
-    def _store(self, key: str, reading: Reading[Any]) -> Reading[Any]:
+    def _store(self, key: Key[T], reading: Reading[T]) -> Reading[T]:
         self._readings[key] = reading
         for listener in self._listeners:
             listener(key, reading)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from probes.base import ProbeError
+from probes.base import FailureCode, ProbeError
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,14 @@ class NvmlCallTimeout(ProbeError):
     """An NVML call passed its deadline; its thread is left to finish (or not)."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, code="timeout")
+        super().__init__(message, code=FailureCode.TIMEOUT)
 
 
 class NvmlWedged(ProbeError):
     """Too many NVML calls are stuck: new calls are refused until they return."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, code="wedged")
+        super().__init__(message, code=FailureCode.WEDGED)
 
 
 @dataclass(eq=False, slots=True)
@@ -91,7 +91,7 @@ class NvmlWorker:
         """`fn(*args)` on a worker thread; raises NvmlCallTimeout after `timeout_s`,
         NvmlWedged at once while too many calls are stuck, or what `fn` raised."""
         if self._closed:
-            raise ProbeError("NVML worker is closed", code="closed")
+            raise ProbeError("NVML worker is closed", code=FailureCode.CLOSED)
         stuck = self.stuck_calls()
         if len(stuck) >= self._max_stuck:
             raise NvmlWedged(f"NVML wedged: {len(stuck)} calls stuck ({', '.join(stuck)})")
@@ -130,7 +130,7 @@ class NvmlWorker:
         except TimeoutError:
             log.warning("NVML did not finish in time: nvmlShutdown not done", extra={"stuck": self.stuck_calls()})
             return False
-        except Exception as exc:  # noqa: BLE001 - closing must not fail the daemon's shutdown
+        except Exception as exc:
             log.warning("nvmlShutdown failed", extra={"error": f"{type(exc).__name__}: {exc}"})
             return False
         finally:
@@ -156,7 +156,7 @@ class NvmlWorker:
                 self._running.add(job)
             try:
                 result = job.fn(*job.args)
-            except Exception as exc:  # noqa: BLE001 - handed to the caller through the future
+            except Exception as exc:
                 self._finish(job)
                 job.future.set_exception(exc)
             else:

@@ -13,16 +13,36 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Any
 
 from agent.config import DrainConfig
-from probes.snapshot import Snapshot
+from agent.core.snapshot import Snapshot
+from probes.base import FailureCode
+from probes.vllm import VLLM
 from state_machine import Drain, DrainReason, Lifecycle, State
 
 log = logging.getLogger(__name__)
 
 _TICK_S = 0.05
 _RECENT_S = 5.0  # how old a reading may be to stand for the notice when none could be taken at it
+
+
+class DrainOutcome(StrEnum):
+    """How a drain ended (the termination report's `outcome` label)."""
+
+    EMPTIED = "emptied"  # nothing in flight for the settle time
+    DEADLINE = "deadline"  # the deadline passed with work in flight (counted aborted)
+    FORCED = "forced"  # a second stop signal skipped the waiting
+
+
+class DrainPhase(StrEnum):
+    """Where a drain is (/status drain.progress.phase)."""
+
+    PROPAGATION = "propagation"  # load balancers still learning that /readyz is 503
+    WAITING = "waiting"  # for in-flight work to finish
+    DRAINED = "drained"  # an admin drain emptied the node; it stays cordoned
+    DONE = "done"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +57,7 @@ class DrainReport:
     in_flight_at_notice: float | None
     completed: float
     aborted: float
-    outcome: str  # emptied, deadline, forced
+    outcome: DrainOutcome
     failed: float = 0.0  # finished with an error (vLLM's finished_reason="error")
 
     def as_dict(self) -> dict[str, Any]:
@@ -46,7 +66,7 @@ class DrainReport:
 
 @dataclass(slots=True)
 class DrainProgress:
-    phase: str  # propagation, waiting, drained, done
+    phase: DrainPhase
     reason: str
     in_flight_at_notice: float | None
     in_flight_now: float | None
@@ -67,18 +87,20 @@ class InFlightView:
         self._snapshot = snapshot
 
     def since(self, t0: float) -> float | None:
-        reading = self._snapshot.get("vllm")
+        reading = self._snapshot.get(VLLM)
         if reading is None:
             return None
-        if reading.failed_with("refused") and reading.failed_at is not None and reading.failed_at >= t0:
+        if reading.failed_with(FailureCode.REFUSED) and reading.failed_at is not None and reading.failed_at >= t0:
             return 0.0
         if reading.taken_at is None or reading.taken_at < t0 or reading.is_stale(self._snapshot.now()):
+            return None
+        if reading.value is None:
             return None
         return float(reading.value.in_flight)
 
     def counters(self) -> tuple[float, float, float] | None:
         """Completed, aborted and failed requests since vLLM started."""
-        value = self._snapshot.value("vllm", fresh=False)
+        value = self._snapshot.value(VLLM, fresh=False)
         if value is None:
             return None
         failed = float(getattr(value, "requests_failed_total", 0.0))
@@ -140,7 +162,7 @@ class DrainController:
         _, notice, baseline = self._origin
         empty_since: float | None = None
         last_known: float | None = notice
-        outcome = "emptied"
+        outcome = DrainOutcome.EMPTIED
         while True:
             drain = self._lifecycle.drain
             if self._lifecycle.state is not State.DRAINING or drain is None:
@@ -161,7 +183,7 @@ class DrainController:
             empty_since = (empty_since or now) if count == 0 else None
             completed, aborted, failed = _deltas(baseline, self._in_flight.counters())
             self.progress = DrainProgress(
-                phase="propagation" if in_propagation else "waiting",
+                phase=DrainPhase.PROPAGATION if in_propagation else DrainPhase.WAITING,
                 reason=drain.reason.value,
                 in_flight_at_notice=notice,
                 in_flight_now=count,
@@ -173,12 +195,12 @@ class DrainController:
                 failed=failed,
             )
             if self.force.is_set():
-                outcome = "forced"
+                outcome = DrainOutcome.FORCED
                 break
             if empty_since is not None and now - empty_since >= self._cfg.settle_s and await self._still_empty(drain):
                 break
             if now >= drain.deadline_mono and drain.terminal:
-                outcome = "deadline"
+                outcome = DrainOutcome.DEADLINE
                 break
             self._changed.clear()
             try:
@@ -202,7 +224,8 @@ class DrainController:
         reading = asyncio.ensure_future(self._refresh())
         forced = asyncio.ensure_future(self.force.wait())
         try:
-            await asyncio.wait({reading, forced}, timeout=None if budget_s is None else max(0.0, budget_s), return_when=asyncio.FIRST_COMPLETED)
+            timeout = None if budget_s is None else max(0.0, budget_s)
+            await asyncio.wait({reading, forced}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in (reading, forced):
                 waiter.cancel()
@@ -213,13 +236,13 @@ class DrainController:
     def _finish(
         self,
         drain: Drain,
-        outcome: str,
+        outcome: DrainOutcome,
         notice: float | None,
         last_known: float | None,
         baseline: tuple[float, float, float] | None,
     ) -> None:
         completed, aborted, failed = _deltas(baseline, self._in_flight.counters())
-        if outcome != "emptied":
+        if outcome is not DrainOutcome.EMPTIED:
             aborted += last_known or 0.0
         now_wall = self._wall()
         self.report = DrainReport(
@@ -236,7 +259,7 @@ class DrainController:
         )
         log.info("drain finished", extra={"drain": self.report.as_dict()})
         if self.progress is not None:
-            self.progress.phase = "drained" if drain.reason is DrainReason.ADMIN else "done"
+            self.progress.phase = DrainPhase.DRAINED if drain.reason is DrainReason.ADMIN else DrainPhase.DONE
         if drain.terminal:
             self._lifecycle.terminate(f"{outcome}: completed {completed:g}, aborted {aborted:g}, failed {failed:g}")
         else:
@@ -246,12 +269,12 @@ class DrainController:
         return None if self.progress is None else asdict(self.progress)
 
 
-def _deltas(
-    baseline: tuple[float, float, float] | None, now: tuple[float, float, float] | None
-) -> tuple[float, float, float]:
+def _deltas(baseline: tuple[float, float, float] | None, now: tuple[float, float, float] | None) -> tuple[float, float, float]:
     """Completed, aborted and failed since the drain began; a counter that went
     backwards (vLLM restarted) counts from zero."""
     if baseline is None or now is None:
         return 0.0, 0.0, 0.0
-    completed, aborted, failed = (after - before if after >= before else after for before, after in zip(baseline, now, strict=True))
+    completed, aborted, failed = (
+        after - before if after >= before else after for before, after in zip(baseline, now, strict=True)
+    )
     return completed, aborted, failed

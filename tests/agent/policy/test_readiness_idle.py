@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import pytest
 
 from agent.config import DrainConfig, IdleConfig
-from agent.idle import IdleWatchdog, is_idle
-from agent.readiness import ReadinessPolicy
+from agent.core.snapshot import Snapshot
+from agent.policy.idle import IdleWatchdog, is_idle
+from agent.policy.readiness import ReadinessPolicy
+from agent.policy.requests import DrainDesk
 from probes.inference import HealthReading
-from probes.snapshot import Snapshot
 from state_machine import DrainReason, Lifecycle, State
 
 OK = HealthReading(ok=True, code="ok", detail="healthy", latency_ms=1.0)
@@ -65,7 +66,7 @@ def test_idle_watchdog_drains_after_the_configured_quiet_time() -> None:
     lifecycle.start_warming()
     lifecycle.mark_ready("x")
     snapshot = Snapshot(clock=lambda: now[0])
-    watchdog = IdleWatchdog(lifecycle, snapshot, IdleConfig(after_s=60), DrainConfig(), clock=lambda: now[0])
+    watchdog = IdleWatchdog(DrainDesk(lifecycle), snapshot, IdleConfig(after_s=60), DrainConfig(), clock=lambda: now[0])
     snapshot.put("vllm", V(0, 0.0), stale_after_s=5)
     assert not watchdog.check()
     now[0] += 30
@@ -88,7 +89,7 @@ def test_stale_vllm_reading_is_not_idle() -> None:
     lifecycle.start_warming()
     lifecycle.mark_ready("x")
     snapshot = Snapshot(clock=lambda: now[0])
-    watchdog = IdleWatchdog(lifecycle, snapshot, IdleConfig(after_s=1), DrainConfig(), clock=lambda: now[0])
+    watchdog = IdleWatchdog(DrainDesk(lifecycle), snapshot, IdleConfig(after_s=1), DrainConfig(), clock=lambda: now[0])
     snapshot.put("vllm", V(0, 0.0), stale_after_s=3)
     watchdog.check()
     now[0] += 10  # reading now stale: vLLM unreachable is not "idle"

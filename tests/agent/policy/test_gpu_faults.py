@@ -10,7 +10,8 @@ import json
 import pytest
 
 from agent.config import DrainConfig, GpuConfig
-from agent.gpu_faults import GpuFaultPolicy
+from agent.policy.gpu_faults import GpuFaultPolicy
+from agent.policy.requests import DrainDesk
 from agent.sim.nvml import FakeNvml
 from probes.gpu import FaultKind, GpuFault
 from probes.gpu_probe import GpuProbe
@@ -35,7 +36,7 @@ def make(drain_on_fault: bool = True) -> tuple[Lifecycle, GpuFaultPolicy, Clock]
     clock = Clock()
     lifecycle = Lifecycle(clock=clock)
     lifecycle.start_warming()
-    policy = GpuFaultPolicy(lifecycle, GpuConfig(drain_on_fault=drain_on_fault), DrainConfig(timeout_s=120))
+    policy = GpuFaultPolicy(DrainDesk(lifecycle), GpuConfig(drain_on_fault=drain_on_fault), DrainConfig(timeout_s=120))
     return lifecycle, policy, clock
 
 

@@ -1,14 +1,11 @@
-"""The persisted drain: an admin drain survives an agent restart; a terminal drain
-(preemption, maintenance, GPU fault) survives one within the same boot only, so a
-Spot VM that is stopped and started again is not held back by its last life. The
-record carries the drain's deadline (wall clock), so a terminal drain restored after
-an agent crash keeps what was left of its notice instead of starting a fresh timeout.
+"""The drain's state file, `<service.state_dir>/drain.json`: the fsync'd file I/O of the
+persisted drain (the record itself is state_machine/saved_drain.py's SavedDrain).
 
 Written atomically: temp file, fsync, rename, fsync of the directory; a failed write
 leaves no temp file behind. Read defensively: only a regular file, at most
 `MAX_RECORD_BYTES`, never blocking on a FIFO. A file that cannot be used is evidence
 (another user's, a bad disk, a bug of ours): `quarantine()` moves it aside, never
-deletes it.
+deletes it. Blocking: agent/persistence.py calls it through a thread with a deadline.
 """
 
 from __future__ import annotations
@@ -18,37 +15,19 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from state_machine.states import DrainReason
+from state_machine import DrainReason
+from state_machine.saved_drain import SavedDrain, persists
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "drain.json"
 MAX_RECORD_BYTES = 64 * 1024  # a record is ~300 bytes; anything near this is not ours
-_PERSISTED = {DrainReason.ADMIN, DrainReason.PREEMPTION, DrainReason.MAINTENANCE, DrainReason.GPU_FAULT}
 
 
 class StateFileError(Exception):
     """The state file exists but cannot be used; the message says why."""
-
-
-@dataclass(frozen=True, slots=True)
-class SavedDrain:
-    reason: DrainReason
-    detail: str
-    started_at_wall: float
-    boot_id: str
-    deadline_wall: float | None = None  # when the drain must end (wall clock); absent in old records
-
-    def deadline_s(self, default_s: float, now_wall: float) -> float:
-        """The deadline a restored drain gets. A terminal drain keeps what is left of its
-        saved deadline (a preemption notice does not restart because the agent did), never
-        more than `default_s`; an admin drain, restored maybe days later, starts afresh."""
-        if self.reason is DrainReason.ADMIN or self.deadline_wall is None:
-            return default_s
-        return max(0.0, min(default_s, self.deadline_wall - now_wall))
 
 
 def current_boot_id() -> str:
@@ -67,7 +46,7 @@ class DrainStore:
 
     @staticmethod
     def persists(reason: DrainReason) -> bool:
-        return reason in _PERSISTED
+        return persists(reason)
 
     def load(self) -> SavedDrain | None:
         """The drain to restore now, or None. Raises StateFileError when the file exists
@@ -76,17 +55,10 @@ class DrainStore:
         if raw is None:
             return None
         try:
-            data = json.loads(raw)
-            saved = SavedDrain(
-                reason=DrainReason(data["reason"]),
-                detail=str(data.get("detail", "")),
-                started_at_wall=float(data["started_at_wall"]),
-                boot_id=str(data.get("boot_id", "")),
-                deadline_wall=None if data.get("deadline_wall") is None else float(data["deadline_wall"]),
-            )
+            saved = SavedDrain.from_record(json.loads(raw))
         except (ValueError, KeyError, TypeError, RecursionError, OverflowError) as exc:
             raise StateFileError(f"{self.path}: not a drain record ({type(exc).__name__}: {str(exc)[:100]})") from None
-        if saved.reason is not DrainReason.ADMIN and saved.boot_id != self.boot_id:
+        if not saved.restorable(self.boot_id):
             log.info("ignoring a terminal drain from an earlier boot", extra={"reason": saved.reason.value})
             return None
         return saved
@@ -134,13 +106,7 @@ class DrainStore:
         probe.unlink()
 
     def save(self, reason: DrainReason, detail: str, started_at_wall: float, deadline_wall: float | None = None) -> None:
-        record = {
-            "reason": reason.value,
-            "detail": detail,
-            "started_at_wall": started_at_wall,
-            "boot_id": self.boot_id,
-            "deadline_wall": deadline_wall,
-        }
+        record = SavedDrain(reason, detail, started_at_wall, self.boot_id, deadline_wall).as_record()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:

@@ -24,14 +24,14 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from agent.config import ExportConfig, ExportResource
-from agent.demand import Series
-from agent.exporter.api import (
+from agent.core.backoff import backoff_s
+from agent.exporter.api_client import (
     DEFAULT_ENDPOINT,
     RETRYABLE,
     ExportSetupError,
@@ -42,24 +42,23 @@ from agent.exporter.api import (
     partial_summary,
 )
 from agent.exporter.backlog import Backlog, Batch
-from agent.exporter.health import ExportStats
+from agent.exporter.health import ExportStats, SetupFailure
 from agent.exporter.report import TerminationReport, report_points
-from agent.exporter.resource import Resource, ResourceError, detect_resource
+from agent.exporter.resource import Identity, Resource, ResourceError, detect_resource
 from agent.exporter.series import (
     DESCRIPTORS,
     MAX_SERIES_PER_REQUEST,
     MIN_POINT_GAP_S,
     create_request,
     descriptor_proto,
-    node_metrics_from_snapshot,
+    node_metrics,
     series_points,
     time_series_protos,
 )
-from probes.base import backoff_s
+from agent.node_view import NodeView
 
 log = logging.getLogger(__name__)
 
-IDENTITY_KEY = "metadata.identity"
 _MAX_BATCH_AGE_S = 24 * 3600.0  # the API refuses points older than 25 h
 _FINAL_SEND_S = 1.0  # time kept to write the final sample after waiting for its gap
 _JITTER_S = 0.5
@@ -78,6 +77,18 @@ class Tuning:
     max_series_per_request: int = MAX_SERIES_PER_REQUEST
 
 
+class NodeRounds(Protocol):
+    """What the exporter reads of the node (agent/node_view.py's NodeViews)."""
+
+    identity_seen: asyncio.Event  # set once the metadata source has named the node
+
+    def round(self) -> NodeView:
+        """The node view for this export round (it advances what a drain holds)."""
+        ...
+
+    def identity(self) -> Identity | None: ...
+
+
 class Outcome(StrEnum):
     SENT = "sent"
     REJECTED = "rejected"  # not retried: counted failed
@@ -91,8 +102,7 @@ class Exporter:
     def __init__(
         self,
         cfg: ExportConfig,
-        snapshot: Any,
-        lifecycle: Any,
+        node: NodeRounds,
         *,
         client_factory: Callable[[ExportConfig], Awaitable[Any]] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -100,13 +110,11 @@ class Exporter:
         environ: dict[str, str] | None = None,
         hostname: str | None = None,
         tuning: Tuning = Tuning(),
-        autoscaling: Callable[[], Mapping[Series, float | None]] | None = None,
     ) -> None:
         self.cfg = cfg
-        self._snapshot, self._lifecycle = snapshot, lifecycle
-        # The autoscaling series for this round under the lifecycle rule (agent/demand.py);
-        # without it they are written as plain facts and node/demand is not written.
-        self._autoscaling = autoscaling
+        # Each sample is one round of the node view (a READY round's autoscaling values
+        # are what a later drain holds); without a demand gauge they are plain facts.
+        self._node = node
         self._client_factory = client_factory or build_client
         self._clock, self._wall = clock, wall
         self._environ = dict(os.environ if environ is None else environ)
@@ -124,8 +132,6 @@ class Exporter:
         self.final_sample: str | None = None  # what became of the final flush's sample (/status)
         self._wake = asyncio.Event()
         self._send_lock = asyncio.Lock()
-        self._identity_seen = asyncio.Event()
-        snapshot.subscribe(lambda key, _reading: self._identity_seen.set() if key == IDENTITY_KEY else None)
 
     @property
     def points_total(self) -> Counter[str]:
@@ -134,8 +140,9 @@ class Exporter:
 
     # --- the task ----------------------------------------------------------------------
     async def run(self) -> None:
-        """Push every interval_s for ever; the first round creates the descriptors.
-        Every failure is caught and counted; cancellation is not."""
+        """Push every interval_s until flush_final takes over (then it returns, and the
+        flush owns the client); the first round creates the descriptors. Every failure is
+        caught and counted; cancellation is not."""
         try:
             await self._wait_for_identity()
             next_at = self._clock()
@@ -144,12 +151,12 @@ class Exporter:
                     await self.push_once(deadline_mono=next_at + self.cfg.interval_s)
                 except Exception as exc:  # a bug here must not stop the pushes
                     log.exception("export round failed")
-                    self.stats.fail("error", f"export round failed: {type(exc).__name__}: {exc}")
+                    self.stats.fail(SetupFailure.ERROR, f"export round failed: {type(exc).__name__}: {exc}")
                 next_at = max(next_at + self.cfg.interval_s, self._clock())
                 await self._pause(next_at - self._clock())
-            await asyncio.Event().wait()  # flush_final took over; parked until cancelled
         finally:
-            await self._close_client()
+            if not self._closing:  # cancelled while pushing; once closing, flush_final closes it
+                await self._close_client()
 
     async def push_once(self, deadline_mono: float | None = None) -> None:
         """One round: sample the node into the backlog, then write what is queued, in order."""
@@ -163,7 +170,8 @@ class Exporter:
         dropped = self._backlog.trim(self._wall() - _MAX_BATCH_AGE_S)
         if dropped:
             self.stats.points_total["dropped"] += dropped
-            log.warning("export backlog full: oldest points dropped", extra={"dropped": dropped, "backlog_max_points": self._backlog.max_points})
+            extra = {"dropped": dropped, "backlog_max_points": self._backlog.max_points}
+            log.warning("export backlog full: oldest points dropped", extra=extra)
 
     async def flush_final(self, report: TerminationReport | None, deadline_s: float) -> bool:
         """Write the termination report, then the last points and what is queued,
@@ -230,10 +238,13 @@ class Exporter:
             end = self._last_end_wall + MIN_POINT_GAP_S
         if self._last_end_wall is not None and end - self._last_end_wall < MIN_POINT_GAP_S:
             # One point per series per 10 s, in time order: skip rather than squeeze.
-            log.log(logging.INFO if final else logging.WARNING, "export sample skipped: the previous one is under 10 s old",
-                    extra={"previous_age_s": round(end - self._last_end_wall, 3)})
+            log.log(
+                logging.INFO if final else logging.WARNING,
+                "export sample skipped: the previous one is under 10 s old",
+                extra={"previous_age_s": round(end - self._last_end_wall, 3)},
+            )
             return
-        self._backlog.append(Batch(end, series_points(node_metrics_from_snapshot(self._snapshot, self._lifecycle, None if self._autoscaling is None else self._autoscaling()))))
+        self._backlog.append(Batch(end, series_points(node_metrics(self._node.round()))))
         self._last_end_wall = end
 
     async def _final_sample(self, deadline: float) -> None:
@@ -242,7 +253,10 @@ class Exporter:
         else skip it and say so (the last regular point then stands as the final one)."""
         wait_s = 0.0 if self._last_end_wall is None else self._last_end_wall + MIN_POINT_GAP_S - self._wall()
         if wait_s > 0 and self._clock() + wait_s + _FINAL_SEND_S > deadline:
-            self.final_sample = f"skipped: the last point is {MIN_POINT_GAP_S - wait_s:.1f} s old, under the 10 s quota, and the deadline leaves no time to wait"
+            self.final_sample = (
+                f"skipped: the last point is {MIN_POINT_GAP_S - wait_s:.1f} s old, under the 10 s quota, "
+                "and the deadline leaves no time to wait"
+            )
             log.info("final export sample skipped", extra={"reason": self.final_sample})
             return
         if wait_s > 0:
@@ -260,10 +274,10 @@ class Exporter:
         if self.cfg.resource is ExportResource.GENERIC_NODE and self.cfg.project_id:
             return
         left = self.tuning.identity_wait_s - (self._clock() - self._started)
-        if self._snapshot.get(IDENTITY_KEY) is None and left > 0:
+        if self._node.identity() is None and left > 0:
             try:
                 async with asyncio.timeout(left):
-                    await self._identity_seen.wait()
+                    await self._node.identity_seen.wait()
             except TimeoutError:
                 log.info("no node identity from the metadata server; exporting without it", extra={"waited_s": round(left, 3)})
 
@@ -275,19 +289,18 @@ class Exporter:
             try:
                 self._client = await self._client_factory(self.cfg)
             except ExportSetupError as exc:
-                self.stats.fail("credentials", str(exc))
+                self.stats.fail(SetupFailure.CREDENTIALS, str(exc))
                 return False
-            except Exception as exc:  # noqa: BLE001 - reported in /status, tried again next round
-                self.stats.fail("setup", f"cannot build the Cloud Monitoring client: {type(exc).__name__}: {exc}")
+            except Exception as exc:
+                self.stats.fail(SetupFailure.SETUP, f"cannot build the Cloud Monitoring client: {type(exc).__name__}: {exc}")
                 return False
         return await self._ensure_descriptors(deadline)
 
     def _resolve_resource(self) -> bool:
-        reading = self._snapshot.get(IDENTITY_KEY)
         try:
-            self.resource = detect_resource(self.cfg, None if reading is None else reading.value, self._environ, self._hostname)
+            self.resource = detect_resource(self.cfg, self._node.identity(), self._environ, self._hostname)
         except ResourceError as exc:
-            self.stats.fail("resource", str(exc))
+            self.stats.fail(SetupFailure.RESOURCE, str(exc))
             return False
         log.info("export resource", extra={"resource": self.resource.as_dict()})
         return True
@@ -299,9 +312,15 @@ class Exporter:
             if desc.type in self._created:
                 continue
             proto = descriptor_proto(desc, project)
+
+            def create(t: float, proto: Any = proto) -> Awaitable[Any]:
+                return self._client.create_metric_descriptor(
+                    name=f"projects/{project}", metric_descriptor=proto, timeout=t, retry=None
+                )
+
             outcome, exc = await self._call(
                 "CreateMetricDescriptor",
-                lambda t, proto=proto: self._client.create_metric_descriptor(name=f"projects/{project}", metric_descriptor=proto, timeout=t, retry=None),
+                create,
                 deadline,
                 0,
                 ok_codes=frozenset({"ALREADY_EXISTS"}),
@@ -332,8 +351,15 @@ class Exporter:
         while batch.points:
             chunk = batch.points[: min(self.tuning.max_series_per_request, MAX_SERIES_PER_REQUEST)]
             request = create_request(project, time_series_protos(chunk, self.resource.type.value, labels, batch.end_wall))
+
+            def write(t: float, request: Any = request) -> Awaitable[Any]:
+                return self._client.create_time_series(request=request, timeout=t, retry=None)
+
             outcome, exc = await self._call(
-                "CreateTimeSeries", lambda t, request=request: self._client.create_time_series(request=request, timeout=t, retry=None), deadline, len(chunk)
+                "CreateTimeSeries",
+                write,
+                deadline,
+                len(chunk),
             )
             if outcome is Outcome.TRANSIENT:
                 return False
@@ -356,7 +382,13 @@ class Exporter:
         return stored
 
     async def _call(
-        self, what: str, invoke: Callable[[float], Awaitable[Any]], deadline: float, n_points: int, *, ok_codes: frozenset[str] = frozenset()
+        self,
+        what: str,
+        invoke: Callable[[float], Awaitable[Any]],
+        deadline: float,
+        n_points: int,
+        *,
+        ok_codes: frozenset[str] = frozenset(),
     ) -> tuple[Outcome, BaseException | None]:
         """One API call; only UNAVAILABLE and DEADLINE_EXCEEDED are tried again, with backoff."""
         stats, attempt = self.stats, 0
@@ -368,7 +400,7 @@ class Exporter:
                 await invoke(timeout_s)
                 stats.requests_total["OK"] += 1
                 return Outcome.SENT, None
-            except Exception as exc:  # noqa: BLE001 - every failure is classified and counted
+            except Exception as exc:
                 code = code_of(exc)
                 stats.requests_total[code] += 1
                 if code in ok_codes:

@@ -1,4 +1,4 @@
-"""The persisted drain: atomic, admin across restarts, terminal only within one boot."""
+"""agent/state_file.py: the drain record on disk (atomic writes, defensive reads, quarantine)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from state_machine.persist import DrainStore, StateFileError
+from agent.state_file import DrainStore, StateFileError
 from state_machine.states import DrainReason
 
 

@@ -11,8 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.config import DrainConfig, IdleConfig
-from probes.snapshot import Snapshot
-from state_machine import DrainReason, Lifecycle, Source, State
+from agent.core.snapshot import Snapshot
+from agent.policy.requests import DrainDesk, DrainRequest
+from probes.vllm import VLLM
+from state_machine import DrainReason, Source, State
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +33,15 @@ def is_idle(vllm: Any) -> bool:
 class IdleWatchdog:
     def __init__(
         self,
-        lifecycle: Lifecycle,
+        drains: DrainDesk,
         snapshot: Snapshot,
         cfg: IdleConfig,
         drain_cfg: DrainConfig,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._lifecycle = lifecycle
+        self._drains = drains
+        self._lifecycle = drains.lifecycle
         self._snapshot = snapshot
         self._cfg = cfg
         self._drain_cfg = drain_cfg
@@ -49,28 +52,31 @@ class IdleWatchdog:
     def check(self) -> bool:
         """One look at the snapshot; True when it started the idle drain."""
         now = self._clock()
-        if self._lifecycle.state is not State.READY or not is_idle(self._snapshot.value("vllm")):
+        if self._lifecycle.state is not State.READY or not is_idle(self._snapshot.value(VLLM)):
             self.idle_since = None
             return False
         if self.idle_since is None:
             self.idle_since = now
         if now - self.idle_since < self._cfg.after_s:
             return False
-        return self._lifecycle.begin_drain(
-            DrainReason.IDLE,
-            Source.IDLE_WATCHDOG,
-            deadline_s=self._drain_cfg.timeout_s,
-            detail=f"no requests and no tokens for {self._cfg.after_s:g}s",
+        return self._drains.request(
+            DrainRequest(
+                DrainReason.IDLE,
+                source=Source.IDLE_WATCHDOG,
+                deadline_s=self._drain_cfg.timeout_s,
+                detail=f"no requests and no tokens for {self._cfg.after_s:g}s",
+            )
         )
 
     async def run(self) -> None:
+        """Watch until the idle drain ends, then run the action once; returns when done
+        (or at once when disabled): run it as a task that may finish."""
         if self._cfg.after_s <= 0:
-            return await asyncio.Event().wait()  # disabled: park (the supervisor would restart a return)
+            return
         while self._lifecycle.state is not State.TERMINATED or not self._idle_drain():
             self.check()
             await asyncio.sleep(_CHECK_S)
         await self._run_action()
-        await asyncio.Event().wait()
 
     def _idle_drain(self) -> bool:
         drain = self._lifecycle.drain

@@ -1,12 +1,11 @@
-"""Metadata notices -> lifecycle: Spot preemption and host maintenance.
+"""The metadata source, whole: `MetadataWatch` detects the server, publishes the node's
+identity and what is watched (a blind watch is reported failing, never healthy),
+then runs one watcher per path and hands each new value to its listener (the
+preemption policy, agent/policy/preemption.py).
 
-`PreemptionPolicy` turns metadata values into Lifecycle calls: preempted=TRUE drains
-at once with reason preemption (terminal: no later value undoes it, unlike GCP's
-old termination handler); TERMINATE_ON_HOST_MAINTENANCE drains with reason
-maintenance; MIGRATE_ON_HOST_MAINTENANCE is recorded (a drain only with
-preemption.drain_on_migrate). `MetadataWatch` is the task the daemon runs: detect
-the server, publish the identity and what is watched (a blind watch is reported
-failing, never healthy), then run one watcher per path.
+preemption.enabled: "false" contacts nothing (or reads the identity only, when export
+needs it); "auto" watches only when a server answers; "true" watches and reports an
+absent server as a failure.
 """
 
 from __future__ import annotations
@@ -15,41 +14,36 @@ import asyncio
 import logging
 import math
 import random
-import time
-from collections import deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, Protocol
 
-from agent.config import DrainConfig, PreemptionConfig
-from probes.base import ProbeError, backoff_s
-from probes.metadata import (
+from agent.core.backoff import backoff_s
+from agent.core.snapshot import Key, Snapshot
+from probes.base import FailureCode, ProbeError
+from probes.metadata.client import (
     MAINTENANCE_EVENT,
     NO_NOTICE_CODES,
     PREEMPTED,
     UPCOMING_MAINTENANCE,
     MetadataClient,
-    MetadataPresence,
-    MetadataWatcher,
-    NodeIdentity,
-    detect_metadata,
-    fetch_identity,
     parse_maintenance_event,
     parse_preempted,
     parse_upcoming_maintenance,
-    serves,
 )
-from probes.snapshot import Snapshot
-from state_machine import DrainReason, Lifecycle, Source
+from probes.metadata.identity import MetadataPresence, NodeIdentity, detect_metadata, fetch_identity, serves
+from probes.metadata.watcher import MetadataWatcher
 
 log = logging.getLogger(__name__)
 
-WATCH_KEY = "metadata.watch"
-IDENTITY_KEY = "metadata.identity"
-PREEMPTION_EVENT_ID = "gce:instance/preempted=TRUE"  # one preemption per VM life: a repeat is no second drain
-TERMINATE = "TERMINATE_ON_HOST_MAINTENANCE"
-MIGRATE = "MIGRATE_ON_HOST_MAINTENANCE"
+# The metadata source's snapshot keys, one writer each.
+PREEMPTED_KEY: Key[bool] = Key("metadata.preempted")
+MAINTENANCE_EVENT_KEY: Key[str] = Key("metadata.maintenance_event")
+UPCOMING_MAINTENANCE_KEY: Key[dict[str, Any] | None] = Key("metadata.upcoming_maintenance")
+IDENTITY_KEY: Key[NodeIdentity] = Key("metadata.identity")
+WATCH_KEY: Key[dict[str, Any]] = Key("metadata.watch")  # what is watched and why (a failure when blind)
+
 _ABSENT_CONFIRMATIONS = 3
 UPCOMING_QUERY = {"alt": "json"}  # how Google documents reading instance/upcoming-maintenance
 BLIND_NOTE = "GKE Workload Identity hides instance/preempted; preemption arrives as SIGTERM + preStop drain"
@@ -59,117 +53,24 @@ def _query(path: str) -> dict[str, str] | None:
     return UPCOMING_QUERY if path == UPCOMING_MAINTENANCE else None
 
 
-def window_start_wall(info: dict[str, Any] | None) -> float | None:
-    """The maintenance window's start (epoch seconds) from an upcoming-maintenance notice."""
-    raw = None if info is None else info.get("window_start_time", info.get("windowStartTime"))
-    if not isinstance(raw, str):
-        return None
-    try:
-        start = datetime.fromisoformat(raw)  # 3.11 reads the trailing Z
-    except ValueError:
-        log.warning("unreadable maintenance window start", extra={"value": raw[:60]})
-        return None
-    return (start if start.tzinfo else start.replace(tzinfo=UTC)).timestamp()
+
+class WatchSettings(Protocol):
+    """The preemption section, as far as the watch needs it (agent.config.PreemptionConfig)."""
+
+    @property
+    def enabled(self) -> Literal["auto", "true", "false"]: ...
+    @property
+    def watch_timeout_s(self) -> int: ...
+    @property
+    def notice_budget_s(self) -> float: ...
 
 
-class PreemptionPolicy:
-    """The metadata watchers' listener. Callbacks are synchronous and never raise."""
+class MetadataListener(Protocol):
+    """Who hears each new value (agent/policy/preemption.py's PreemptionPolicy); synchronous, never raises."""
 
-    def __init__(
-        self,
-        lifecycle: Lifecycle,
-        preemption_cfg: PreemptionConfig,
-        drain_cfg: DrainConfig,
-        *,
-        wall: Callable[[], float] = time.time,
-        events_len: int = 50,
-    ) -> None:
-        self._lifecycle = lifecycle
-        self._cfg = preemption_cfg
-        self._drain = drain_cfg
-        self._wall = wall
-        self.preempted = False
-        self.maintenance_event: str | None = None
-        self.upcoming: dict[str, Any] | None = None
-        self.events: deque[dict[str, Any]] = deque(maxlen=events_len)
-
-    def preemption_deadline_s(self) -> float:
-        return max(0.0, self._cfg.notice_budget_s - self._drain.safety_margin_s)
-
-    def maintenance_deadline_s(self) -> float:
-        start = window_start_wall(self.upcoming)
-        budget_s = self._cfg.maintenance_budget_s if start is None else start - self._wall()
-        return max(0.0, min(self._drain.timeout_s, budget_s) - self._drain.safety_margin_s)
-
-    def on_preempted(self, value: bool, etag: str | None) -> None:
-        if not value:
-            # FALSE after TRUE is ignored: a preemption is terminal.
-            self._record("preempted", "FALSE", "ignored: preemption is terminal" if self.preempted else "none")
-            return
-        self.preempted = True
-        deadline_s = self.preemption_deadline_s()
-        started = self._lifecycle.begin_drain(
-            DrainReason.PREEMPTION,
-            Source.METADATA,
-            deadline_s=deadline_s,
-            detail=f"instance/preempted=TRUE: {deadline_s:g}s to drain (notice budget "
-            f"{self._cfg.notice_budget_s:g}s - safety margin {self._drain.safety_margin_s:g}s)",
-            event_id=PREEMPTION_EVENT_ID,
-        )
-        self._record("preempted", "TRUE", "drain" if started else "no change: already handled")
-
-    def on_maintenance_event(self, value: str, etag: str | None) -> None:
-        self.maintenance_event = value
-        if not (value == TERMINATE or (value == MIGRATE and self._cfg.drain_on_migrate)):
-            self._record("maintenance_event", value, "recorded")  # NONE never undoes a drain
-            return
-        deadline_s = self.maintenance_deadline_s()
-        window = "" if window_start_wall(self.upcoming) is None else " (window start from upcoming-maintenance)"
-        started = self._lifecycle.begin_drain(
-            DrainReason.MAINTENANCE,
-            Source.METADATA,
-            deadline_s=deadline_s,
-            detail=f"instance/maintenance-event={value}: {deadline_s:g}s to drain{window}",
-            event_id=f"gce:maintenance-event={value}:{etag}",
-        )
-        self._record("maintenance_event", value, "drain" if started else "no change: already draining")
-
-    def on_upcoming_maintenance(self, info: dict[str, Any] | None, etag: str | None) -> None:
-        """Recorded (its window start sets a maintenance drain's deadline); a notice whose
-        window starts within the maintenance budget drains now, as TERMINATE would: GPU
-        VMs cannot live-migrate, and maintenance-event may say so only later. A window
-        further out is left to maintenance-event, which GCE sends about an hour ahead."""
-        self.upcoming = info
-        summary = "none" if info is None else " ".join(
-            str(info.get(k, "?")) for k in ("type", "maintenance_status", "window_start_time")
-        )
-        start = window_start_wall(info)
-        if start is None or start - self._wall() > self._cfg.maintenance_budget_s:
-            self._record("upcoming_maintenance", summary, "recorded")
-            return
-        deadline_s = self.maintenance_deadline_s()
-        started = self._lifecycle.begin_drain(
-            DrainReason.MAINTENANCE,
-            Source.METADATA,
-            deadline_s=deadline_s,
-            detail=f"instance/upcoming-maintenance: window starts in {max(0.0, start - self._wall()):.0f}s; {deadline_s:g}s to drain",
-            event_id=f"gce:upcoming-maintenance:{info.get('window_start_time', info.get('windowStartTime')) if info else ''}",
-        )
-        self._record("upcoming_maintenance", summary, "drain" if started else "no change: already draining")
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "preempted": self.preempted,
-            "maintenance_event": self.maintenance_event,
-            "upcoming_maintenance": self.upcoming,
-            "events": list(self.events),
-        }
-
-    def _record(self, kind: str, value: str, action: str) -> None:
-        at = datetime.fromtimestamp(self._wall(), UTC).isoformat()
-        self.events.append({"at": at, "kind": kind, "value": value, "action": action})
-        level = logging.WARNING if action == "drain" else logging.INFO
-        log.log(level, "metadata notice", extra={"kind": kind, "value": value, "action": action})
+    def on_preempted(self, value: bool, etag: str | None) -> None: ...
+    def on_maintenance_event(self, value: str, etag: str | None) -> None: ...
+    def on_upcoming_maintenance(self, info: dict[str, Any] | None, etag: str | None) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,11 +99,11 @@ class MetadataWatch:
         self,
         client: MetadataClient,
         snapshot: Snapshot,
-        policy: PreemptionPolicy,
-        cfg: PreemptionConfig,
+        policy: MetadataListener,
+        cfg: WatchSettings,
         *,
         tuning: WatchTuning = WatchTuning(),
-        errors: Any = None,
+        errors: Counter[str] | None = None,  # counted per key, for probe_errors_total
         rng: random.Random | None = None,
         identity_wanted: bool = False,  # export labels its series with it: read it even when not watching
     ) -> None:
@@ -220,11 +121,13 @@ class MetadataWatch:
         self._published: dict[str, Any] | None = None
 
     async def run(self) -> None:
+        """Watch for ever; with preemption.enabled=false it returns once there is nothing
+        more to do (run it as a task that may finish)."""
         if self._cfg.enabled == "false":
             if not self._identity_wanted:
                 self._publish([], "preemption.enabled=false: the metadata server is not contacted")
                 self.settled.set()
-                await asyncio.Event().wait()  # nothing to do; park (a return would be restarted)
+                return
             # Export still needs the node's identity (gce_instance / k8s_pod labels): read
             # it, watch nothing. Without it every series would land on generic_node.
             self._publish([], "preemption.enabled=false: the metadata server is read for the node identity only")
@@ -232,7 +135,7 @@ class MetadataWatch:
             self.presence = await self._detect()
             await self._identity(self.presence)
             self._publish([], "preemption.enabled=false: the metadata server is read for the node identity only")
-            await asyncio.Event().wait()
+            return
         self.presence = await self._detect()
         async with asyncio.TaskGroup() as group:
             if self.presence is MetadataPresence.PRESENT:
@@ -293,22 +196,23 @@ class MetadataWatch:
         }
         self._snapshot.put(WATCH_KEY, watch, math.inf)
         if self.presence is MetadataPresence.RESTRICTED:
-            self._snapshot.fail(WATCH_KEY, f"blind to preemption: {BLIND_NOTE}", math.inf, code="blind")
+            self._snapshot.fail(WATCH_KEY, f"blind to preemption: {BLIND_NOTE}", math.inf, code=FailureCode.BLIND)
         elif self.presence is MetadataPresence.ABSENT and self._cfg.enabled == "true":
-            self._snapshot.fail(WATCH_KEY, f"preemption.enabled=true but {note}", math.inf, code="absent")
+            self._snapshot.fail(WATCH_KEY, f"preemption.enabled=true but {note}", math.inf, code=FailureCode.ABSENT)
         if watch != self._published:
             log.info("metadata watch", extra={"watch": watch})
             self._published = watch
 
     def _watcher(self, path: str) -> MetadataWatcher[Any]:
         policy, tuning = self._policy, self._tuning
-        parse, on_value, key, none_codes = {
-            PREEMPTED: (parse_preempted, policy.on_preempted, "metadata.preempted", frozenset()),
+        table: dict[str, tuple[Callable[[str], Any], Callable[[Any, str | None], None], Key[Any], frozenset[str]]] = {
+            PREEMPTED: (parse_preempted, policy.on_preempted, PREEMPTED_KEY, frozenset()),
             MAINTENANCE_EVENT: (parse_maintenance_event, policy.on_maintenance_event,
-                                "metadata.maintenance_event", frozenset()),
+                                MAINTENANCE_EVENT_KEY, frozenset()),
             UPCOMING_MAINTENANCE: (parse_upcoming_maintenance, policy.on_upcoming_maintenance,
-                                   "metadata.upcoming_maintenance", NO_NOTICE_CODES),
-        }[path]  # fmt: skip
+                                   UPCOMING_MAINTENANCE_KEY, NO_NOTICE_CODES),
+        }  # fmt: skip
+        parse, on_value, key, none_codes = table[path]
         base_s, cap_s = (
             (tuning.preempted_backoff_base_s, tuning.preempted_backoff_cap_s)
             if path == PREEMPTED
@@ -356,3 +260,4 @@ class MetadataWatch:
         if path == PREEMPTED:
             timeout_sec = min(timeout_sec, max(1, int(self._cfg.notice_budget_s // 3)))
         return timeout_sec
+

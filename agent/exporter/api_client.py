@@ -13,7 +13,10 @@ RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 WRITE_SCOPE = "https://www.googleapis.com/auth/monitoring.write"
 DEFAULT_ENDPOINT = "monitoring.googleapis.com:443"
 _HINTS = {
-    "PERMISSION_DENIED": "the node's service account needs roles/monitoring.metricWriter on the project, and export.project_id must name an existing project",
+    "PERMISSION_DENIED": (
+        "the node's service account needs roles/monitoring.metricWriter on the project, "
+        "and export.project_id must name an existing project"
+    ),
     "NOT_FOUND": "check export.project_id",
     "UNAUTHENTICATED": "the credentials were refused: check the node's service account",
     "RESOURCE_EXHAUSTED": "Cloud Monitoring quota exhausted",
@@ -30,6 +33,7 @@ async def build_client(cfg: ExportConfig) -> Any:
     looked up off the loop (on GCE that asks the metadata server)."""
     import google.auth
     import grpc
+    from google.api_core.client_options import ClientOptions
     from google.auth.exceptions import DefaultCredentialsError
     from google.cloud import monitoring_v3
     from google.cloud.monitoring_v3.services.metric_service.transports import (
@@ -48,7 +52,7 @@ async def build_client(cfg: ExportConfig) -> Any:
             f"no Google credentials: {exc} (run with a service account on GCE/GKE, set "
             "GOOGLE_APPLICATION_CREDENTIALS, or set export.enabled = false)"
         ) from None
-    options = {"api_endpoint": cfg.endpoint} if cfg.endpoint else None
+    options = ClientOptions(api_endpoint=cfg.endpoint) if cfg.endpoint else None
     return monitoring_v3.MetricServiceAsyncClient(credentials=credentials, client_options=options)
 
 

@@ -1,16 +1,21 @@
 """The drain task: propagation delay, settle, deadline, refused vs hung vLLM,
-completed vs aborted, admin drains that stay drained, takeover and force."""
+completed vs aborted, admin drains that stay drained, takeover and force.
+
+The lifecycle, the snapshot and the drain share one injected clock; a test that
+needs time to pass moves it (`Clock.advance`) and waits for the drain to have seen
+the new time, instead of sleeping."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import pytest
 
 from agent.config import DrainConfig
-from agent.drain import DrainController
-from probes.snapshot import Snapshot
+from agent.core.snapshot import Snapshot
+from agent.policy.drain import DrainController
 from state_machine import DrainReason, Lifecycle, Source, State
 from tests.harness import until
 
@@ -22,20 +27,34 @@ class Vllm:
     requests_aborted_total: float = 0.0
 
 
+class Clock:
+    """Monotonic time a test can move forward."""
+
+    def __init__(self) -> None:
+        self.offset_s = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset_s
+
+    def advance(self, seconds: float) -> None:
+        self.offset_s += seconds
+
+
 class Node:
     """A lifecycle, a snapshot and a running DrainController. `vllm()` / `vllm_fails()`
     set what vLLM would answer now and record it as a probe reading; the drain's own
     fresh reads (`refresh`) record the same answer again, at the time they ask."""
 
     def __init__(self, **drain: float) -> None:
-        self.snapshot = Snapshot()
-        self.lifecycle = Lifecycle()
+        self.clock = Clock()
+        self.snapshot = Snapshot(clock=self.clock)
+        self.lifecycle = Lifecycle(clock=self.clock)
         self.lifecycle.start_warming()
         self.lifecycle.mark_ready("test")
         cfg = DrainConfig(**{"propagation_delay_s": 0.05, "settle_s": 0.1, **drain})
         self.refreshes = 0
         self._answer: Vllm | str | None = None
-        self.drainer = DrainController(self.lifecycle, self.snapshot, cfg, refresh=self.refresh)
+        self.drainer = DrainController(self.lifecycle, self.snapshot, cfg, refresh=self.refresh, clock=self.clock)
 
     def vllm(self, in_flight: float, completed: float = 0, aborted: float = 0) -> None:
         self._answer = Vllm(in_flight, completed, aborted)
@@ -66,6 +85,16 @@ async def node():
         await task
 
 
+async def seen_at_least(node: Node, deadline_s: float, advanced_s: float) -> None:
+    """Wait until the drain has evaluated at a time `advanced_s` past the drain start
+    (its progress says how far the deadline is)."""
+    await until(
+        lambda: node.drainer.progress is not None and node.drainer.progress.deadline_in_s <= deadline_s - advanced_s,
+        2,
+        what=f"the drain at +{advanced_s:g}s",
+    )
+
+
 async def feed_until_state(node: Node, state: State, feed, timeout_s: float = 3.0) -> None:
     async def check() -> bool:
         feed()
@@ -79,7 +108,8 @@ async def test_signal_drain_waits_for_in_flight_then_terminates(node: Node) -> N
     node.lifecycle.begin_drain(DrainReason.SIGNAL, Source.SIGNAL, deadline_s=10)
     await until(lambda: node.drainer.progress and node.drainer.progress.phase == "waiting", 2)
     node.vllm(4, completed=10)
-    await asyncio.sleep(0.3)
+    node.clock.advance(0.3)  # past propagation and settle
+    await seen_at_least(node, 10, 0.3)
     assert node.lifecycle.state is State.DRAINING  # 4 still in flight
     await feed_until_state(node, State.TERMINATED, lambda: node.vllm(0, completed=14))
     report = node.drainer.report
@@ -111,9 +141,11 @@ async def test_hung_or_garbage_vllm_is_never_taken_as_empty(code: str) -> None:
     task = asyncio.create_task(node.drainer.run())
     node.vllm(2)
     node.lifecycle.begin_drain(DrainReason.SIGNAL, Source.SIGNAL, deadline_s=0.6)
-    await asyncio.sleep(0.4)
+    node.clock.advance(0.4)
+    await seen_at_least(node, 0.6, 0.4)
     node.vllm_fails(code)
     assert node.lifecycle.state is State.DRAINING
+    node.clock.advance(0.3)  # past the deadline
     await until(lambda: node.lifecycle.state is State.TERMINATED, 3)
     task.cancel()
     assert node.drainer.report.outcome == "deadline"  # only the deadline ended it
@@ -123,7 +155,9 @@ async def test_old_zero_reading_from_before_the_drain_does_not_count(node: Node)
     node.vllm(0)  # taken before the drain and the propagation delay
     node._answer = "timeout"  # from now on vLLM hangs: the drain's own reads fail
     node.lifecycle.begin_drain(DrainReason.SIGNAL, Source.SIGNAL, deadline_s=10)
-    await asyncio.sleep(0.4)
+    node.clock.advance(0.4)  # past propagation and settle
+    await seen_at_least(node, 10, 0.4)
+    await until(lambda: node.refreshes >= 2, 2, what="a read after the propagation delay")
     assert node.lifecycle.state is State.DRAINING
     assert node.drainer.progress.in_flight_known is False
     assert node.refreshes >= 2  # it kept asking (at the notice, and after the propagation delay)

@@ -1,0 +1,1 @@
+"""Tests of agent/policy/: the decisions, on real lifecycles and snapshots."""
