@@ -162,6 +162,7 @@ class GuardedRequestHandler(web.RequestHandler):
         self._head_bytes = 0
         self._seen_requests = 0
         self._logged_by_us = False
+        self._refused = False
         self.opened_at = self.last_active = guard.now()  # the connect, then each request head
 
     @property
@@ -181,11 +182,13 @@ class GuardedRequestHandler(web.RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if getattr(self, "_force_close", False) or getattr(self, "_close", False):
+            return  # already refused (or closing): the rest of the bytes are neither parsed nor counted
         self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD_BYTES:
             # Refused before the parser sees it: parsing a megabyte head costs far more.
             transport = self.transport
-            self._guard.bad_request("too_large", _peer(transport), f"over {MAX_HEAD_BYTES} bytes before a complete request")
+            self._refuse("too_large", f"over {MAX_HEAD_BYTES} bytes before a complete request")
             if transport is not None and not transport.is_closing():
                 transport.write(_TOO_LARGE)
             self.force_close()
@@ -196,12 +199,19 @@ class GuardedRequestHandler(web.RequestHandler):
             self._seen_requests, self._head_bytes = requests, 0
             self.last_active = self._guard.now()
 
+    def _refuse(self, kind: str, detail: str) -> None:
+        """Count a refused request once per connection: a head can trip the parser's
+        limits and then the byte budget on the next read, before the connection closes."""
+        if not self._refused:
+            self._refused = True
+            self._guard.bad_request(kind, _peer(self.transport), detail)
+
     def handle_error(
         self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
     ) -> web.StreamResponse:
         malformed = isinstance(exc, HttpProcessingError)
         if malformed:  # counted here: aiohttp logs a first garbage request (TLS, say) at debug only
-            self._guard.bad_request("malformed", _peer(self.transport), f"{type(exc).__name__}: {exc}")
+            self._refuse("malformed", f"{type(exc).__name__}: {exc}")
         self._logged_by_us = malformed
         try:
             return super().handle_error(request, status, exc, message)

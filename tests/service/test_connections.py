@@ -180,7 +180,14 @@ async def test_megabyte_headers_are_refused_before_parsing_memory_stays_and_the_
             assert rss_mb(agent.proc.pid) - before < 30  # was +500 MB with aiohttp's defaults
             async with http.get(f"{agent.url}/metrics") as resp:
                 text = await resp.text()
-            assert 'gpu_node_agent_http_bad_requests_total{kind="too_large"} 120.0' in text
+            refused = {
+                kind: float(text.split(f'gpu_node_agent_http_bad_requests_total{{kind="{kind}"}} ')[1].split()[0])
+                for kind in ("too_large", "malformed")
+            }
+            # Each of the 120 is refused and counted: over the head budget (431, before the
+            # parser), or, when the first read is small enough to reach it, by the parser's
+            # field limit (400); which one depends on how the kernel splits the bytes.
+            assert refused["too_large"] >= 1 and refused["too_large"] + refused["malformed"] == 120, refused
         bad_lines = agent.logs("bad HTTP request")
         assert 1 <= len(bad_lines) <= 3  # rate-limited: one line per kind per 10 s
         assert "Traceback" not in agent.output()
@@ -217,5 +224,5 @@ def test_the_private_aiohttp_fields_the_guard_reads_still_exist() -> None:
     silently treating every connection as idle."""
     from aiohttp.web_protocol import RequestHandler
 
-    assert {"_request_in_progress", "_request_count"} <= set(RequestHandler.__slots__)
+    assert {"_request_in_progress", "_request_count", "_force_close", "_close"} <= set(RequestHandler.__slots__)
     assert MAX_HEAD_BYTES >= 16 * 1024 + 8190  # an admin body plus a full head fit
