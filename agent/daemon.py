@@ -417,7 +417,9 @@ class Daemon:
             nvml, interval_s=gpu.poll_interval_s, call_timeout_s=gpu.call_timeout_s, on_fault=self.gpu_faults.on_fault
         )
         self._add_probe(supervisor, self.gpu_probe)
-        self.xid_watcher = XidWatcher(nvml, on_fault=self.gpu_faults.on_fault, fatal_xids=gpu.fatal_xids)
+        self.xid_watcher = XidWatcher(
+            nvml, on_fault=self.gpu_faults.on_fault, fatal_xids=gpu.fatal_xids, errors=self.probe_errors
+        )
         supervisor.add("xid", self.xid_watcher.run)  # cancelling run() stops its thread (bounded join)
 
     def _add_probe(self, supervisor: Supervisor, probe: Any, *, on_sample: Any = None, critical: bool = False) -> None:

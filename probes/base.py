@@ -76,6 +76,11 @@ class Probe(Protocol[T_co]):
     async def sample(self) -> T_co: ...
 
 
+def worth_logging(in_a_row: int) -> bool:
+    """The log rule for failures in a row, every source's: the 1st, the 10th, every 100th."""
+    return in_a_row in (1, 10) or in_a_row % 100 == 0
+
+
 class FailureRun(Generic[T]):
     """The one failure rule of every source (polled probes and hanging-GET watchers): a
     failure is counted (probe_errors_total), recorded in the snapshot (the last good value
@@ -96,7 +101,7 @@ class FailureRun(Generic[T]):
         if self._errors is not None:
             self._errors[self._key] += 1
         self._snapshot.fail(self._key, message, self.stale_after_s, code=code)
-        return self.count in (1, 10) or self.count % 100 == 0
+        return worth_logging(self.count)
 
     def succeeded(self, value: T) -> None:
         self.count = 0

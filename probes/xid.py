@@ -8,6 +8,11 @@ timeout as every GPU unhealthy. Unlike the device plugin, only the configured
 fatal XIDs drain the node; other XIDs are reported (non-fatal GpuFaults).
 The thread owns its own nvmlInit/nvmlShutdown pair (NVML counts references),
 so stopping it never shuts NVML down under the GPU probe.
+
+Its failures follow every source's rule (probes/base.py): each is counted in
+`errors["xid"]` (probe_errors_total{probe="xid"}): a thread that ends failed, a
+failing event wait; a crash's traceback is logged at the 1st, 10th and every 100th
+in a row. A thread that ends by itself is started again after `retry_s`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 
 import pynvml
 
+from probes.base import worth_logging
 from probes.gpu import FaultCallback, FaultKind, GpuFault
 from probes.nvml_backend import (
     NvmlBackend,
@@ -109,8 +115,12 @@ class XidWatcher:
         retry_s: float = 60.0,
         error_pause_s: float = 1.0,
         recent_len: int = 50,
+        errors: Counter[str] | None = None,
     ) -> None:
         self._nvml = nvml
+        self._errors = errors
+        self._crashes = 0  # thread crashes in a row (unexpected exceptions)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.on_fault = on_fault
         self.fatal_xids = frozenset(fatal_xids)
         self.ignored_xids = frozenset(ignored_xids) - self.fatal_xids
@@ -131,7 +141,7 @@ class XidWatcher:
     async def run(self) -> None:
         """Watch until cancelled. A thread that ends by itself (no driver, no GPU,
         NVML failing) is started again after `retry_s`."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._closing = False
         try:
             while not self._closing:
@@ -194,9 +204,12 @@ class XidWatcher:
     def _main(self, loop: asyncio.AbstractEventLoop, ended: asyncio.Event) -> None:
         try:
             self._watch(loop)
+            self._crashes = 0
         except Exception as exc:
+            self._crashes += 1
             self._set_state(WatchState.FAILED, f"{type(exc).__name__}: {exc}")
-            log.exception("XID watcher failed")
+            if worth_logging(self._crashes):
+                log.exception("XID watcher failed", extra={"in_a_row": self._crashes})
         finally:
             _threadsafe(loop, ended.set)
 
@@ -250,6 +263,7 @@ class XidWatcher:
             if is_timeout(exc):
                 return
             detail = f"XID event wait failed: {describe_error(exc)}; every GPU is suspect"
+            _threadsafe(loop, self._count_failure)
             self._emit(loop, fault=GpuFault(FaultKind.EVENT_WAIT, True, detail, f"xid-wait:{error_name(exc)}"))
             self._stop.wait(self._error_pause_s)  # a persistent error must not spin
             return
@@ -320,7 +334,14 @@ class XidWatcher:
         except pynvml.NVMLError as exc:
             log.warning("nvmlShutdown failed", extra={"error": describe_error(exc)})
 
+    def _count_failure(self) -> None:
+        """Loop thread: one failure in probe_errors_total{probe="xid"}."""
+        if self._errors is not None:
+            self._errors["xid"] += 1
+
     def _set_state(self, state: WatchState, detail: str) -> None:
+        if state is WatchState.FAILED and self._loop is not None:
+            _threadsafe(self._loop, self._count_failure)
         if state is not self.state:
             level = logging.WARNING if state is WatchState.FAILED else logging.INFO
             log.log(level, "XID watcher %s", state.value, extra={"detail": detail})

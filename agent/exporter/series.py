@@ -32,7 +32,7 @@ the functions that build protos, so importing this module stays cheap.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -202,38 +202,36 @@ class NodeMetrics:
 
 
 def node_metrics(view: NodeView) -> NodeMetrics:
-    """The values one round writes, from the node view; where the view carries the
-    autoscaling values (agent/demand.py's lifecycle rule) they replace the plain facts."""
+    """The values one round writes, from the node view: vLLM's facts (zero load while
+    vLLM is down), and where the view carries the autoscaling values (agent/demand.py's
+    lifecycle rule) those instead for the series the autoscalers act on."""
     gpu_live, vllm = view.gpu, view.vllm
-    metrics = NodeMetrics(
+    live = None if view.vllm_source is VllmSource.DOWN else vllm
+    auto = view.autoscaling
+    if auto is not None:
+        gpu_usage: float | None = auto.get(Series.GPU_USAGE_PERCENT)
+        queue: float | None = auto.get(Series.QUEUE_LENGTH)
+        pending: float | None = auto.get(Series.PENDING_REQUESTS)
+        ttft: Mapping[str, float | None] = {
+            q: None if (ms := auto.get(series)) is None else ms / 1000.0 for q, series in TTFT_SERIES.items()
+        }
+    else:
+        gpu_usage = None if gpu_live is None else gpu_live.utilization_percent_mean
+        queue = 0.0 if live is None else _or_zero(live.requests_waiting if live.queue_waiting is None else live.queue_waiting)
+        pending = 0.0 if live is None else _or_zero(live.in_flight)
+        ttft = _quantiles({} if live is None else live.ttft_s)
+    return NodeMetrics(
         state=view.state,
-        gpu_usage_percent=None if gpu_live is None else gpu_live.utilization_percent_mean,
+        gpu_usage_percent=gpu_usage,
         gpu_memory_used_bytes=None if gpu_live is None else gpu_live.memory_used_bytes_total,
         vllm_source=view.vllm_source,
+        queue_length=queue,
+        pending_requests=pending,
+        generation_tokens_per_s=0.0 if live is None else _or_zero(live.generation_tokens_per_s),
         kv_cache_used_bytes=_kv_used(view),
-    )
-    if vllm is None or view.vllm_source is VllmSource.DOWN:
-        zero = dict.fromkeys(QUANTILES, 0.0)
-        metrics = replace(metrics, queue_length=0.0, pending_requests=0.0, generation_tokens_per_s=0.0, ttft_s=zero, tpot_s=zero)
-    else:
-        metrics = replace(
-            metrics,
-            queue_length=_or_zero(vllm.requests_waiting if vllm.queue_waiting is None else vllm.queue_waiting),
-            pending_requests=_or_zero(vllm.in_flight),
-            generation_tokens_per_s=_or_zero(vllm.generation_tokens_per_s),
-            ttft_s=_quantiles(vllm.ttft_s),
-            tpot_s=_quantiles(vllm.tpot_s),
-        )
-    autoscaling = view.autoscaling
-    if autoscaling is None:
-        return metrics
-    return replace(
-        metrics,
-        gpu_usage_percent=autoscaling.get(Series.GPU_USAGE_PERCENT),
-        queue_length=autoscaling.get(Series.QUEUE_LENGTH),
-        pending_requests=autoscaling.get(Series.PENDING_REQUESTS),
-        ttft_s={q: None if (ms := autoscaling.get(series)) is None else ms / 1000.0 for q, series in TTFT_SERIES.items()},
-        node_demand=autoscaling.get(Series.DEMAND),
+        ttft_s=ttft,
+        tpot_s=_quantiles({} if live is None else live.tpot_s),
+        node_demand=None if auto is None else auto.get(Series.DEMAND),
     )
 
 

@@ -4,8 +4,11 @@ ignored, a failing event wait makes every GPU suspect, and it stops cleanly."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pynvml
 import pytest
@@ -206,3 +209,40 @@ async def test_probe_and_watcher_share_nvml_without_shutting_it_down_under_each_
     assert fake.refcount == 1 and fake.shutdowns == 0
     await stop(running)
     assert fake.refcount == 0 and fake.shutdowns == 1 and fake.violations == []
+
+
+async def test_xid_failures_are_counted_as_every_source_counts_them() -> None:
+    """A failing event wait and a thread that ends failed each count once in
+    probe_errors_total{probe="xid"}; the watcher keeps going either way."""
+    errors: Counter[str] = Counter()
+    fake = FakeNvml(count=1)
+    fake.fail("nvmlEventSetCreate", pynvml.NVML_ERROR_UNKNOWN, times=2)  # two threads end failed
+    running = await start(fake, errors=errors)
+    await until(lambda: running.watcher.state is WatchState.WATCHING)
+    assert errors["xid"] == 2 and fake.calls["nvmlEventSetCreate"] == 3
+    fake.fail_wait(pynvml.NVML_ERROR_UNKNOWN)
+    await until(lambda: errors["xid"] == 3)
+    fake.emit_xid(0, 79)  # still watching
+    await until(lambda: any(f.kind is FaultKind.XID for f in running.faults))
+    assert not running.task.done()
+    await stop(running)
+
+
+class CrashingNvml(FakeNvml):
+    """An NVML binding that raises something other than NVMLError (a broken binding)."""
+
+    def nvmlEventSetCreate(self) -> Any:
+        raise RuntimeError("binding broke")
+
+
+async def test_a_crashing_watcher_is_restarted_counted_and_logged_sparingly(caplog: pytest.LogCaptureFixture) -> None:
+    errors: Counter[str] = Counter()
+    fake = CrashingNvml(count=1)
+    with caplog.at_level(logging.ERROR, logger="probes.xid"):
+        running = await start(fake, errors=errors, retry_s=0.005)
+        await until(lambda: errors["xid"] >= 12, timeout_s=10)
+        await stop(running)
+    crashes = [r for r in caplog.records if r.getMessage() == "XID watcher failed"]
+    assert [r.in_a_row for r in crashes] == [1, 10]  # type: ignore[attr-defined]
+    assert crashes[0].exc_info is not None and running.watcher.state in (WatchState.FAILED, WatchState.STOPPED)
+    assert fake.refcount == 0  # every crashed thread still shut its NVML down
