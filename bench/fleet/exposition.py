@@ -7,57 +7,10 @@ import bisect
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from agent.sim.vllm_buckets import E2E_BUCKETS as E2E_BUCKETS_S
+from agent.sim.vllm_buckets import TPOT_BUCKETS as ITL_BUCKETS_S  # vLLM's inter-token latency
+from agent.sim.vllm_buckets import TTFT_BUCKETS as TTFT_BUCKETS_S
 from probes.prom_text import Sample
-
-# vLLM's bucket boundaries (vllm/v1/metrics/loggers.py), as its /metrics serves them.
-TTFT_BUCKETS_S = (
-    0.001,
-    0.005,
-    0.01,
-    0.02,
-    0.04,
-    0.06,
-    0.08,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
-    160.0,
-    640.0,
-    2560.0,
-)
-ITL_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-E2E_BUCKETS_S = (
-    0.3,
-    0.5,
-    0.8,
-    1.0,
-    1.5,
-    2.0,
-    2.5,
-    5.0,
-    10.0,
-    15.0,
-    20.0,
-    30.0,
-    40.0,
-    50.0,
-    60.0,
-    120.0,
-    240.0,
-    480.0,
-    960.0,
-    1920.0,
-    7680.0,
-)
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 _LABELS = MappingProxyType({"engine": "0", "model_name": MODEL})

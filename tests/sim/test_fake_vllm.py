@@ -36,6 +36,12 @@ async def families(session: aiohttp.ClientSession, fake: FakeVllm) -> dict[str, 
     return {f.name: f.samples for f in text_string_to_metric_families(body.decode())}
 
 
+def total(fams: dict[str, list], family: str, suffix: str = "", **labels: str) -> float:
+    """The sum of a family's samples whose name ends in `suffix` and that carry `labels`
+    (every engine's, every label value's not named)."""
+    return sum(s.value for s in fams[family] if s.name.endswith(suffix) and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
 def value(samples: list, **labels: str) -> float:
     (match,) = [s.value for s in samples if all(s.labels.get(k) == v for k, v in labels.items())]
     return match
@@ -112,7 +118,7 @@ async def test_completion_counts_as_running_while_served_then_feeds_the_metrics(
 
     async def running() -> float:
         fams = await families(session, vllm)
-        return sum(s.value for s in fams["vllm:num_requests_running"])
+        return total(fams, "vllm:num_requests_running")
 
     await until(running, 2, what="the completion to count as running")
     resp = await request
@@ -124,17 +130,10 @@ async def test_completion_counts_as_running_while_served_then_feeds_the_metrics(
         "total_tokens": 19,
     }
     fams = await families(session, vllm)
-    assert sum(s.value for s in fams["vllm:num_requests_running"]) == 0
-    assert sum(s.value for s in fams["vllm:generation_tokens"] if s.name.endswith("_total")) == 16
-    assert (
-        sum(
-            s.value
-            for s in fams["vllm:request_success"]
-            if s.labels.get("finished_reason") == "stop" and s.name.endswith("_total")
-        )
-        == 1
-    )
-    assert sum(s.value for s in fams["vllm:inter_token_latency_seconds"] if s.name.endswith("_count")) == 15
+    assert total(fams, "vllm:num_requests_running") == 0
+    assert total(fams, "vllm:generation_tokens", "_total") == 16
+    assert total(fams, "vllm:request_success", "_total", finished_reason="stop") == 1
+    assert total(fams, "vllm:inter_token_latency_seconds", "_count") == 15
 
 
 async def test_chat_completion_is_openai_shaped_and_an_unknown_model_is_404(
@@ -179,7 +178,7 @@ async def test_streamed_completion_sends_one_chunk_per_token_paced_counts_as_run
     request = {"model": vllm.model, "max_tokens": 50, "stream": True, "stream_options": {"include_usage": True}, **body}
     async with session.post(f"{vllm.url}{path}", json=request) as resp:
         assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
-        assert sum(s.value for s in (await families(session, vllm))["vllm:num_requests_running"]) == 1
+        assert total(await families(session, vllm), "vllm:num_requests_running") == 1
         events = await sse_events(resp)
     assert loop.time() - started >= 0.2 + 4 * 0.02
     assert events[-1] == b"[DONE]"
@@ -196,16 +195,9 @@ async def test_streamed_completion_sends_one_chunk_per_token_paced_counts_as_run
     assert [c["choices"][0]["finish_reason"] for c in tokens] == [None] * 4 + ["stop"]
     assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
     fams = await families(session, vllm)
-    assert sum(s.value for s in fams["vllm:num_requests_running"]) == 0
-    assert (
-        sum(
-            s.value
-            for s in fams["vllm:request_success"]
-            if s.labels.get("finished_reason") == "stop" and s.name.endswith("_total")
-        )
-        == 1
-    )
-    assert sum(s.value for s in fams["vllm:generation_tokens"] if s.name.endswith("_total")) == 5
+    assert total(fams, "vllm:num_requests_running") == 0
+    assert total(fams, "vllm:request_success", "_total", finished_reason="stop") == 1
+    assert total(fams, "vllm:generation_tokens", "_total") == 5
 
 
 async def test_streamed_completion_without_usage_option_ends_with_done_after_the_last_token(
@@ -230,14 +222,7 @@ async def test_a_client_leaving_a_stream_counts_as_an_abort(vllm: FakeVllm, sess
 
     async def aborted() -> bool:
         fams = await families(session, vllm)
-        return (
-            sum(
-                s.value
-                for s in fams["vllm:request_success"]
-                if s.labels.get("finished_reason") == "abort" and s.name.endswith("_total")
-            )
-            == 1
-        )
+        return total(fams, "vllm:request_success", "_total", finished_reason="abort") == 1
 
     await until(aborted, 5, what="the stream to count as aborted")
     assert vllm.in_flight == 0
@@ -329,20 +314,19 @@ async def test_finish_and_abort_move_in_flight_to_request_success(vllm: FakeVllm
     assert vllm.in_flight == 5
     assert (vllm.finish(4), vllm.abort(5)) == (4, 1)
     fams = await families(session, vllm)
-    success = [s for s in fams["vllm:request_success"] if s.name.endswith("_total")]
-    assert sum(s.value for s in success if s.labels["finished_reason"] == "stop") == 4
-    assert sum(s.value for s in success if s.labels["finished_reason"] == "abort") == 1
-    assert vllm.in_flight == 0 and sum(s.value for s in fams["vllm:num_requests_waiting"]) == 0
+    assert total(fams, "vllm:request_success", "_total", finished_reason="stop") == 4
+    assert total(fams, "vllm:request_success", "_total", finished_reason="abort") == 1
+    assert vllm.in_flight == 0 and total(fams, "vllm:num_requests_waiting") == 0
 
 
 async def test_restart_resets_every_counter(vllm: FakeVllm, session: aiohttp.ClientSession) -> None:
     vllm.observe_request(prompt_tokens=40)
     vllm.set_load(running=2)
-    assert sum(s.value for s in (await families(session, vllm))["vllm:prompt_tokens"] if s.name.endswith("_total")) == 40
+    assert total(await families(session, vllm), "vllm:prompt_tokens", "_total") == 40
     vllm.restart()
     fams = await families(session, vllm)
-    assert sum(s.value for s in fams["vllm:prompt_tokens"] if s.name.endswith("_total")) == 0
-    assert sum(s.value for s in fams["vllm:num_requests_running"]) == 0
+    assert total(fams, "vllm:prompt_tokens", "_total") == 0
+    assert total(fams, "vllm:num_requests_running") == 0
 
 
 async def test_every_request_is_logged_with_its_headers(vllm: FakeVllm, session: aiohttp.ClientSession) -> None:
