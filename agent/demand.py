@@ -377,9 +377,9 @@ class DemandGauge:
     def values(
         self, state: State, vllm: Any, *, stale: bool, gpu_usage_percent: float | None, learn: bool = True
     ) -> dict[Series, float | None]:
-        """This round's values, and they become what a later drain holds (a READY round).
-        Only the round that writes them calls this (the export round). `learn`: take the
-        reading as a new one too (the fleet simulation); the daemon learns on each scrape."""
+        """learn, view and hold in one call: this round's values, which become what a later
+        drain holds (a READY round). The fleet simulation's round; the daemon does the
+        three apart (learns on each scrape, holds on each round: agent/node_view.py)."""
         if learn:
             self.learn(vllm, stale=stale)
         values = self.view(state, vllm, stale=stale, gpu_usage_percent=gpu_usage_percent)

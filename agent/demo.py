@@ -67,7 +67,6 @@ class Demo:
         self.lb_polls = 0
         self.notice_at_mono: float | None = None
         self.drain_started_mono: float | None = None
-        self.arrived_at_notice = 0
         self.series_seen: set[str] = set()
 
     def say(self, text: str) -> None:
@@ -165,7 +164,6 @@ class Demo:
 
     async def _preempt(self) -> None:
         self.notice_at_mono = time.monotonic()
-        self.arrived_at_notice = self.vllm.arrived_total
         real = "" if self.notice_budget_s == _SPOT_NOTICE_S else f"; GCE gives {_SPOT_NOTICE_S:g} s, shortened to fit the demo"
         self.say(
             f"!! metadata server: instance/preempted = TRUE (Spot preemption: power-off in {self.notice_budget_s:g} s{real})"

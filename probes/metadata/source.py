@@ -124,17 +124,16 @@ class MetadataWatch:
         """Watch for ever; with preemption.enabled=false it returns once there is nothing
         more to do (run it as a task that may finish)."""
         if self._cfg.enabled == "false":
-            if not self._identity_wanted:
-                self._publish([], "preemption.enabled=false: the metadata server is not contacted")
-                self.settled.set()
-                return
             # Export still needs the node's identity (gce_instance / k8s_pod labels): read
             # it, watch nothing. Without it every series would land on generic_node.
-            self._publish([], "preemption.enabled=false: the metadata server is read for the node identity only")
+            reads = "is read for the node identity only" if self._identity_wanted else "is not contacted"
+            note = f"preemption.enabled=false: the metadata server {reads}"
+            self._publish([], note)
             self.settled.set()
-            self.presence = await self._detect()
-            await self._identity(self.presence)
-            self._publish([], "preemption.enabled=false: the metadata server is read for the node identity only")
+            if self._identity_wanted:
+                self.presence = await self._detect()
+                await self._identity(self.presence)
+                self._publish([], note)  # again, with the presence found
             return
         self.presence = await self._detect()
         async with asyncio.TaskGroup() as group:
