@@ -111,8 +111,10 @@ class Subject:
 
 
 @contextlib.asynccontextmanager
-async def agent_under_test(vllm_url: str, nofile: tuple[int, int] | None = None, settle_s: float = 1.0) -> AsyncIterator[Subject]:
-    """An agent scraping `vllm_url` every second with the production inference timeout,
+async def agent_under_test(
+    vllm_url: str, nofile: tuple[int, int] | None = None, settle_s: float = 1.0, poll_interval_s: float = 1.0
+) -> AsyncIterator[Subject]:
+    """An agent scraping `vllm_url` every `poll_interval_s` (default: every second) with the production inference timeout,
     READY and `settle_s` later, its RSS and descriptors sampled; killed on the way out.
     `nofile`: its RLIMIT_NOFILE (soft, hard), set before it starts."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,7 +135,7 @@ async def agent_under_test(vllm_url: str, nofile: tuple[int, int] | None = None,
             ]
         settings = {
             "GPU_AGENT_INFERENCE__BASE_URL": vllm_url,
-            "GPU_AGENT_INFERENCE__POLL_INTERVAL_S": "1",
+            "GPU_AGENT_INFERENCE__POLL_INTERVAL_S": f"{poll_interval_s:g}",
             "GPU_AGENT_INFERENCE__TIMEOUT_S": "3",
         }
         agent = AgentProcess(Path(tmp), settings, argv=argv).start()

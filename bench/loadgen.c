@@ -1,7 +1,7 @@
 /* loadgen.c - open-loop HTTP/1.1 keep-alive GET driver for loopback benches; built
  * and run by bench/loadgen.py (`python -m bench.loadgen --help`).
  *
- *   loadgen HOST PORT PATH RATE_PER_S DURATION_S CONNECTIONS [TIMEOUT_S]
+ *   loadgen HOST PORT PATH RATE_PER_S DURATION_S CONNECTIONS [TIMEOUT_S [LATENCIES_PATH]]
  *
  * Request i is due at t0 + i/RATE (wrk2-style, no coordinated omission): it goes out
  * at its due time on a free keep-alive connection, or waits in a queue with its
@@ -18,7 +18,9 @@
  * status: the latency percentiles are over these), ok (2xx), errors (requests -
  * ok), errors_by kind, p50/p90/p99/p999/max in ms (null when count is 0), and
  * send_lag_p99: the driver's own lateness, from when a request was due and a
- * connection was free for it to when it went out, in ms.
+ * connection was free for it to when it went out, in ms. With LATENCIES_PATH, every
+ * complete answer's latency (ms, sorted, one per line) is written there too, so a
+ * caller can pool several runs into one distribution.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -237,6 +239,14 @@ static void print_quantile(const char *name, const double *v, long n, double q) 
     printf(", \"%s\": %.4f", name, v[low] + (v[high] - v[low]) * (rank - (double)low));
 }
 
+static int dump_latencies(const char *path) {
+    FILE *f = fopen(path, "w");
+    if (f == NULL) { perror(path); return -1; }
+    for (long i = 0; i < count; i++) fprintf(f, "%.4f\n", latency_ms[i]);
+    if (fclose(f) != 0) { perror(path); return -1; }
+    return 0;
+}
+
 static void report(void) {
     qsort(latency_ms, (size_t)count, sizeof *latency_ms, by_value);
     qsort(lag_ms, (size_t)lagged, sizeof *lag_ms, by_value);
@@ -263,15 +273,15 @@ static void connect_all(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 7 || argc > 8) {
-        fprintf(stderr, "usage: %s HOST PORT PATH RATE_PER_S DURATION_S CONNECTIONS [TIMEOUT_S]\n", argv[0]);
+    if (argc < 7 || argc > 9) {
+        fprintf(stderr, "usage: %s HOST PORT PATH RATE_PER_S DURATION_S CONNECTIONS [TIMEOUT_S [LATENCIES_PATH]]\n", argv[0]);
         return 2;
     }
     addr.sin_family = AF_INET;
     addr.sin_port = htons((uint16_t)atoi(argv[2]));
     rate_per_s = atof(argv[4]);
     nconns = atoi(argv[6]);
-    if (argc == 8) timeout_s = atof(argv[7]);
+    if (argc >= 8) timeout_s = atof(argv[7]);
     total = (long)(rate_per_s * atof(argv[5]) + 0.5);
     if (inet_pton(AF_INET, argv[1], &addr.sin_addr) != 1 || rate_per_s <= 0 || nconns < 1 || total < 1) {
         fprintf(stderr, "loadgen: need a numeric IPv4 host, a positive rate, duration and connection count\n");
@@ -301,5 +311,5 @@ int main(int argc, char **argv) {
     expire(give_up_s + timeout_s + 1.0); /* still on the wire at the end: timed out */
     errors_by[E_UNSENT] += total - next_req;
     report();
-    return 0;
+    return argc == 9 && dump_latencies(argv[8]) != 0 ? 1 : 0;
 }

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -41,6 +42,7 @@ class LoadResult:
     p999_ms: float | None
     max_ms: float | None
     send_lag_p99_ms: float | None  # the driver's own lateness: due and a connection free -> sent
+    latencies_ms: tuple[float, ...] = ()  # every complete answer's, sorted: only when drive(keep_latencies=True)
 
     @property
     def error_ratio(self) -> float:
@@ -73,7 +75,7 @@ def binary() -> Path:
     return target
 
 
-def argv(url: str, rate_per_s: float, duration_s: float, connections: int, timeout_s: float) -> list[str]:
+def argv(url: str, rate_per_s: float, duration_s: float, connections: int, timeout_s: float, latencies_path: str = "") -> list[str]:
     parts = urlsplit(url)
     if parts.hostname is None or parts.port is None:
         raise ValueError(f"need http://HOST:PORT/PATH, got {url}")
@@ -87,23 +89,33 @@ def argv(url: str, rate_per_s: float, duration_s: float, connections: int, timeo
         f"{duration_s:g}",
         str(connections),
         f"{timeout_s:g}",
+        *([latencies_path] if latencies_path else []),
     ]
 
 
-async def drive(url: str, rate_per_s: float, duration_s: float, connections: int = 8, timeout_s: float = 5.0) -> LoadResult:
-    """Open-loop GETs at `rate_per_s` for `duration_s`; the event loop stays free meanwhile."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv(url, rate_per_s, duration_s, connections, timeout_s), stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
-        out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:  # cancelled: do not leave the driver running
-            proc.kill()
-            await proc.wait()
-    if proc.returncode != 0:
-        raise RuntimeError(f"loadgen exited {proc.returncode}: {err.decode(errors='replace')}")
-    return LoadResult.from_json(out.decode())
+async def drive(
+    url: str, rate_per_s: float, duration_s: float, connections: int = 8, timeout_s: float = 5.0, keep_latencies: bool = False
+) -> LoadResult:
+    """Open-loop GETs at `rate_per_s` for `duration_s`; the event loop stays free meanwhile.
+    `keep_latencies`: the result carries every latency, to pool several runs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        latencies_path = str(Path(tmp) / "latencies") if keep_latencies else ""
+        proc = await asyncio.create_subprocess_exec(
+            *argv(url, rate_per_s, duration_s, connections, timeout_s, latencies_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            out, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:  # cancelled: do not leave the driver running
+                proc.kill()
+                await proc.wait()
+        if proc.returncode != 0:
+            raise RuntimeError(f"loadgen exited {proc.returncode}: {err.decode(errors='replace')}")
+        result = LoadResult.from_json(out.decode())
+        if keep_latencies:
+            latencies = tuple(float(line) for line in Path(latencies_path).read_text().split())
+            result = dataclasses.replace(result, latencies_ms=latencies)
+        return result
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from probes.vllm_metrics import (
 
 log = logging.getLogger(__name__)
 
-_BATCH_LINES = 100  # ~0.1 ms of parsing on this kind of machine between two yields
+_BATCH_LINES = 25  # 0.03-0.1 ms of parsing and aggregating on this kind of machine between two yields
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +220,9 @@ class VllmMetricsProbe:
             for batch in self._parser.batches(text, _BATCH_LINES):
                 acc.feed(batch)
                 await asyncio.sleep(0)
-            return acc.finish()  # merging the histograms: a few hundred microseconds
+            while acc.merge_next():
+                await asyncio.sleep(0)
+            return acc.finish()
         except ExpositionTooLarge as exc:
             raise ProbeError(f"/metrics is not something to parse: {exc}", code=FailureCode.TOO_LARGE) from None
         except InvalidScrape as exc:

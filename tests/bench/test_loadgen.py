@@ -45,6 +45,17 @@ async def test_driver_sends_rate_times_duration_and_reads_every_answer(bare_app_
     assert result.p99_ms < 20
 
 
+async def test_kept_latencies_are_every_answer_sorted_and_give_the_same_percentiles(bare_app_url: str) -> None:
+    result = await loadgen.drive(f"{bare_app_url}/readyz", RATE_PER_S, 0.5, connections=4, keep_latencies=True)
+    kept = result.latencies_ms
+    assert len(kept) == result.count == 250
+    assert list(kept) == sorted(kept) and kept[0] > 0
+    assert kept[-1] == pytest.approx(result.max_ms, abs=1e-3)
+    assert kept[len(kept) // 2] == pytest.approx(result.p50_ms, rel=0.2, abs=0.05)
+    plain = await loadgen.drive(f"{bare_app_url}/readyz", 100, 0.2, connections=2)
+    assert plain.latencies_ms == ()
+
+
 async def test_non_2xx_answers_are_counted_as_errors_with_their_latency(bare_app_url: str) -> None:
     result = await loadgen.drive(f"{bare_app_url}/down", 100, 0.5, connections=2)
     assert result.count == result.requests == 50
