@@ -57,6 +57,7 @@ from probes.host import HostProbe
 from probes.inference import InferenceHealthProbe
 from probes.metadata import MetadataClient, MetadataWatch, metadata_base_url
 from probes.nvml_backend import NvmlBackend, PynvmlBackend
+from probes.offloop_http import OffLoopGet
 from probes.vllm import VLLM, VllmMetricsProbe
 from probes.xid import XidWatcher
 from service.app import build_app
@@ -136,6 +137,7 @@ class Daemon:
         self.supervisor: Supervisor | None = None
         self._http: web.AppRunner | None = None
         self.inference_session: aiohttp.ClientSession | None = None
+        self.vllm_client: OffLoopGet | None = None  # the /metrics scrape's, off the loop
         self.metadata_session: aiohttp.ClientSession | None = None
         self.lifecycle.subscribe(self._on_transition)
         lifecycle_context.provider = lambda: {"state": self.lifecycle.state.value, "reason": self.lifecycle.reason}
@@ -221,6 +223,8 @@ class Daemon:
         for session in (self.inference_session, self.metadata_session):
             if session is not None:
                 await session.close()
+        if self.vllm_client is not None:
+            self.vllm_client.close()
 
     async def _close_gpu(self) -> None:
         if self.gpu_probe is not None:
@@ -372,9 +376,9 @@ class Daemon:
             timeout_s=inference.timeout_s,
             check_models=inference.check_models,
         )
+        self.vllm_client = OffLoopGet(inference.base_url)
         vllm = VllmMetricsProbe(
-            inference.base_url,
-            self.inference_session,
+            self.vllm_client,
             interval_s=inference.poll_interval_s,
             timeout_s=inference.timeout_s,
             max_bytes=inference.metrics_max_bytes,

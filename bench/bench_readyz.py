@@ -14,9 +14,12 @@ Two CPU layouts, one after the other, on the same processes:
 
 On a 2-core box the layouts differ in one thing that matters: a scrape's request wakes
 the fake vLLM, the kernel puts it on the waking CPU, and its ~5 ms render then shares
-that CPU with the agent's event loop (measured: the agent's 149-byte send took up to
-4.3 ms of wall time for 0.02-0.1 ms of CPU). With vLLM on a core of its own the same
-send took at most 0.5 ms. The bare app wakes nobody.
+that CPU with the agent. When the agent sent it from the event loop (aiohttp), the
+149-byte send took up to 4.3 ms of wall time for 0.02-0.1 ms of CPU, the loop stalled
+inside send(); with vLLM on a core of its own the same send took at most 0.5 ms. So
+the agent now sends and reads the scrape on a thread of its own
+(probes/offloop_http.py), and only that thread waits. What is left in *shared* is the
+render's CPU itself, which the bare app never causes.
 
     python -m bench.bench_readyz [--rate 2000] [--seconds 5] [--rounds 6]
 """
@@ -155,9 +158,10 @@ def report(results: list[Layout], rate: float, seconds: float) -> str:
         "bare app's pooled p99 (the driver's floor); the driver's send lag (from when a request was due and a connection "
         "free to when it went out) is its own lateness, mostly time without a CPU on this box. Layout *shared*: nothing "
         "pinned. Layout *vllm-own-core*: the fake vLLMs pinned to the last CPU, the servers to the others, as on a GPU node "
-        "where vLLM has its own cores. In *shared*, each scrape's request wakes the fake vLLM onto the agent's CPU and its "
-        "~5 ms render shares that CPU with the agent's event loop (the bench module's docstring has the measurement); the "
-        "bare app wakes nobody.",
+        "where vLLM has its own cores. In *shared*, each scrape wakes the fake vLLM, often onto the agent's CPU, and its "
+        "~5 ms render (4 engines) competes with the agent and the driver for this box's two CPUs; the agent sends and reads "
+        "the scrape on its own thread so that its event loop is not the one that waits (the bench module's docstring has the "
+        "measurement); the bare app wakes nobody.",
         "",
     ]
     for layout in results:

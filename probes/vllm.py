@@ -9,11 +9,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import aiohttp
-
 from agent.core.snapshot import Key
 from probes.base import FailureCode, ProbeError
-from probes.http import get_capped
+from probes.offloop_http import OffLoopGet
 from probes.prom_text import ExpositionTooLarge, PromParseError, PromParser, decode
 from probes.vllm_metrics import (
     CACHE_INFO,
@@ -154,7 +152,8 @@ VLLM: Key[VllmReading] = Key("vllm")
 
 
 class VllmMetricsProbe:
-    """Probe "vllm": GET {base_url}/metrics with a size cap and a deadline, then
+    """Probe "vllm": GET /metrics under the client's base URL with a size cap and a
+    deadline, sent and read off the event loop (probes.offloop_http says why), then
     summarize + window. A failed scrape raises ProbeError and leaves the window as it was.
 
     Codes: refused (not listening: loading or gone; a drain counts that as empty),
@@ -166,8 +165,7 @@ class VllmMetricsProbe:
 
     def __init__(
         self,
-        base_url: str,
-        session: aiohttp.ClientSession,
+        client: OffLoopGet,
         *,
         interval_s: float = 1.0,
         timeout_s: float = 3.0,
@@ -180,8 +178,7 @@ class VllmMetricsProbe:
         kv_cache_capacity_bytes: float | None = None,
         kv_cache_bytes_per_token: float | None = None,
     ) -> None:
-        self._url = base_url.rstrip("/") + "/metrics"
-        self._session = session
+        self._client = client
         self.interval_s = interval_s
         # The runner's deadline sits above ours so a slow vLLM gets our "timeout" code and message.
         self.timeout_s = timeout_s + 1.0
@@ -233,6 +230,6 @@ class VllmMetricsProbe:
     async def _fetch(self) -> bytes:
         # identity: gzip on loopback only costs CPU on both ends, and the cap must count real bytes.
         headers = {"Accept": "text/plain;version=0.0.4", "Accept-Encoding": "identity"}
-        return await get_capped(
-            self._session, self._url, what="/metrics", timeout_s=self._call_timeout_s, max_bytes=self._max_bytes, headers=headers
+        return await self._client.get(
+            "/metrics", what="/metrics", timeout_s=self._call_timeout_s, max_bytes=self._max_bytes, headers=headers
         )

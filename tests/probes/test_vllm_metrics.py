@@ -4,15 +4,15 @@ quantiles, goodput), and the probe against a real FakeVllm on loopback."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from agent.sim.vllm import FakeVllm, Fault
 from probes.base import ProbeError
 from probes.histogram import Histogram
+from probes.offloop_http import OffLoopGet
 from probes.prom_text import PromParseError, PromParser
 from probes.vllm import VllmMetricsProbe, kv_capacity
 from probes.vllm_metrics import MAX_MODELS, InvalidScrape, VllmScrape, VllmWindow, summarize
@@ -380,15 +380,32 @@ async def vllm() -> AsyncIterator[FakeVllm]:
     await fake.stop()
 
 
-def make_probe(vllm: FakeVllm, session: aiohttp.ClientSession, clock: Clock, **kwargs: object) -> VllmMetricsProbe:
-    return VllmMetricsProbe(vllm.url, session, clock=clock, timeout_s=kwargs.pop("timeout_s", 1.0), **kwargs)  # type: ignore[arg-type]
+Clients = Callable[[str], OffLoopGet]
 
 
-async def test_probe_reads_in_flight_summed_over_engines(vllm: FakeVllm, session: aiohttp.ClientSession) -> None:
+@pytest.fixture
+def clients() -> Iterator[Clients]:
+    """OffLoopGet for a URL, closed (its thread ended) after the test."""
+    made: list[OffLoopGet] = []
+
+    def make(url: str) -> OffLoopGet:
+        made.append(OffLoopGet(url))
+        return made[-1]
+
+    yield make
+    for client in made:
+        client.close()
+
+
+def make_probe(vllm: FakeVllm, clients: Clients, clock: Clock, **kwargs: object) -> VllmMetricsProbe:
+    return VllmMetricsProbe(clients(vllm.url), clock=clock, timeout_s=kwargs.pop("timeout_s", 1.0), **kwargs)  # type: ignore[arg-type]
+
+
+async def test_probe_reads_in_flight_summed_over_engines(vllm: FakeVllm, clients: Clients) -> None:
     vllm.set_load(running=3, waiting=2, engine=0)
     vllm.set_load(running=1, waiting=0, engine=1)
     vllm.kv_cache_usage = [0.2, 0.7]
-    reading = await make_probe(vllm, session, Clock()).sample()
+    reading = await make_probe(vllm, clients, Clock()).sample()
     assert (reading.requests_running, reading.requests_waiting, reading.in_flight) == (4, 2, 6)
     assert (reading.kv_cache_usage_ratio, reading.engines, reading.metric_names, reading.models) == (
         0.7,
@@ -400,9 +417,9 @@ async def test_probe_reads_in_flight_summed_over_engines(vllm: FakeVllm, session
     assert (last.method, last.path, last.headers["Accept-Encoding"]) == ("GET", "/metrics", "identity")
 
 
-async def test_probe_derives_rates_quantiles_and_finished_counts(vllm: FakeVllm, session: aiohttp.ClientSession) -> None:
+async def test_probe_derives_rates_quantiles_and_finished_counts(vllm: FakeVllm, clients: Clients) -> None:
     clock = Clock()
-    probe = make_probe(vllm, session, clock)
+    probe = make_probe(vllm, clients, clock)
     await probe.sample()
     vllm.ttft_s, vllm.tpot_s = 0.3, 0.03
     for _ in range(10):
@@ -418,9 +435,9 @@ async def test_probe_derives_rates_quantiles_and_finished_counts(vllm: FakeVllm,
     assert reading.goodput_ratio == 1.0 and reading.window_s == 10.0
 
 
-async def test_restarted_vllm_restarts_the_window_with_no_negative_rate(vllm: FakeVllm, session: aiohttp.ClientSession) -> None:
+async def test_restarted_vllm_restarts_the_window_with_no_negative_rate(vllm: FakeVllm, clients: Clients) -> None:
     clock = Clock()
-    probe = make_probe(vllm, session, clock)
+    probe = make_probe(vllm, clients, clock)
     vllm.observe_request(prompt_tokens=500)
     await probe.sample()
     vllm.restart()
@@ -442,10 +459,10 @@ async def test_restarted_vllm_restarts_the_window_with_no_negative_rate(vllm: Fa
     ],
 )
 async def test_failed_scrape_raises_its_code_and_leaves_the_window_alone(
-    vllm: FakeVllm, session: aiohttp.ClientSession, fault: Fault, code: str
+    vllm: FakeVllm, clients: Clients, fault: Fault, code: str
 ) -> None:
     clock = Clock()
-    probe = make_probe(vllm, session, clock, timeout_s=0.3, max_bytes=256 * 1024)
+    probe = make_probe(vllm, clients, clock, timeout_s=0.3, max_bytes=256 * 1024)
     await probe.sample()
     before = list(probe.window._points)
     vllm.set_fault(fault, "metrics")
@@ -458,8 +475,8 @@ async def test_failed_scrape_raises_its_code_and_leaves_the_window_alone(
     assert vllm.requests[-1].path == "/metrics"
 
 
-async def test_refusing_vllm_is_refused_and_comes_back_on_the_same_port(vllm: FakeVllm, session: aiohttp.ClientSession) -> None:
-    probe = make_probe(vllm, session, Clock())
+async def test_refusing_vllm_is_refused_and_comes_back_on_the_same_port(vllm: FakeVllm, clients: Clients) -> None:
+    probe = make_probe(vllm, clients, Clock())
     await probe.sample()
     port = vllm.port
     await vllm.refuse()
@@ -471,26 +488,26 @@ async def test_refusing_vllm_is_refused_and_comes_back_on_the_same_port(vllm: Fa
     assert (await probe.sample()).engines == 2
 
 
-async def test_announced_oversized_body_is_refused_before_reading(session: aiohttp.ClientSession) -> None:
+async def test_announced_oversized_body_is_refused_before_reading(clients: Clients) -> None:
     fake = FakeVllm(engines=4)
     await fake.start()
     try:
         for _ in range(5):
             fake.observe_request()
         with pytest.raises(ProbeError) as err:
-            await make_probe(fake, session, Clock(), max_bytes=4096).sample()
+            await make_probe(fake, clients, Clock(), max_bytes=4096).sample()
         assert err.value.code == "too_large"
     finally:
         await fake.stop()
 
 
-async def test_v0_server_reads_with_the_old_names(session: aiohttp.ClientSession) -> None:
+async def test_v0_server_reads_with_the_old_names(clients: Clients) -> None:
     fake = FakeVllm(metric_names="v0")
     await fake.start()
     try:
         fake.set_load(running=5)
         fake.kv_cache_usage = [0.4]
-        reading = await make_probe(fake, session, Clock()).sample()
+        reading = await make_probe(fake, clients, Clock()).sample()
         assert (reading.in_flight, reading.kv_cache_usage_ratio, reading.metric_names, reading.engine_sleeping) == (
             5,
             0.4,
@@ -501,7 +518,7 @@ async def test_v0_server_reads_with_the_old_names(session: aiohttp.ClientSession
         await fake.stop()
 
 
-async def test_server_dropping_the_connection_is_a_connection_error(session: aiohttp.ClientSession) -> None:
+async def test_server_dropping_the_connection_is_a_connection_error(clients: Clients) -> None:
     async def slam(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.close()
 
@@ -509,19 +526,19 @@ async def test_server_dropping_the_connection_is_a_connection_error(session: aio
     port = server.sockets[0].getsockname()[1]
     try:
         with pytest.raises(ProbeError) as err:
-            await VllmMetricsProbe(f"http://127.0.0.1:{port}", session, clock=Clock()).sample()
+            await VllmMetricsProbe(clients(f"http://127.0.0.1:{port}"), clock=Clock()).sample()
         assert err.value.code == "connection"
     finally:
         server.close()
         await server.wait_closed()
 
 
-async def test_kv_bytes_come_from_cache_config_info_when_vllm_knows_them(session: aiohttp.ClientSession) -> None:
+async def test_kv_bytes_come_from_cache_config_info_when_vllm_knows_them(clients: Clients) -> None:
     fake = FakeVllm(engines=2, kv_cache_memory_bytes=10_000_000_000)
     await fake.start()
     try:
         fake.kv_cache_usage = [0.5, 0.1]
-        reading = await make_probe(fake, session, Clock()).sample()
+        reading = await make_probe(fake, clients, Clock()).sample()
         assert (reading.kv_cache_capacity_bytes, reading.kv_cache_used_bytes) == (2e10, pytest.approx(6e9))
         assert reading.kv_capacity_source == "vllm:cache_config_info kv_cache_memory_bytes"
     finally:
@@ -529,5 +546,5 @@ async def test_kv_bytes_come_from_cache_config_info_when_vllm_knows_them(session
 
 
 def test_probe_deadline_sits_above_its_own_call_timeout() -> None:
-    probe = VllmMetricsProbe("http://127.0.0.1:1/", None, timeout_s=2.0)  # type: ignore[arg-type]
+    probe = VllmMetricsProbe(OffLoopGet("http://127.0.0.1:1/"), timeout_s=2.0)
     assert (probe.name, probe.interval_s, probe.timeout_s) == ("vllm", 1.0, 3.0)
