@@ -92,7 +92,7 @@ async def run(rate: float, seconds: float, rounds: int) -> list[Layout]:
         urls = {"bare": bare.url}
         servers, vllms = [bare.proc.pid], []
         for engines in ENGINES:
-            vllm: Child = await start_child("bench.vllm_child", "--engines", str(engines))
+            vllm: Child = await start_child("bench.vllm_child", "--engines", str(engines), "--full-v1")
             stack.callback(vllm.stop)
             subject = await stack.enter_async_context(agent_under_test(vllm.url, settle_s=_SETTLE_S))
             assert subject.agent.proc is not None

@@ -12,63 +12,25 @@ prometheus_client like vLLM does, with traffic from the FakeVllm simulation.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.sim.vllm import E2E_BUCKETS, FakeVllm, TrafficPattern
+from agent.sim.vllm import FakeVllm, TrafficPattern
 from bench.common import machine_header, summary_line
+from bench.v1_families import FullV1Vllm
 from probes.prom_text import PromParser
 from probes.vllm_metrics import VllmWindow, summarize
-
-# The families FakeVllm does not serve but a real V1 server does, one child per engine.
-_EXTRA_HISTOGRAMS = {
-    "vllm:iteration_tokens_total": [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384],
-    "vllm:request_prompt_tokens": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
-    "vllm:request_generation_tokens": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
-    "vllm:request_max_num_generation_tokens": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
-    "vllm:request_params_n": [1, 2, 5, 10, 20],
-    "vllm:request_params_max_tokens": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
-    "vllm:request_queue_time_seconds": list(E2E_BUCKETS),
-    "vllm:request_inference_time_seconds": list(E2E_BUCKETS),
-    "vllm:request_prefill_time_seconds": list(E2E_BUCKETS),
-    "vllm:request_decode_time_seconds": list(E2E_BUCKETS),
-}
-_EXTRA_COUNTERS = [
-    "vllm:num_preemptions",
-    "vllm:prefix_cache_queries",
-    "vllm:prefix_cache_hits",
-    "vllm:external_prefix_cache_queries",
-    "vllm:external_prefix_cache_hits",
-    "vllm:mm_cache_queries",
-    "vllm:mm_cache_hits",
-]
 
 
 def exposition(engines: int, steps: int) -> tuple[FakeVllm, Callable[[], str]]:
     """A simulated node and a function rendering its full /metrics text."""
-    fake = FakeVllm(engines=engines, traffic=TrafficPattern(seed=1))
-    extra = CollectorRegistry()
-    labels = ["model_name", "engine"]
-    hists = [Histogram(name, "h", labels, buckets=buckets, registry=extra) for name, buckets in _EXTRA_HISTOGRAMS.items()]
-    counters = [Counter(name, "c", labels, registry=extra) for name in _EXTRA_COUNTERS]
-    rng = random.Random(2)
-
-    def render() -> str:
-        for e in range(engines):
-            for h in hists:
-                h.labels(fake.model, str(e)).observe(rng.expovariate(1 / 50))
-            for c in counters:
-                c.labels(fake.model, str(e)).inc(rng.randint(0, 20))
-        return (fake.render_metrics() + generate_latest(extra)).decode()
-
+    fake = FullV1Vllm(engines=engines, traffic=TrafficPattern(seed=1))
     for _ in range(steps):
         fake.simulate_step(1.0)
-    return fake, render
+    return fake, lambda: fake.render_metrics().decode()
 
 
 def per_scrape_s(fn: Callable[[int], object], scrapes: int) -> float:

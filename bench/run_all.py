@@ -26,6 +26,7 @@ BENCHES: list[tuple[str, list[str], list[str]]] = [
         ["--rate", "2000", "--seconds", "5", "--rounds", "6"],
         ["--rate", "1000", "--seconds", "2", "--rounds", "1"],
     ),
+    ("bench_scrape_stall", ["--trials", "60", "--rounds", "3"], ["--trials", "12", "--rounds", "2"]),
     ("bench_idle", ["--seconds", "60", "--features", "all"], ["--seconds", "5", "--features", "all"]),
     ("bench_idle", ["--seconds", "60", "--features", "signals"], ["--seconds", "5", "--features", "signals"]),
     ("bench_idle", ["--seconds", "30", "--features", "core"], ["--seconds", "5", "--features", "core"]),

@@ -1,11 +1,12 @@
 """A FakeVllm in its own process, so its rendering does not run in the measuring
-process; prints `listening PORT BYTES` when it serves. With --extra-lines or
+process; prints `listening PORT BYTES` when it serves. --full-v1 adds the families
+FakeVllm leaves out, for a real V1 server's size (~1,500 lines for 4 engines). With --extra-lines or
 --long-line-bytes it serves a pre-rendered real exposition and, from the first
 SIGUSR1 on, that exposition with extra distinct-label `vllm:request_success_total`
 series (or one huge label value) added: BYTES is that body's size. SIGUSR1 is a
 no-op otherwise.
 
-    python -m bench.vllm_child [--engines 4] [--model NAME] [--extra-lines 100000 | --long-line-bytes 7000000]
+    python -m bench.vllm_child [--engines 4] [--model NAME] [--full-v1] [--extra-lines 100000 | --long-line-bytes 7000000]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import signal
 import uvloop
 
 from agent.sim.vllm import FakeVllm
+from bench.v1_families import FullV1Vllm
 
 _FAMILY = b"vllm:request_success_total{"
 
@@ -63,7 +65,8 @@ def loaded(vllm: FakeVllm) -> FakeVllm:
 
 
 def build(args: argparse.Namespace) -> FakeVllm:
-    real = loaded(FakeVllm(engines=args.engines, model=args.model))
+    kind = FullV1Vllm if args.full_v1 else FakeVllm
+    real = loaded(kind(engines=args.engines, model=args.model))
     if not (args.extra_lines or args.long_line_bytes):
         return real
     plain = real.render_metrics()
@@ -85,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", type=int, default=1)
     parser.add_argument("--model", default="fake/llama-3-8b")
+    parser.add_argument("--full-v1", action="store_true", help="every family a V1 server serves (bench/v1_families.py)")
     parser.add_argument("--extra-lines", type=int, default=0)
     parser.add_argument("--long-line-bytes", type=int, default=0)
     uvloop.run(serve(parser.parse_args()))
