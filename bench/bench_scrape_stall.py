@@ -119,11 +119,11 @@ def report(all_results: dict[str, dict[str, list[float]]], trials: int, rounds: 
             )
     lines.append("")
     for label, results in all_results.items():
-        ours, theirs = median(results[CLIENTS[0]]), median(results[CLIENTS[1]])
+        ours, theirs = (f"{median(results[c]):.2f} / {percentile(results[c], 0.9):.2f} ms" for c in CLIENTS)
         lines.append(
             summary_line(
-                f"longest loop gap per vLLM scrape, median ({label}): GET off the loop vs on it",
-                f"{ours:.2f} ms vs {theirs:.2f} ms",
+                f"longest loop gap per vLLM scrape, median / p90 ({label}): GET off the loop (the agent) vs on it",
+                f"{ours} vs {theirs}",
                 "—",
             )
         )

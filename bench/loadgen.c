@@ -9,14 +9,20 @@
  * headers, Content-Length body) - due time. One request per connection at a time;
  * a timerfd wakes the epoll loop at the next due time with ns resolution.
  *
+ * A keep-alive connection the server closed while idle (aiohttp after its keep-alive
+ * timeout) can cross a request sent on it: a reused connection that ends before any
+ * byte of the answer is tried once more on a new connection, as HTTP clients do for
+ * an idempotent GET (RFC 9110 9.2.2), latency still from the due time; counted in
+ * "retried", not an error.
+ *
  * Errors: connect failures, non-2xx answers, connections closed or reset under a
- * request, answers without Content-Length (chunked is not supported: aiohttp
+ * request (after that one retry), answers without Content-Length (chunked is not supported: aiohttp
  * sends Content-Length), requests outstanding longer than TIMEOUT_S (default 5),
  * and requests still unsent TIMEOUT_S after the last one was due.
  *
  * Prints one JSON object: requests (scheduled), count (complete answers of any
  * status: the latency percentiles are over these), ok (2xx), errors (requests -
- * ok), errors_by kind, p50/p90/p99/p999/max in ms (null when count is 0), and
+ * ok), errors_by kind, retried, p50/p90/p99/p999/max in ms (null when count is 0), and
  * send_lag_p99: the driver's own lateness, from when a request was due and a
  * connection was free for it to when it went out, in ms. With LATENCIES_PATH, every
  * complete answer's latency (ms, sorted, one per line) is written there too, so a
@@ -53,13 +59,14 @@ struct conn {
     size_t head_len; /* header bytes read so far */
     long body_left;  /* -1 while reading the headers */
     int status;
+    long served;     /* answers completed since it was opened: > 0 means reused */
 };
 
 static struct sockaddr_in addr;
 static char request[2048];
 static size_t request_len;
 static double t0_s, rate_per_s, timeout_s = 5.0;
-static long total, next_req, resolved, count, ok, errors_by[E_KINDS];
+static long total, next_req, resolved, count, ok, errors_by[E_KINDS], retried;
 static double *latency_ms, *lag_ms; /* lag: the driver's own lateness per request */
 static long lagged;
 static double unblocked_s; /* when a connection last freed up for a queue that was waiting on one */
@@ -92,6 +99,20 @@ static void conn_close(struct conn *c) {
     c->req = -1;
 }
 
+static void conn_open(struct conn *c, long req);
+
+/* A reused connection that ended before any byte of its answer: the server closed it
+ * while idle. The request goes again, once, on a new connection (which is not reused). */
+static int retry_stale(struct conn *c) {
+    if (c->req < 0 || c->served == 0 || c->head_len != 0) return 0;
+    long req = c->req;
+    c->req = -1;
+    conn_close(c);
+    retried++;
+    conn_open(c, req);
+    return 1;
+}
+
 /* The request on `c` (if any) ends as an error of `kind`; the connection is dropped. */
 static void fail(struct conn *c, enum err kind) {
     if (c->req >= 0) {
@@ -105,6 +126,7 @@ static void fail(struct conn *c, enum err kind) {
 static void conn_open(struct conn *c, long req) {
     int one = 1;
     c->req = req;
+    c->served = 0;
     c->sent_s = now_s();
     c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
     if (c->fd < 0) { fail(c, E_CONNECT); return; }
@@ -122,7 +144,10 @@ static void send_on(struct conn *c, long req) {
     c->sent_s = now_s();
     c->head_len = 0;
     c->body_left = -1;
-    if (send(c->fd, request, request_len, MSG_NOSIGNAL) != (ssize_t)request_len) { fail(c, E_CLOSED); return; }
+    if (send(c->fd, request, request_len, MSG_NOSIGNAL) != (ssize_t)request_len) {
+        if (!retry_stale(c)) fail(c, E_CLOSED);
+        return;
+    }
     c->state = BUSY;
 }
 
@@ -156,6 +181,7 @@ static void complete(struct conn *c, int keep_alive) {
     if (c->status >= 200 && c->status < 300) ok++;
     else errors_by[E_STATUS]++;
     resolved++;
+    c->served++;
     c->req = -1;
     c->state = IDLE;
     usable();
@@ -171,7 +197,10 @@ static void on_readable(struct conn *c) {
         size_t room = in_head ? HEAD_MAX - 1 - c->head_len : sizeof scratch;
         ssize_t n = read(c->fd, into, room);
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
-        if (n <= 0 || c->state != BUSY) { fail(c, E_CLOSED); return; }
+        if (n <= 0 || c->state != BUSY) {
+            if (!(c->state == BUSY && retry_stale(c))) fail(c, E_CLOSED);
+            return;
+        }
         if (in_head) {
             c->head_len += (size_t)n;
             c->head[c->head_len] = '\0';
@@ -252,7 +281,7 @@ static void report(void) {
     qsort(lag_ms, (size_t)lagged, sizeof *lag_ms, by_value);
     printf("{\"requests\": %ld, \"count\": %ld, \"ok\": %ld, \"errors\": %ld, \"errors_by\": {", total, count, ok, total - ok);
     for (int k = 0; k < E_KINDS; k++) printf("%s\"%s\": %ld", k ? ", " : "", ERR_NAMES[k], errors_by[k]);
-    printf("}");
+    printf("}, \"retried\": %ld", retried);
     static const char *names[] = {"p50", "p90", "p99", "p999", "max"};
     static const double qs[] = {0.5, 0.9, 0.99, 0.999, 1.0};
     for (int i = 0; i < 5; i++) print_quantile(names[i], latency_ms, count, qs[i]);

@@ -42,6 +42,7 @@ class LoadResult:
     p999_ms: float | None
     max_ms: float | None
     send_lag_p99_ms: float | None  # the driver's own lateness: due and a connection free -> sent
+    retried: int = 0  # sent again on a new connection: the reused one had been closed by the server
     latencies_ms: tuple[float, ...] = ()  # every complete answer's, sorted: only when drive(keep_latencies=True)
 
     @property
@@ -53,7 +54,7 @@ class LoadResult:
         raw = json.loads(text)
         return cls(
             raw["requests"], raw["count"], raw["ok"], raw["errors"], raw["errors_by"],
-            raw["p50"], raw["p90"], raw["p99"], raw["p999"], raw["max"], raw["send_lag_p99"],
+            raw["p50"], raw["p90"], raw["p99"], raw["p999"], raw["max"], raw["send_lag_p99"], raw["retried"],
         )
 
 

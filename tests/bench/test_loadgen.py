@@ -3,6 +3,8 @@ sends what the rate asks for, and its own tail against a bare aiohttp app is sma
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import shutil
 
 import pytest
@@ -75,3 +77,32 @@ def test_binary_is_rebuilt_only_when_the_source_changes() -> None:
     first = loadgen.binary()
     assert first.exists() and first.parent == loadgen.BUILD_DIR
     assert loadgen.binary() == first
+
+
+async def test_a_request_crossing_a_server_side_keep_alive_close_is_retried_once_not_an_error() -> None:
+    """The server answers the first request of each connection, then closes the
+    connection when the next one arrives, without a byte: what a keep-alive timeout
+    firing as a request goes out looks like from the client."""
+    connections = 0
+
+    async def one_answer_each(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok")
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")  # the next request: dropped unanswered
+        writer.close()
+
+    server = await asyncio.start_server(one_answer_each, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        result = await loadgen.drive(f"http://127.0.0.1:{port}/readyz", 100, 0.5, connections=2)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert result.requests == result.ok == 50 and result.errors == 0
+    # Every request after a connection's first went out on a reused connection and
+    # was retried on a new one (the retry is never itself retried).
+    assert result.retried >= 40 and connections >= 50
