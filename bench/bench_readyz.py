@@ -1,9 +1,11 @@
 """/readyz latency at a fixed rate, measured by the C open-loop driver (bench/loadgen.c),
-for the bare aiohttp app and the agent scraping a 1-engine and a 4-engine FakeVllm
-every second, in alternating rounds. The result is the p99 of all of a target's
-requests pooled over the rounds, as a ratio to the bare app's pooled p99 (the
-driver's floor, printed next to it); the per-round ratios and their median are shown
-too.
+for the bare aiohttp app and the agent scraping a 1-engine and a 4-engine fake vLLM
+every second, in alternating rounds. The fake vLLM serves every family a V1 server
+does (bench/v1_families.py: 1,498 lines for 4 engines, rendered live by
+prometheus_client in ~13 ms, as vLLM renders its own). The result is the p99 of all
+of a target's requests pooled over the rounds, as a ratio to the bare app's pooled
+p99 (the driver's floor, printed next to it); the per-round ratios and their median
+are shown too.
 
 Two CPU layouts, one after the other, on the same processes:
 
@@ -13,13 +15,16 @@ Two CPU layouts, one after the other, on the same processes:
   gives a Guaranteed vLLM pod exclusive CPUs; a GCE GPU VM has 12+ vCPUs per GPU).
 
 On a 2-core box the layouts differ in one thing that matters: a scrape's request wakes
-the fake vLLM, the kernel puts it on the waking CPU, and its ~5 ms render then shares
-that CPU with the agent. When the agent sent it from the event loop (aiohttp), the
-149-byte send took up to 4.3 ms of wall time for 0.02-0.1 ms of CPU, the loop stalled
+the fake vLLM, the kernel puts it on the waking CPU, and its render then shares that
+CPU with the agent. When the agent sent it from the event loop (aiohttp), the
+149-byte send took up to 4.3 ms of wall time for 0.02-0.1 ms of CPU: the loop stalled
 inside send(); with vLLM on a core of its own the same send took at most 0.5 ms. So
-the agent now sends and reads the scrape on a thread of its own
-(probes/offloop_http.py), and only that thread waits. What is left in *shared* is the
-render's CPU itself, which the bare app never causes.
+the agent sends and reads the scrape on a thread of its own (probes/offloop_http.py).
+What is left in *shared* is placement, not the agent's work: its longest hold of the
+loop per scrape is ~0.5 ms (bench/bench_scrape_stall.py), a bare app next to a vLLM
+that another process scrapes kept the bare app's p99 (0.93x in a side run), but
+while the agent's own fetch is out, the loop sometimes waits up to a scheduler tick
+(4 ms) for the CPU vLLM took.
 
     python -m bench.bench_readyz [--rate 2000] [--seconds 5] [--rounds 6]
 """
@@ -152,14 +157,14 @@ def report(results: list[Layout], rate: float, seconds: float) -> str:
         f"`python -m bench.bench_readyz --rate {rate:g} --seconds {seconds:g} --rounds {rounds}` — {machine_header()}",
         "",
         "Measured by bench/loadgen.c (open loop, latency from each request's due time, 8 keep-alive connections). "
-        "Three servers run throughout: the bare aiohttp app, an agent scraping a 1-engine FakeVllm every 1 s and one scraping "
-        "a 4-engine FakeVllm (each FakeVllm in its own process); each round measures them one after the other, so all three "
+        "Three servers run throughout: the bare aiohttp app, an agent scraping a 1-engine fake vLLM every 1 s and one scraping "
+        "a 4-engine one (each in its own process, serving every V1 family: 1,498 lines for 4 engines); each round measures them one after the other, so all three "
         "share the same background. The result is each target's p99 over all its rounds' requests pooled, as a ratio to the "
         "bare app's pooled p99 (the driver's floor); the driver's send lag (from when a request was due and a connection "
         "free to when it went out) is its own lateness, mostly time without a CPU on this box. Layout *shared*: nothing "
         "pinned. Layout *vllm-own-core*: the fake vLLMs pinned to the last CPU, the servers to the others, as on a GPU node "
         "where vLLM has its own cores. In *shared*, each scrape wakes the fake vLLM, often onto the agent's CPU, and its "
-        "~5 ms render (4 engines) competes with the agent and the driver for this box's two CPUs; the agent sends and reads "
+        "~13 ms render (4 engines) competes with the agent and the driver for this box's two CPUs; the agent sends and reads "
         "the scrape on its own thread so that its event loop is not the one that waits (the bench module's docstring has the "
         "measurement); the bare app wakes nobody.",
         "",
