@@ -20,11 +20,14 @@ CPU with the agent. When the agent sent it from the event loop (aiohttp), the
 149-byte send took up to 4.3 ms of wall time for 0.02-0.1 ms of CPU: the loop stalled
 inside send(); with vLLM on a core of its own the same send took at most 0.5 ms. So
 the agent sends and reads the scrape on a thread of its own (probes/offloop_http.py).
-What is left in *shared* is placement, not the agent's work: its longest hold of the
-loop per scrape is ~0.5 ms (bench/bench_scrape_stall.py), a bare app next to a vLLM
-that another process scrapes kept the bare app's p99 (0.93x in a side run), but
-while the agent's own fetch is out, the loop sometimes waits up to a scheduler tick
-(4 ms) for the CPU vLLM took.
+What is left in *shared* is not the agent's work on its loop, whose longest hold per
+scrape is ~0.5 ms (bench/bench_scrape_stall.py); nor vLLM's render as such: a bare
+app next to a vLLM that another process scrapes kept the bare app's p99 (0.93x in a
+side run). In-process, the loop's gaps over 0.25 ms fell in the fetch (while the
+thread waits for vLLM; worst 4.2 ms, about one 250 Hz scheduler tick), not in the
+parse. The best explanation is CPU placement of vLLM next to the agent's threads; it
+is not pinned down: moving the fetch thread off the loop's CPU before the send
+(sched_setaffinity) changed nothing measurable.
 
     python -m bench.bench_readyz [--rate 2000] [--seconds 5] [--rounds 6]
 """
