@@ -4,7 +4,6 @@ an abandoned big body."""
 
 from __future__ import annotations
 
-import asyncio
 import platform
 from collections.abc import AsyncIterator
 
@@ -14,30 +13,13 @@ from aiohttp import web
 
 from probes.base import ProbeError
 from probes.http import get_capped, release_free_memory
+from tests.probes.bodies import announced, streamed
 
 MB = 1024 * 1024
 
 
 @pytest.fixture
 async def server() -> AsyncIterator[str]:
-    async def streamed(request: web.Request) -> web.StreamResponse:
-        # Chunked, no Content-Length: the cap can only be found by reading.
-        total, pause_s = int(request.query["bytes"]), float(request.query.get("pause_s", "0"))
-        resp = web.StreamResponse()
-        await resp.prepare(request)
-        sent = 0
-        while sent < total:
-            piece = min(256 * 1024, total - sent)
-            await resp.write(b"x" * piece)
-            sent += piece
-            if pause_s:
-                await asyncio.sleep(pause_s)
-        await resp.write_eof()
-        return resp
-
-    async def announced(request: web.Request) -> web.Response:
-        return web.Response(body=b"y" * int(request.query["bytes"]))
-
     app = web.Application()
     app.router.add_get("/streamed", streamed)
     app.router.add_get("/announced", announced)

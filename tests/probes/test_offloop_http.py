@@ -16,6 +16,7 @@ from aiohttp import web
 
 from probes.base import ProbeError
 from probes.offloop_http import OffLoopGet
+from tests.probes.bodies import announced, streamed
 
 MB = 1024 * 1024
 
@@ -38,23 +39,6 @@ async def server() -> AsyncIterator[Server]:
         state.peers.append(request.transport.get_extra_info("peername"))
         state.paths.append(request.path_qs)
         return await handler(request)
-
-    async def streamed(request: web.Request) -> web.StreamResponse:
-        total, pause_s = int(request.query["bytes"]), float(request.query.get("pause_s", "0"))
-        resp = web.StreamResponse()  # chunked, no Content-Length: the cap is found by reading
-        await resp.prepare(request)
-        sent = 0
-        while sent < total:
-            piece = min(256 * 1024, total - sent)
-            await resp.write(b"x" * piece)
-            sent += piece
-            if pause_s:
-                await asyncio.sleep(pause_s)
-        await resp.write_eof()
-        return resp
-
-    async def announced(request: web.Request) -> web.Response:
-        return web.Response(body=b"y" * int(request.query["bytes"]))
 
     async def hang(request: web.Request) -> web.Response:
         await state.release.wait()
