@@ -1,6 +1,7 @@
 """Cost of one vLLM scrape on the agent's side: our parser next to prometheus_client's
 on the same 4-engine exposition, and our whole per-scrape path (parse + summarize +
-window + derive), measured side by side in one process.
+window + derive; the probe parses only the sample names it reads, shown next to
+parsing every line), measured side by side in one process.
 
     python -m bench.bench_vllm_parse [--repetitions 7] [--scrapes 200] [--engines 4]
 
@@ -22,7 +23,7 @@ from agent.sim.vllm import FakeVllm, TrafficPattern
 from bench.common import machine_header, summary_line
 from bench.v1_families import FullV1Vllm
 from probes.prom_text import PromParser
-from probes.vllm_metrics import VllmWindow, summarize
+from probes.vllm_metrics import SAMPLE_NAMES, ScrapeAccumulator, VllmWindow
 
 
 def exposition(engines: int, steps: int) -> tuple[FakeVllm, Callable[[], str]]:
@@ -47,19 +48,26 @@ def measure(engines: int, scrapes: int, repetitions: int) -> tuple[dict[str, lis
         fake.simulate_step(1.0)
         texts.append(render())
     warm = PromParser()
-    window = VllmWindow(60)
-    clock = [0.0]
 
-    def ours_full(i: int) -> None:
-        clock[0] += 1.0
-        window.add(clock[0], summarize(warm.parse(texts[i % len(texts)]).samples))
-        window.derive(2.0, 0.1)
+    def derived(names: frozenset[str] | None) -> Callable[[int], None]:
+        """Parse (every line, or only `names`, as the probe does) + summarize + window + derive."""
+        window = VllmWindow(60)
+
+        def one(i: int) -> None:
+            acc = ScrapeAccumulator()
+            for batch in warm.batches(texts[i % len(texts)], 25, names=names):
+                acc.feed(batch)
+            window.add(float(i), acc.finish())
+            window.derive(2.0, 0.1)
+
+        return one
 
     contenders: dict[str, Callable[[int], object]] = {
         "prometheus_client parse": lambda i: list(text_string_to_metric_families(texts[i % len(texts)])),
         "ours parse (cold cache)": lambda i: PromParser().parse(texts[i % len(texts)]),
         "ours parse (warm cache)": lambda i: warm.parse(texts[i % len(texts)]),
-        "ours parse + summarize + window + derive": ours_full,
+        "ours, every line + summarize + window + derive": derived(None),
+        "the probe's path: only the names it reads + summarize + window + derive": derived(SAMPLE_NAMES),
     }
     results: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repetitions):
@@ -70,7 +78,7 @@ def measure(engines: int, scrapes: int, repetitions: int) -> tuple[dict[str, lis
 
 def report(results: dict[str, list[float]], size: int, lines: int, args: argparse.Namespace) -> str:
     base = results["prometheus_client parse"]
-    full = results[next(name for name in results if "derive" in name)]
+    full = results[next(name for name in results if name.startswith("the probe's path"))]
     rows = [
         f"| {name} | {statistics.median(times) * 1e3:.2f} ms | {statistics.median([b / t for b, t in zip(base, times, strict=False)]):.1f}× | {statistics.median(times) * 100:.2f} % |"
         for name, times in results.items()

@@ -79,9 +79,17 @@ class PromParser:
             samples.extend(batch)
         return Exposition(samples, types)
 
-    def batches(self, text: str, batch_lines: int = 0, types: dict[str, str] | None = None) -> Iterator[list[Sample]]:
+    def batches(
+        self,
+        text: str,
+        batch_lines: int = 0,
+        types: dict[str, str] | None = None,
+        names: frozenset[str] | None = None,
+    ) -> Iterator[list[Sample]]:
         """The samples of `text`, `batch_lines` lines at a time (0: all in one batch);
-        `types` collects the # TYPE lines."""
+        `types` collects the # TYPE lines. With `names`, only samples of those names are
+        parsed; other sample lines are skipped unchecked (a vLLM scrape reads a third of
+        its lines), while # HELP / # TYPE lines and the final line feed are still checked."""
         if text and not text.endswith("\n"):
             # The format requires a final line feed; without it the body was cut short.
             raise PromParseError("body does not end with a line feed (truncated?)")
@@ -91,9 +99,11 @@ class PromParser:
         step = batch_lines or len(lines) or 1
         types = {} if types is None else types
         for start in range(0, len(lines), step):
-            yield self._parse_lines(lines, start, min(start + step, len(lines)), types)
+            yield self._parse_lines(lines, start, min(start + step, len(lines)), types, names)
 
-    def _parse_lines(self, lines: list[str], start: int, end: int, types: dict[str, str]) -> list[Sample]:
+    def _parse_lines(
+        self, lines: list[str], start: int, end: int, types: dict[str, str], names: frozenset[str] | None
+    ) -> list[Sample]:
         samples: list[Sample] = []
         series_cache = self._series
         append = samples.append
@@ -108,6 +118,8 @@ class PromParser:
                 _comment(line, lineno, types)
                 continue
             brace = line.find("{")
+            if names is not None and line[: brace if brace >= 0 else _first_blank(line)].rstrip(" \t") not in names:
+                continue
             if brace < 0:
                 cut = _first_blank(line)
             else:

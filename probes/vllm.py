@@ -15,6 +15,7 @@ from probes.offloop_http import OffLoopGet
 from probes.prom_text import ExpositionTooLarge, PromParseError, PromParser, decode
 from probes.vllm_metrics import (
     CACHE_INFO,
+    SAMPLE_NAMES,
     InvalidScrape,
     ScrapeAccumulator,
     VllmScrape,
@@ -214,7 +215,7 @@ class VllmMetricsProbe:
         acc = ScrapeAccumulator()
         try:
             text = decode(body)
-            for batch in self._parser.batches(text, _BATCH_LINES):
+            for batch in self._parser.batches(text, _BATCH_LINES, names=SAMPLE_NAMES):
                 acc.feed(batch)
                 await asyncio.sleep(0)
             while acc.merge_next():

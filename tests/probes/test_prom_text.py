@@ -138,3 +138,35 @@ def test_every_fixture_parses_exactly_like_prometheus_client(path: Path) -> None
         for s in family.samples
     )
     assert ours == theirs and len(ours) >= 5
+
+
+def test_with_names_only_those_samples_are_parsed_and_other_lines_are_skipped_unchecked() -> None:
+    text = (
+        "# TYPE wanted gauge\n"
+        'wanted{engine="0"} 1\n'
+        'wanted {engine="1"} 2\n'  # a blank before the labels is allowed: still this name
+        "unwanted{this is not a label set at all\n"
+        "also_unwanted 1 2 3 4\n"
+        "wanted 3\n"
+    )
+    samples = [s for batch in PromParser().batches(text, 2, names=frozenset({"wanted"})) for s in batch]
+    assert [(s.name, dict(s.labels), s.value) for s in samples] == [
+        ("wanted", {"engine": "0"}, 1.0),
+        ("wanted", {"engine": "1"}, 2.0),
+        ("wanted", {}, 3.0),
+    ]
+    with pytest.raises(PromParseError, match="unclosed label set"):
+        PromParser().parse(text)  # without names every line is checked
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("# TYPE wanted sometype\nwanted 1\n", "unknown metric type"),
+        ("wanted 1\nunwanted 2", "does not end with a line feed"),
+        ('wanted{engine="0" 1\n', "unclosed label set"),
+    ],
+)
+def test_with_names_comments_the_final_line_feed_and_wanted_lines_are_still_checked(text: str, why: str) -> None:
+    with pytest.raises(PromParseError, match=why):
+        list(PromParser().batches(text, names=frozenset({"wanted"})))

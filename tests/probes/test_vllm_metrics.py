@@ -15,7 +15,7 @@ from probes.histogram import Histogram
 from probes.offloop_http import OffLoopGet
 from probes.prom_text import PromParseError, PromParser
 from probes.vllm import VllmMetricsProbe, kv_capacity
-from probes.vllm_metrics import MAX_MODELS, InvalidScrape, VllmScrape, VllmWindow, summarize
+from probes.vllm_metrics import MAX_MODELS, SAMPLE_NAMES, InvalidScrape, ScrapeAccumulator, VllmScrape, VllmWindow, summarize
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "vllm"
 NONE3 = {"p50": None, "p95": None, "p99": None}
@@ -548,3 +548,54 @@ async def test_kv_bytes_come_from_cache_config_info_when_vllm_knows_them(clients
 def test_probe_deadline_sits_above_its_own_call_timeout() -> None:
     probe = VllmMetricsProbe(OffLoopGet("http://127.0.0.1:1/"), timeout_s=2.0)
     assert (probe.name, probe.interval_s, probe.timeout_s) == ("vllm", 1.0, 3.0)
+
+
+class WithOtherFamilies(FakeVllm):
+    """FakeVllm plus families a V1 server serves that the agent does not read."""
+
+    def render_metrics(self) -> bytes:
+        other = b"".join(
+            b'vllm:iteration_tokens_total_bucket{engine="%d",le="%d",model_name="%s"} %d.0\n' % (e, le, self.model.encode(), le)
+            for e in range(self.engines)
+            for le in (1, 8, 16, 32)
+        )
+        head = b"# HELP vllm:iteration_tokens_total Tokens per step.\n# TYPE vllm:iteration_tokens_total histogram\n"
+        return super().render_metrics() + head + other + b'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 7.0\n'
+
+
+async def test_families_the_agent_does_not_read_change_nothing_in_the_reading(clients: Clients) -> None:
+    # The probe parses only the names it reads: the same node with more families reads the same.
+    plain, padded = FakeVllm(engines=2), WithOtherFamilies(engines=2)
+    for fake in (plain, padded):
+        await fake.start()
+    try:
+        clock = Clock()
+        probes = [make_probe(fake, clients, clock) for fake in (plain, padded)]
+        for step in range(3):
+            for fake in (plain, padded):
+                fake.set_load(running=3 + step, waiting=step, engine=0)
+                for _ in range(4):
+                    fake.observe_request(engine=1, ttft_s=0.2 * (step + 1), tpot_s=0.02)
+            clock.t += 1.0
+            first, second = [await probe.sample() for probe in probes]
+            assert first == second
+        assert first.in_flight == 5 + 2 and first.ttft_s["p50"] is not None
+        assert b"vllm:iteration_tokens_total_bucket" in padded.render_metrics()
+    finally:
+        for fake in (plain, padded):
+            await fake.stop()
+
+
+@pytest.mark.parametrize("engines", [1, 4])
+def test_the_names_the_probe_parses_give_the_scrape_a_full_parse_gives(engines: int) -> None:
+    fake = WithOtherFamilies(engines=engines)
+    for engine in range(engines):
+        fake.set_load(running=2 + engine, waiting=engine, engine=engine)
+        fake.kv_cache_usage[engine] = 0.1 * (engine + 1)
+        for i in range(6):
+            fake.observe_request(engine=engine, ttft_s=0.1 * (i + 1), reason="length" if i % 3 else "abort", queue_s=0.01 * i)
+    text = fake.render_metrics().decode()
+    acc = ScrapeAccumulator()
+    for batch in PromParser().batches(text, 25, names=SAMPLE_NAMES):
+        acc.feed(batch)
+    assert acc.finish() == summarize(PromParser().parse(text).samples)
