@@ -61,16 +61,19 @@ async def _read_capped(resp: aiohttp.ClientResponse, what: str, max_bytes: int) 
             body += chunk
         return bytes(body)
     except BaseException:  # over the cap, or cut by the deadline (a cancellation)
-        if len(body) >= _TRIM_AFTER_BYTES:
-            # An abandoned big body leaves megabytes of freed memory in the heap, which
-            # glibc keeps: without this, each such fault raised the daemon's RSS by
-            # 2-9 MB for good (soak).
-            body.clear()
-            release_free_memory()
+        forget_body(body)
         raise
 
 
 _TRIM_AFTER_BYTES = 1024 * 1024
+
+
+def forget_body(body: bytearray) -> None:
+    """Empty an abandoned body; a big one's freed memory goes back to the OS. Without
+    this glibc keeps it: each such fault raised the daemon's RSS by 2-9 MB for good (soak)."""
+    if len(body) >= _TRIM_AFTER_BYTES:
+        body.clear()
+        release_free_memory()
 _malloc_trim: Any = None
 
 

@@ -4,7 +4,7 @@ same failure codes) for the one GET whose send must not run on the event loop: t
 vLLM scrape.
 
 Why a thread: where vLLM shares CPUs with the agent, the scrape's request wakes vLLM
-on the sending CPU and its render (~5 ms of CPU for 4 engines) preempts the sender
+on the sending CPU and its render (5-13 ms of CPU for 4 engines) preempts the sender
 inside send(). From the loop that was a 2-5 ms stall every second in which /readyz
 could not answer (bench/bench_readyz.py's docstring has the measurement); here only
 this thread waits. The deadline is kept on the loop: when it passes, the socket is
@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from probes.base import FailureCode, ProbeError, http_code
-from probes.http import release_free_memory
+from probes.http import forget_body
 
 _CHUNK_BYTES = 64 * 1024
-_TRIM_AFTER_BYTES = 1024 * 1024
 # A connection the server closed while idle: reading the answer finds EOF or a reset.
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
@@ -172,9 +171,7 @@ class OffLoopGet:
                     raise ProbeError(f"{call.what} is over {call.max_bytes} bytes", code=FailureCode.TOO_LARGE)
                 body += chunk
         except BaseException:
-            if len(body) >= _TRIM_AFTER_BYTES:
-                body.clear()  # as in probes.http: an abandoned big body must not stay in the heap
-                release_free_memory()
+            forget_body(body)
             raise
         resp.close()  # read to the end: the connection is free for the next GET (or closed, if it said so)
         return bytes(body)

@@ -118,10 +118,11 @@ class PromParser:
                 _comment(line, lineno, types)
                 continue
             brace = line.find("{")
-            if names is not None and line[: brace if brace >= 0 else _first_blank(line)].rstrip(" \t") not in names:
+            name_end = brace if brace >= 0 else _first_blank(line)
+            if names is not None and line[:name_end].rstrip(" \t") not in names:
                 continue
             if brace < 0:
-                cut = _first_blank(line)
+                cut = name_end
             else:
                 cut = line.rfind("}") + 1
                 if cut == 0:

@@ -171,7 +171,7 @@ class ScrapeAccumulator:
             raise PromParseError(f"no {RUNNING} / {WAITING}: not a vLLM exposition (or its stats are disabled)")
         while self.merge_next():
             pass
-        histograms = {name: self._merged[name] for name in _HISTOGRAMS if name in self._merged}
+        histograms = dict(self._merged)  # in _HISTOGRAMS order: merge_next walks _buckets, built in that order
         return VllmScrape(
             requests_running=sum(gauges[RUNNING].values()),
             requests_waiting=sum(gauges[WAITING].values()),
