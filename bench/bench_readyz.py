@@ -29,7 +29,10 @@ parse. The best explanation is CPU placement of vLLM next to the agent's threads
 is not pinned down: moving the fetch thread off the loop's CPU before the send
 (sched_setaffinity) changed nothing measurable.
 
-    python -m bench.bench_readyz [--rate 2000] [--seconds 5] [--rounds 6]
+Many short rounds (12 x 2.5 s), each starting with the next target in turn, so that a
+noisy spell of this shared box lands on all three alike.
+
+    python -m bench.bench_readyz [--rate 2000] [--seconds 2.5] [--rounds 12]
 """
 
 from __future__ import annotations
@@ -116,9 +119,11 @@ async def run(rate: float, seconds: float, rounds: int) -> list[Layout]:
                 pin(servers, everywhere - {last})
                 await asyncio.sleep(_SETTLE_S)
             layout = Layout(name)
-            for _ in range(rounds):
-                for target, url in urls.items():
-                    result = await drive(f"{url}/readyz", rate, seconds, keep_latencies=True)
+            order = list(urls)
+            for i in range(rounds):
+                # Each round starts with the next target, so none always follows the same one.
+                for target in order[i % len(order) :] + order[: i % len(order)]:
+                    result = await drive(f"{urls[target]}/readyz", rate, seconds, keep_latencies=True)
                     layout.rounds[target].append(checked(target, result))
             results.append(layout)
         pin(vllms + servers, everywhere)
@@ -161,7 +166,7 @@ def report(results: list[Layout], rate: float, seconds: float) -> str:
         "",
         "Measured by bench/loadgen.c (open loop, latency from each request's due time, 8 keep-alive connections). "
         "Three servers run throughout: the bare aiohttp app, an agent scraping a 1-engine fake vLLM every 1 s and one scraping "
-        "a 4-engine one (each in its own process, serving every V1 family: 1,498 lines for 4 engines); each round measures them one after the other, so all three "
+        "a 4-engine one (each in its own process, serving every V1 family: 1,498 lines for 4 engines); each round measures them one after the other, starting with the next one in turn, so all three "
         "share the same background. The result is each target's p99 over all its rounds' requests pooled, as a ratio to the "
         "bare app's pooled p99 (the driver's floor); the driver's send lag (from when a request was due and a connection "
         "free to when it went out) is its own lateness, mostly time without a CPU on this box. Layout *shared*: nothing "
@@ -204,8 +209,8 @@ def report(results: list[Layout], rate: float, seconds: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=2000)
-    parser.add_argument("--seconds", type=float, default=5)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=2.5)
+    parser.add_argument("--rounds", type=int, default=12)
     args = parser.parse_args()
     print(report(asyncio.run(run(args.rate, args.seconds, args.rounds)), args.rate, args.seconds))
 

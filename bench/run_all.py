@@ -23,7 +23,7 @@ BENCHES: list[tuple[str, list[str], list[str]]] = [
     ("bench_sigterm", ["--trials", "50"], ["--trials", "10"]),
     (
         "bench_readyz",
-        ["--rate", "2000", "--seconds", "5", "--rounds", "6"],
+        ["--rate", "2000", "--seconds", "2.5", "--rounds", "12"],
         ["--rate", "1000", "--seconds", "2", "--rounds", "1"],
     ),
     ("bench_scrape_stall", ["--trials", "60", "--rounds", "3"], ["--trials", "12", "--rounds", "2"]),
