@@ -1,5 +1,5 @@
 """Steady RSS and CPU of the idle daemon (polling a fake vLLM every second, nothing
-in flight) next to `python -c "import asyncio"`, measured side by side.
+in flight; the fake serves every V1 family, bench/v1_families.py, as a real server does) next to `python -c "import asyncio"`, measured side by side.
 
     python -m bench.bench_idle [--seconds 30] [--features core|all]
 """
@@ -18,8 +18,8 @@ import psutil
 
 from agent.sim.metadata import FakeMetadataServer
 from agent.sim.monitoring import FakeMetricService
-from agent.sim.vllm import FakeVllm
 from bench.common import AgentProcess, machine_header, summary_line
+from bench.v1_families import FullV1Vllm
 
 
 def _usage(pid: int) -> tuple[float, float]:
@@ -30,7 +30,7 @@ def _usage(pid: int) -> tuple[float, float]:
 
 async def measure(seconds: float, features: str) -> dict[str, float]:
     all_features = features != "core"
-    vllm = FakeVllm(engines=4 if all_features else 1)
+    vllm = FullV1Vllm(engines=4 if all_features else 1)
     await vllm.start()
     meta, sink = FakeMetadataServer(), FakeMetricService()
     await meta.start()
