@@ -1,5 +1,6 @@
 """Steady RSS and CPU of the idle daemon (polling a fake vLLM every second, nothing
-in flight; the fake serves every V1 family, bench/v1_families.py, as a real server does) next to `python -c "import asyncio"`, measured side by side.
+in flight; the fake serves every V1 family, bench/v1_families.py, as a real server
+does) next to `python -c "import asyncio"`, measured side by side.
 
     python -m bench.bench_idle [--seconds 30] [--features core|all]
 """

@@ -122,7 +122,8 @@ async def run(rate: float, seconds: float, rounds: int) -> list[Layout]:
             order = list(urls)
             for i in range(rounds):
                 # Each round starts with the next target, so none always follows the same one.
-                for target in order[i % len(order) :] + order[: i % len(order)]:
+                first = i % len(order)
+                for target in order[first:] + order[:first]:
                     result = await drive(f"{urls[target]}/readyz", rate, seconds, keep_latencies=True)
                     layout.rounds[target].append(checked(target, result))
             results.append(layout)
