@@ -36,6 +36,7 @@ MAX_HEADERS = 64
 MAX_HEAD_BYTES = 64 * 1024  # unparsed bytes a connection may send before a request is complete
 _LOG_EVERY_S = 10.0
 _NEW_CONNECTION_S = 0.25  # a connection younger than this may still be sending its first request
+_IN_USE_S = 1.0  # a keep-alive that carried a request this recently is in use
 _COLLECT_AFTER_BAD = 32  # a rejected head's buffers sit in reference cycles: collect them soon
 _TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
@@ -47,13 +48,20 @@ class ConnectionLimits:
 
 
 class ConnectionGuard:
-    """Tracks the service's connections; closes the oldest idle one when a new
-    connection would exceed the cap, and counts what it refused."""
+    """Tracks the service's connections; closes one idle connection when a new one
+    would exceed the cap, and counts what it refused.
+
+    Connections are held in three insertion-ordered sets, so choosing whom to close
+    costs the same whether 10 or 10,000 connect each second: not yet sent a request
+    (oldest open first), used once, and in steady use (both least recently active
+    first: a request moves its connection to the end)."""
 
     def __init__(self, limits: ConnectionLimits, *, clock: Any = time.monotonic) -> None:
         self.limits = limits
         self._clock = clock
-        self._open: dict[GuardedRequestHandler, None] = {}  # insertion order: oldest first
+        self._fresh: dict[GuardedRequestHandler, None] = {}
+        self._once: dict[GuardedRequestHandler, None] = {}
+        self._steady: dict[GuardedRequestHandler, None] = {}
         self.closed: Counter[str] = Counter()  # why: idle_evicted, refused_busy
         self.bad_requests: Counter[str] = Counter()  # kind: malformed, too_large, handler_error
         self._suppressed: Counter[str] = Counter()
@@ -62,42 +70,60 @@ class ConnectionGuard:
 
     @property
     def open_connections(self) -> int:
-        return len(self._open)
+        return len(self._fresh) + len(self._once) + len(self._steady)
 
     def now(self) -> float:
         return self._clock()
 
     def opened(self, handler: GuardedRequestHandler) -> None:
-        if len(self._open) >= self.limits.max_connections and not self._evict_idle():
+        if self.open_connections >= self.limits.max_connections and not self._evict_idle():
             # Every connection is busy with a request: refuse the new one rather than
             # run out of descriptors. (Our handlers answer in microseconds, so this
             # needs a flood of slow admin calls.)
             self.closed["refused_busy"] += 1
             asyncio.get_running_loop().call_soon(handler.force_close)
-        self._open[handler] = None
+        self._fresh[handler] = None
+
+    def requested(self, handler: GuardedRequestHandler) -> None:
+        """A request head was parsed on `handler`: it moves to the end of its set."""
+        self._discard(handler)
+        (self._once if handler.requests_seen == 1 else self._steady)[handler] = None
 
     def closed_one(self, handler: GuardedRequestHandler) -> None:
-        self._open.pop(handler, None)
+        self._discard(handler)
+
+    def _discard(self, handler: GuardedRequestHandler) -> None:
+        for held in (self._fresh, self._once, self._steady):
+            if handler in held:
+                del held[handler]
+                return
 
     def _evict_idle(self) -> bool:
         """Close one idle connection, in this order: one open a while that never sent a
-        whole request (a slowloris, a connection opened and left), oldest first; then
-        one used once (an idle keep-alive), idle the longest first; then one in steady
-        use (a load balancer's keep-alive checks, a scraper), idle the longest first;
-        last, one that has only just arrived (a kubelet probe opens a new connection
-        each time, and its request is on its way)."""
+        whole request (a slowloris, a connection opened and left), oldest first; then a
+        keep-alive not used for a second, one used once before one in steady use, idle
+        the longest first; then one that has only just arrived (a kubelet probe opens a
+        new connection each time, and its request is on its way), oldest first; last,
+        one in use (a load balancer's keep-alive, a client between two requests).
+
+        In use comes after just arrived: when a slowloris's dropped connections come
+        back together, every other connection has just arrived, and closing the one a
+        client is using would fail its next request; a new connection that is really
+        a probe sends its request long before 255 more connections arrive after it."""
         now = self._clock()
-        idle = [h for h in self._open if not h.busy]
-        if not idle:
+        fresh, once, steady = (next((h for h in held if not h.busy), None) for held in (self._fresh, self._once, self._steady))
+        choices = (
+            (fresh, fresh is not None and now - fresh.opened_at > _NEW_CONNECTION_S),
+            (once, once is not None and now - once.last_active > _IN_USE_S),
+            (steady, steady is not None and now - steady.last_active > _IN_USE_S),
+            (fresh, True),
+            (once, True),
+            (steady, True),
+        )
+        victim = next((h for h, first in choices if h is not None and first), None)
+        if victim is None:
             return False
-
-        def rank(h: GuardedRequestHandler) -> tuple[int, float]:
-            if h.requests_seen:
-                return (1 if h.requests_seen == 1 else 2), h.last_active
-            return (0 if now - h.opened_at > _NEW_CONNECTION_S else 3), h.opened_at
-
-        victim = min(idle, key=rank)
-        self._open.pop(victim)
+        self._discard(victim)
         victim.force_close()
         self.closed["idle_evicted"] += 1
         return True
@@ -126,7 +152,7 @@ class ConnectionGuard:
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
-            "gpu_node_agent_http_connections", "open connections to the agent's HTTP service", value=len(self._open)
+            "gpu_node_agent_http_connections", "open connections to the agent's HTTP service", value=self.open_connections
         )
         closed = CounterMetricFamily(
             "gpu_node_agent_http_connections_closed", "connections the guard closed, by why", labels=["why"]
@@ -143,7 +169,7 @@ class ConnectionGuard:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "open": len(self._open),
+            "open": self.open_connections,
             "max_connections": self.limits.max_connections,
             "keepalive_timeout_s": self.limits.keepalive_timeout_s,
             "closed": dict(self.closed),
@@ -198,6 +224,7 @@ class GuardedRequestHandler(web.RequestHandler):
         if requests != self._seen_requests:  # a request head was parsed: a new budget, and activity
             self._seen_requests, self._head_bytes = requests, 0
             self.last_active = self._guard.now()
+            self._guard.requested(self)
 
     def _refuse(self, kind: str, detail: str) -> None:
         """Count a refused request once per connection: a head can trip the parser's

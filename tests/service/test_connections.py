@@ -23,7 +23,6 @@ _LIMITED = (
 )
 
 
-
 def client_fds(needed: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < needed:
@@ -59,6 +58,15 @@ async def answers_fast(http: aiohttp.ClientSession, url: str, within_s: float = 
     return time.perf_counter() - started
 
 
+async def one_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str = "/healthz") -> None:
+    """A GET on a kept-alive connection, its answer read to the end."""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: agent\r\n\r\n".encode())
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    await asyncio.wait_for(reader.readexactly(length), 5)
+
+
 async def idle_keepalive(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
     """One full request, its answer read, then the connection held open idle."""
     try:
@@ -66,11 +74,7 @@ async def idle_keepalive(port: int) -> tuple[asyncio.StreamReader, asyncio.Strea
     except OSError:
         return None
     try:
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: agent\r\n\r\n")
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
-        await asyncio.wait_for(reader.readexactly(length), 5)
+        await one_request(reader, writer)
         return reader, writer
     except (OSError, asyncio.IncompleteReadError, TimeoutError, StopIteration):
         writer.close()
@@ -112,10 +116,7 @@ async def test_a_client_in_steady_use_keeps_its_connection_while_a_flood_is_evic
 
         async def check_once() -> None:
             nonlocal steady
-            writer.write(b"GET /healthz HTTP/1.1\r\nHost: agent\r\n\r\n")
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            length = next(int(x.split(b":")[1]) for x in head.split(b"\r\n") if x.lower().startswith(b"content-length:"))
-            await asyncio.wait_for(reader.readexactly(length), 5)
+            await one_request(reader, writer)
             steady += 1
 
         for wave in range(8):  # 800 idle keep-alives and 400 slowloris heads, probing in between
@@ -128,6 +129,59 @@ async def test_a_client_in_steady_use_keeps_its_connection_while_a_flood_is_evic
             await check_once()  # the same connection, every wave
             await asyncio.sleep(0.05 * wave)
         assert steady == 8
+        writer.close()
+    finally:
+        for w in held:
+            w.close()
+        agent.kill()
+
+
+async def test_a_wave_of_new_half_sent_connections_never_evicts_a_keep_alive_in_use(tmp_path, vllm) -> None:
+    """A slowloris whose dropped connections come back together: for a moment every
+    connection but ours has only just arrived (and is protected as a probe that may
+    still be sending). The keep-alive a client is using (a request every 20 ms) must
+    not be the one closed to make room, and kubelet-style probes on new connections
+    must keep answering. Before: the in-use keep-alive was closed in every wave."""
+    client_fds(1400)
+    agent = await start(tmp_path, vllm, service__keepalive_timeout_s="30")  # the cap: 256 connections
+    held: list[asyncio.StreamWriter] = []
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
+        answered, failures = 0, []
+        waves_done = asyncio.Event()
+
+        async def steady_client() -> None:
+            nonlocal answered
+            while not waves_done.is_set():
+                try:
+                    await one_request(reader, writer, "/readyz")
+                    answered += 1
+                except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                    failures.append(repr(exc))
+                    return
+                await asyncio.sleep(0.02)
+
+        async def half_sent() -> asyncio.StreamWriter | None:
+            try:
+                _, half = await asyncio.open_connection("127.0.0.1", agent.port)
+            except OSError:
+                return None
+            half.write(b"GET /readyz HTTP/1.1\r\nHost: a")
+            return half
+
+        steady = asyncio.create_task(steady_client())
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as probes:
+            for _ in range(4):  # each wave: 400 new connections at once, more than the cap
+                for _ in range(4):
+                    held.extend(w for w in await asyncio.gather(*(half_sent() for _ in range(100))) if w is not None)
+                assert await answers_fast(probes, f"{agent.url}/healthz") < 1.0  # a new connection, like kubelet's
+                await asyncio.sleep(0.5)  # the wave ages past "just arrived"
+                for w in held:
+                    w.close()
+                held.clear()
+        waves_done.set()
+        await steady
+        assert failures == [] and answered > 20, (failures, answered)
         writer.close()
     finally:
         for w in held:
