@@ -18,7 +18,6 @@ def label_explosion(lines: int) -> bytes:
     return "".join(f'vllm:request_success_total{{finished_reason="reason-{i}"}} 1\n' for i in range(lines)).encode()
 
 
-
 async def worst_readyz_s(http: aiohttp.ClientSession, url: str, seconds: float) -> float:
     worst = 0.0
     deadline = time.monotonic() + seconds
@@ -62,8 +61,13 @@ async def test_label_values_the_agent_re_exports_come_from_an_allow_list(tmp_pat
     agent = await AgentProcess(tmp_path, {"GPU_AGENT_INFERENCE__BASE_URL": vllm.url}).start().started()
     try:
         async with aiohttp.ClientSession() as http:
-            await until(lambda: status_is(http, f"{agent.url}/readyz", 200), 10)
-            lines = await metrics_lines(http, agent.url)
+            lines: list[str] = []
+
+            async def scraped() -> bool:  # READY comes from /health: the first scrape may still be on its way
+                lines[:] = await metrics_lines(http, agent.url)
+                return any(line.startswith("gpu_node_agent_vllm_requests_finished_total") for line in lines)
+
+            await until(scraped, 20, 0.2)
             finished = [line for line in lines if line.startswith("gpu_node_agent_vllm_requests_finished_total")]
             assert 'gpu_node_agent_vllm_requests_finished_total{finished_reason="other"} 5000.0' in finished
             assert len(finished) <= 6
